@@ -1,0 +1,94 @@
+"""Atomic writes: every stage output appears whole or not at all.
+
+A file is written to a temporary sibling and renamed over the target (rename is
+atomic on POSIX within a filesystem). A folder is built in a temporary sibling and
+swapped in, so a reader never sees a half-built folder and a failed stage leaves the
+previous state (or nothing) behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it is renamed to `target`.
+
+    Works for files and folders alike: the caller creates whatever it likes at the
+    yielded path. On an exception the temporary path is removed and `target` is left
+    untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = tmp_dir / target.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written to {tmp} for {target}")
+        if tmp.is_dir():
+            _swap_dir(tmp, target)
+        else:
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _swap_dir(new: Path, target: Path) -> None:
+    old = None
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: Path | str, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def remove_outputs(*paths: Path | str) -> None:
+    """Delete stage outputs (files or folders) so a failed stage leaves none behind."""
+    for path in map(Path, paths):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def write_parquet(frame: Any, path: Path | str) -> None:
+    """Write a pandas DataFrame to Parquet atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def read_parquet(path: Path | str, produced_by: str) -> Any:
+    """Read a stage output, or say which stage makes it when it is missing."""
+    import pandas as pd
+
+    from pipelines.errors import DataError
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} not found; run `llmops {produced_by}` (or `dvc repro {produced_by}`) first")
+    return pd.read_parquet(path)

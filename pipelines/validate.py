@@ -1,0 +1,291 @@
+"""Stage `validate`: a Great Expectations 1.x suite over the ingested pairs.
+
+Reads   `paths.ingested`, params `validate` (bounds, allowed values, which expectations only
+        warn) and `base_model` (its tokenizer counts tokens).
+Writes  `paths.validate_dir`: result.json (the verdict per expectation plus GX's own
+        validation result), data_docs/index.html (GX Data Docs) and metrics.json (pass rate
+        and counts for `dvc metrics show`). The report is written whether the data passes or
+        not: it is what a reviewer reads.
+Exits   non-zero when a blocking expectation fails, after printing a short report that
+        names each failed expectation, its column, the count and a few example rows;
+        `prepare` refuses to run on data whose validation did not pass.
+Run     `llmops validate` or `dvc repro validate`; `llmops validate --list` lists the
+        expectation names that `validate.warn_only` may hold.
+
+The suite is code (`build_suite`) rather than a JSON file because its bounds, allowed
+values and PII columns come from params.yaml; `llmops validate --list` prints it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.errors import DataError, ParamsError, ValidationFailed
+from pipelines.ingest import SCHEMA
+from pipelines.io import atomic_path, read_parquet
+from pipelines.params import Params, ValidateParams
+from pipelines.pii import PII_PATTERNS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+TOKEN_COLUMNS = {"prompt": "n_prompt_tokens", "response": "n_response_tokens"}
+SUITE_NAME = "instruction_pairs"
+EXAMPLES_PER_FAILURE = 3
+
+
+@dataclass(frozen=True)
+class Check:
+    """One expectation with the stable name params refer to."""
+
+    name: str
+    gx_type: str
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    name: str
+    expectation: str
+    column: str | None
+    blocking: bool
+    success: bool
+    unexpected_count: int | None = None
+    observed_value: Any = None
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_checks(params: ValidateParams) -> list[Check]:
+    """The suite as data: name, GX expectation class name and its arguments."""
+    checks = [
+        Check("columns_match", "ExpectTableColumnsToMatchSet",
+              {"column_set": SCHEMA + list(TOKEN_COLUMNS.values()), "exact_match": True}),
+        Check("row_count", "ExpectTableRowCountToBeBetween", {"min_value": params.min_rows}),
+        Check("unique_ids", "ExpectColumnValuesToBeUnique", {"column": "id"}),
+        Check("unique_pairs", "ExpectCompoundColumnsToBeUnique", {"column_list": ["prompt", "response"]}),
+    ]
+    for column in ("id", "prompt", "response", "source", "domain"):
+        checks.append(Check(f"{column}_not_null", "ExpectColumnValuesToNotBeNull", {"column": column}))
+    for column in ("prompt", "response"):
+        low, high = getattr(params, f"{column}_chars")
+        tok_low, tok_high = getattr(params, f"{column}_tokens")
+        checks += [
+            Check(f"{column}_is_text", "ExpectColumnValuesToBeOfType", {"column": column, "type_": "str"}),
+            Check(f"{column}_not_blank", "ExpectColumnValuesToNotMatchRegex", {"column": column, "regex": r"^\s*$"}),
+            Check(f"{column}_chars", "ExpectColumnValueLengthsToBeBetween",
+                  {"column": column, "min_value": low, "max_value": high}),
+            Check(f"{column}_tokens", "ExpectColumnValuesToBeBetween",
+                  {"column": TOKEN_COLUMNS[column], "min_value": tok_low, "max_value": tok_high}),
+        ]
+    for column, values in sorted(params.allowed_values.items()):
+        checks.append(Check(f"{column}_allowed", "ExpectColumnValuesToBeInSet",
+                            {"column": column, "value_set": list(values)}))
+    for column in params.pii_columns:
+        for kind, pattern in PII_PATTERNS.items():
+            checks.append(Check(f"{column}_no_{kind}", "ExpectColumnValuesToNotMatchRegex",
+                                {"column": column, "regex": pattern}))
+    names = {check.name for check in checks}
+    unknown = sorted(set(params.warn_only) - names)
+    if unknown:
+        raise ParamsError(
+            f"validate.warn_only names unknown expectation(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(names))}"
+        )
+    for column in params.allowed_values:
+        if column not in SCHEMA:
+            raise ParamsError(f"validate.allowed_values: '{column}' is not a column; columns: {', '.join(SCHEMA)}")
+    return checks
+
+
+def count_tokens(frame: pd.DataFrame, tokenizer: Any, batch_size: int = 2048) -> pd.DataFrame:
+    """A copy of `frame` with n_prompt_tokens / n_response_tokens (0 for missing text)."""
+    out = frame.copy()
+    for column, target in TOKEN_COLUMNS.items():
+        texts = [v if isinstance(v, str) else "" for v in frame[column]]
+        lengths: list[int] = []
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(texts[start: start + batch_size], add_special_tokens=False)["input_ids"]
+            lengths.extend(len(ids) for ids in encoded)
+        out[target] = lengths
+    return out
+
+
+def _gx_context() -> Any:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # offline: no usage statistics calls
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
+
+
+def run_suite(frame: pd.DataFrame, params: ValidateParams, docs_dir: Path | None = None) -> tuple[list[Outcome], dict]:
+    """Validate `frame` (with token columns); return outcomes and GX's result as a dict.
+
+    When `docs_dir` is given, GX Data Docs for this run are rendered into it.
+    """
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    checks = build_checks(params)
+    warn_only = set(params.warn_only)
+    context = _gx_context()
+    batch = context.data_sources.add_pandas("pairs").add_dataframe_asset("pairs")
+    batch_definition = batch.add_batch_definition_whole_dataframe("all_rows")
+    suite = gx.ExpectationSuite(name=SUITE_NAME)
+    for check in checks:
+        expectation_class = getattr(gxe, check.gx_type)
+        suite.add_expectation(expectation_class(
+            **check.kwargs, meta={"name": check.name, "blocking": check.name not in warn_only},
+        ))
+    suite = context.suites.add(suite)
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="pairs", data=batch_definition, suite=suite)
+    )
+    actions = []
+    if docs_dir is not None:
+        context.add_data_docs_site(site_name="llmops", site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })
+        actions.append(UpdateDataDocsAction(name="data_docs", site_names=["llmops"]))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name="validate", validation_definitions=[definition], actions=actions,
+        result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES_PER_FAILURE},
+    ))
+    checkpoint_result = checkpoint.run(batch_parameters={"dataframe": frame})
+    result = next(iter(checkpoint_result.run_results.values())).to_json_dict()
+
+    outcomes = []
+    for item in result["results"]:
+        config = item["expectation_config"]
+        meta = config.get("meta") or {}
+        details = item.get("result") or {}
+        indices = details.get("partial_unexpected_index_list") or []
+        examples = [_example_row(frame, index, config["kwargs"].get("column")) for index in indices]
+        if item.get("exception_info", {}).get("raised_exception"):
+            details = {"observed_value": item["exception_info"]["exception_message"]}
+        outcomes.append(Outcome(
+            name=meta.get("name", config["type"]),
+            expectation=config["type"],
+            column=config["kwargs"].get("column") or ",".join(config["kwargs"].get("column_list", [])) or None,
+            blocking=bool(meta.get("blocking", True)),
+            success=bool(item["success"]),
+            unexpected_count=details.get("unexpected_count"),
+            observed_value=details.get("observed_value"),
+            examples=examples,
+        ))
+    return outcomes, result
+
+
+def _example_row(frame: pd.DataFrame, index: Any, column: str | None) -> dict[str, Any]:
+    row = frame.loc[index]
+    example: dict[str, Any] = {"row": int(index), "id": row.get("id")}
+    for name in dict.fromkeys([column, "prompt", "response"]):
+        if name and name in row:
+            value = row[name]
+            example[name] = value[:120] + "..." if isinstance(value, str) and len(value) > 120 else value
+    return example
+
+
+def summarise(outcomes: list[Outcome]) -> dict[str, Any]:
+    failed = [o for o in outcomes if not o.success]
+    return {
+        "evaluated": len(outcomes),
+        "passed": len(outcomes) - len(failed),
+        "pass_rate": round((len(outcomes) - len(failed)) / len(outcomes), 4) if outcomes else 0.0,
+        "blocking_failures": sum(o.blocking for o in failed),
+        "warnings": sum(not o.blocking for o in failed),
+        "success": not any(o.blocking for o in failed),
+    }
+
+
+def format_report(outcomes: list[Outcome], rows: int, data_path: Path, report_dir: Path) -> str:
+    """The short report printed when validation fails (and logged as warnings otherwise)."""
+    blocking = [o for o in outcomes if not o.success and o.blocking]
+    lines = [f"validate: {len(blocking)} blocking expectation(s) failed on {data_path} ({rows} rows):"]
+    for outcome in blocking:
+        lines.append("  - " + describe_failure(outcome))
+    lines.append(f"Full report: {report_dir / 'data_docs' / 'index.html'} and {report_dir / 'result.json'}")
+    lines.append("Fix the source data, or list an expectation in validate.warn_only (params.yaml) to make it a warning.")
+    return "\n".join(lines)
+
+
+def describe_failure(outcome: Outcome) -> str:
+    where = f" on '{outcome.column}'" if outcome.column else ""
+    if outcome.unexpected_count is not None:
+        what = f"{outcome.unexpected_count} row(s)"
+    else:
+        what = f"observed {outcome.observed_value!r}"
+    text = f"{outcome.name} ({outcome.expectation}{where}): {what}"
+    if outcome.examples:
+        shown = "; ".join(
+            ", ".join(f"{k}={v!r}" for k, v in example.items() if k != "row") for example in outcome.examples
+        )
+        text += f", e.g. {shown}"
+    return text
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()  # noqa: S324 - a content fingerprint, as DVC uses, not security
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def main(params: Params) -> None:
+    from pipelines.model_source import load_tokenizer
+
+    data_path = params.paths.ingested
+    frame = read_parquet(data_path, produced_by="ingest")
+    missing = [c for c in ("prompt", "response") if c not in frame.columns]
+    if missing:
+        raise DataError(f"{data_path} lacks column(s) {', '.join(missing)}; re-run `llmops ingest`")
+    tokenizer = load_tokenizer(params.base_model.source, params.base_model.revision)
+    frame = count_tokens(frame, tokenizer)
+
+    report_dir = params.paths.validate_dir
+    with atomic_path(report_dir) as tmp_dir:
+        tmp_dir.mkdir()
+        outcomes, gx_result = run_suite(frame, params.validate_, docs_dir=tmp_dir / "data_docs")
+        summary = summarise(outcomes)
+        result = {
+            **summary,
+            "data": str(data_path),
+            "data_md5": file_md5(data_path),
+            "rows": len(frame),
+            "expectations": [o.__dict__ for o in outcomes],
+            "gx_validation_result": gx_result,
+        }
+        (tmp_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        metrics = {"rows": len(frame), **{k: v for k, v in summary.items() if k != "success"},
+                   "success": int(summary["success"])}
+        (tmp_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for outcome in outcomes:
+        if not outcome.success and not outcome.blocking:
+            logger.warning("validate: warning only: %s", describe_failure(outcome))
+    if not summary["success"]:
+        raise ValidationFailed(format_report(outcomes, len(frame), data_path, report_dir))
+    logger.info("validate: %d/%d expectations passed on %d rows; report in %s",
+                summary["passed"], summary["evaluated"], len(frame), report_dir / "data_docs" / "index.html")
+
+
+def list_checks(params: Params) -> str:
+    warn_only = set(params.validate_.warn_only)
+    return "\n".join(
+        f"{c.name:28} {'warn ' if c.name in warn_only else 'block'} {c.gx_type} {c.kwargs.get('column', '')}"
+        for c in build_checks(params.validate_)
+    )
+
