@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for noisy in ("great_expectations", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         _run(args)
     except LLMOpsError as error:

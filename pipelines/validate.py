@@ -199,6 +199,19 @@ def _example_row(frame: pd.DataFrame, index: Any, column: str | None) -> dict[st
     return example
 
 
+_RUN_SPECIFIC_KEYS = {"id", "validation_id", "checkpoint_id", "run_id", "validation_time", "ge_load_time"}
+
+
+def without_run_details(value: Any) -> Any:
+    """GX's result minus ids and timestamps, so the same data and suite give the same file
+    (and DVC skips `prepare` when only the validation run, not its verdict, changed)."""
+    if isinstance(value, dict):
+        return {k: without_run_details(v) for k, v in value.items() if k not in _RUN_SPECIFIC_KEYS}
+    if isinstance(value, list):
+        return [without_run_details(v) for v in value]
+    return value
+
+
 def summarise(outcomes: list[Outcome]) -> dict[str, Any]:
     failed = [o for o in outcomes if not o.success]
     return {
@@ -267,9 +280,9 @@ def main(params: Params) -> None:
             "data_md5": file_md5(data_path),
             "rows": len(frame),
             "expectations": [o.__dict__ for o in outcomes],
-            "gx_validation_result": gx_result,
+            "gx_validation_result": without_run_details(gx_result),
         }
-        (tmp_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (tmp_dir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         metrics = {"rows": len(frame), **{k: v for k, v in summary.items() if k != "success"},
                    "success": int(summary["success"])}
         (tmp_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
