@@ -53,7 +53,9 @@ def read_source(source: Source, index: int, sample_dir: Path) -> tuple[str, pd.D
     if isinstance(source, FileSource):
         path = source.path
         if not path.exists():
-            raise DataError(f"{where}: source file {path} does not exist; put the file there or fix the path in params.yaml")
+            raise DataError(
+                f"{where}: source file {path} does not exist; put the file there or fix the path in params.yaml"
+            )
         if path.is_dir():
             raise DataError(f"{where}: {path} is a folder; name a .jsonl, .csv or .parquet file")
         fmt = source.format if source.format != "auto" else FORMATS.get(path.suffix.lower())

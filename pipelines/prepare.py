@@ -67,7 +67,7 @@ def deduplicate(frame: pd.DataFrame, threshold: float, seed: int) -> tuple[pd.Da
     lsh = MinHashLSH(threshold=threshold, num_perm=128)
     hashes = MinHash.bulk([_shingles(k) for k in unique_keys], num_perm=128, seed=seed)
     keep = []
-    for index, (key, minhash) in enumerate(zip(unique_keys, hashes)):
+    for index, minhash in enumerate(hashes):
         if lsh.query(minhash):
             keep.append(False)
             continue

@@ -156,7 +156,9 @@ def run_suite(frame: pd.DataFrame, params: ValidateParams, docs_dir: Path | None
     if docs_dir is not None:
         context.add_data_docs_site(site_name="llmops", site_config={
             "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve()),
+            },
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         })
         actions.append(UpdateDataDocsAction(name="data_docs", site_names=["llmops"]))
@@ -231,7 +233,8 @@ def format_report(outcomes: list[Outcome], rows: int, data_path: Path, report_di
     for outcome in blocking:
         lines.append("  - " + describe_failure(outcome))
     lines.append(f"Full report: {report_dir / 'data_docs' / 'index.html'} and {report_dir / 'result.json'}")
-    lines.append("Fix the source data, or list an expectation in validate.warn_only (params.yaml) to make it a warning.")
+    lines.append("Fix the source data, or list an expectation in validate.warn_only (params.yaml) "
+                 "to make it a warning.")
     return "\n".join(lines)
 
 

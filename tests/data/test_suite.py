@@ -51,7 +51,8 @@ def test_blank_responses_fail_with_count_and_examples(tiny_tokenizer):
 
 def test_pii_rows_fail_each_pattern(tiny_tokenizer):
     _, outcomes, _ = validate_file("pii.jsonl", tiny_tokenizer)
-    assert {"response_no_email", "prompt_no_phone", "response_no_credit_card", "response_no_api_key"} <= failed(outcomes)
+    expected = {"response_no_email", "prompt_no_phone", "response_no_credit_card", "response_no_api_key"}
+    assert expected <= failed(outcomes)
     assert outcomes["response_no_email"].unexpected_count == 1
     assert outcomes["response_no_email"].examples[0]["row"] == 5
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import require
+from tests.support import require
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -70,7 +70,8 @@ def test_hugging_face_datasets_path_offline(tmp_path):
 
 
 def test_missing_hf_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match=r"ingest.sources\[0\] \(hf\): datasets.load_dataset\('no-such-org/no-such-set'"):
+    expected = r"ingest.sources\[0\] \(hf\): datasets.load_dataset\('no-such-org/no-such-set'"
+    with pytest.raises(DataError, match=expected):
         ingest([HFSource(kind="hf", name="no-such-org/no-such-set")], SAMPLE)
 
 
@@ -101,7 +102,8 @@ def test_wrong_schema_names_the_columns_and_the_fix():
 
 
 def test_non_text_values_are_rejected():
-    with pytest.raises(DataError, match=r"column 'response' .* must hold text but 1 row\(s\) do not \(first at row 4: 42\)"):
+    expected = r"column 'response' .* must hold text but 1 row\(s\) do not \(first at row 4: 42\)"
+    with pytest.raises(DataError, match=expected):
         ingest([file_source(FIXTURES / "non_text.jsonl")], SAMPLE)
 
 

@@ -75,7 +75,9 @@ def test_source_kinds_are_checked():
 
 def test_params_are_frozen():
     params = load_params(REPO / "params.yaml")
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         params.prepare.seed = 1  # type: ignore[misc]
 
 

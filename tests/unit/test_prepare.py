@@ -92,7 +92,8 @@ def test_empty_split_is_a_clear_error():
 
 def test_chat_template_completion_extends_prompt(tiny_tokenizer):
     prompt_text, completion = render_pair("What is x?", "X is y.", "chat", "Be brief.", tiny_tokenizer)
-    assert prompt_text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is x?<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt_text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is x?<|im_end|>\n"
+                           "<|im_start|>assistant\n")
     assert completion == "X is y.<|im_end|>\n"
     assert render_prompt("What is x?", "chat", "Be brief.", tiny_tokenizer) == prompt_text
 

@@ -1,0 +1,109 @@
+"""Helpers shared by the test tiers (fixtures live in the conftest.py files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+BIN = Path(sys.executable).parent
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a system dependency is missing, except in CI, where that is a failure."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"missing dependency under CI=true: {reason}")
+    pytest.skip(reason)
+
+
+def sample_texts(limit: int = 3000) -> list[str]:
+    texts = []
+    for name in ("wordnet", "foldoc"):
+        with open(REPO / "data" / "sample" / f"{name}.jsonl", encoding="utf-8") as handle:
+            for line, _ in zip(handle, range(limit)):
+                row = json.loads(line)
+                texts += [row["prompt"], row["response"]]
+    return texts
+
+
+def build_tiny_tokenizer(directory: Path, vocab_size: int = 512) -> Path:
+    """A byte-level BPE tokenizer trained on the sample, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(sample_texts(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(directory)
+    return directory
+
+
+# What a fresh clone holds that the pipeline needs (outputs, venv and caches are not copied).
+PROJECT_FILES = ["pipelines", "scripts", "configs", "data/sample", "params.yaml", "dvc.yaml", ".dvcignore",
+                 "pyproject.toml"]
+
+
+class Project:
+    """A throw-away copy of the project (what a fresh clone holds), to run DVC and the CLI in."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+                    "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def run(self, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+        result = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(str(BIN / "dvc"), *args, check=check)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def set_params(self, **sections: dict) -> None:
+        data = self.params()
+        for section, values in sections.items():
+            data.setdefault(section, {}).update(values)
+        (self.root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def make_project(root: Path) -> Project:
+    root.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy2(source, root / name)
+    (root / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "raw" / ".gitkeep").touch()
+    project = Project(root)
+    project.run("git", "init", "-q")
+    project.dvc("init", "-q")
+    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    return project
