@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import DataError, ParamsError, ValidationFailed
 from pipelines.ingest import SCHEMA
-from pipelines.io import atomic_path, read_parquet
+from pipelines.io import atomic_path, atomic_write_json, atomic_write_text, read_parquet
 from pipelines.params import Params, ValidateParams
 from pipelines.pii import PII_PATTERNS
 
@@ -274,23 +274,23 @@ def main(params: Params) -> None:
     tokenizer = load_tokenizer(params.base_model.source, params.base_model.revision)
     frame = count_tokens(frame, tokenizer)
 
+    # Each output is replaced whole on its own (not the folder: DVC keeps a .gitignore in it).
     report_dir = params.paths.validate_dir
-    with atomic_path(report_dir) as tmp_dir:
-        tmp_dir.mkdir()
-        outcomes, gx_result = run_suite(frame, params.validate_, docs_dir=tmp_dir / "data_docs")
-        summary = summarise(outcomes)
-        result = {
-            **summary,
-            "data": str(data_path),
-            "data_md5": file_md5(data_path),
-            "rows": len(frame),
-            "expectations": [o.__dict__ for o in outcomes],
-            "gx_validation_result": without_run_details(gx_result),
-        }
-        (tmp_dir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-        metrics = {"rows": len(frame), **{k: v for k, v in summary.items() if k != "success"},
-                   "success": int(summary["success"])}
-        (tmp_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with atomic_path(report_dir / "data_docs") as docs_dir:
+        outcomes, gx_result = run_suite(frame, params.validate_, docs_dir=docs_dir)
+    summary = summarise(outcomes)
+    result = {
+        **summary,
+        "data": str(data_path),
+        "data_md5": file_md5(data_path),
+        "rows": len(frame),
+        "expectations": [o.__dict__ for o in outcomes],
+        "gx_validation_result": without_run_details(gx_result),
+    }
+    atomic_write_text(report_dir / "result.json", json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    metrics = {"rows": len(frame), **{k: v for k, v in summary.items() if k != "success"},
+               "success": int(summary["success"])}
+    atomic_write_json(report_dir / "metrics.json", metrics)
     for outcome in outcomes:
         if not outcome.success and not outcome.blocking:
             logger.warning("validate: warning only: %s", describe_failure(outcome))
