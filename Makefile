@@ -26,8 +26,9 @@ demo: install
 	@dvc metrics show
 	@echo
 	@echo "Done. Look at:"
-	@echo "  reports/validate/data_docs/index.html   Great Expectations Data Docs"
-	@echo "  dvc metrics show / dvc dag               metrics and the stage graph"
+	@echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   runs, curves, the registered champion"
+	@echo "  reports/validate/data_docs/index.html                        Great Expectations Data Docs"
+	@echo "  dvc metrics show / dvc plots show / dvc dag                  metrics, loss curves, the stage graph"
 
 ## test: the whole test suite (slow and integration tests included)
 test: install

@@ -15,15 +15,37 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from pipelines.errors import LLMOpsError
 
-# command -> module; the module's docstring gives the help line, its `main(params)` runs.
-STAGES: dict[str, str] = {
-    "ingest": "pipelines.ingest",
-    "validate": "pipelines.validate",
-    "prepare": "pipelines.prepare",
+# command -> (module, extra arguments). The module's docstring gives the help line; its
+# `main(params, **extras)` runs. The first block are the DVC stages, in pipeline order.
+Argument = tuple[tuple[str, ...], dict[str, Any]]
+COMMANDS: dict[str, tuple[str, list[Argument]]] = {
+    "ingest": ("pipelines.ingest", []),
+    "validate": ("pipelines.validate", [
+        (("--list",), {"dest": "list_only", "action": "store_true", "help": "list the expectations and exit"}),
+    ]),
+    "prepare": ("pipelines.prepare", []),
+    "base_model": ("pipelines.base_model", []),
+    "train": ("pipelines.train", []),
+    "evaluate": ("pipelines.evaluate", []),
+    "register": ("pipelines.register", []),
+    "promote": ("pipelines.promote", [
+        (("--force",), {"action": "store_true", "help": "promote whatever the gate says (recorded as forced)"}),
+        (("--reason",), {"help": "why (required with --force; recorded on the version)"}),
+    ]),
+    "rollback": ("pipelines.rollback", [
+        (("--to",), {"metavar": "VERSION", "help": "roll back to this version (default: previous-champion)"}),
+        (("--reason",), {"help": "why (recorded on the version)"}),
+    ]),
+    "lineage": ("pipelines.lineage", [
+        (("version",), {"help": "the registered model version"}),
+        (("--json",), {"dest": "as_json", "action": "store_true", "help": "print JSON"}),
+    ]),
 }
+STAGES = [name for name in COMMANDS if name not in {"rollback", "lineage"}]
 
 
 def _summary(module_name: str) -> str:
@@ -39,14 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module in STAGES.items():
-        stage = sub.add_parser(name, help=_summary(module), description=importlib.import_module(module).__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-        stage.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        stage.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                           help="override a param for this run, e.g. --set prepare.seed=7 (repeatable)")
-        if name == "validate":
-            stage.add_argument("--list", action="store_true", help="list the expectations and exit")
+    for name, (module, arguments) in COMMANDS.items():
+        command = sub.add_parser(name, help=_summary(module), description=importlib.import_module(module).__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a param for this run, e.g. --set prepare.seed=7 (repeatable)")
+        for flags, options in arguments:
+            command.add_argument(*flags, **options)
     return parser
 
 
@@ -54,12 +76,13 @@ def _run(args: argparse.Namespace) -> None:
     from pipelines.params import load_params
 
     params = load_params(args.params, args.overrides)
-    module = importlib.import_module(STAGES[args.command])
-    if getattr(args, "list", False):
-        print(module.list_checks(params))
-        return
-    entry: Callable = module.main
-    entry(params)
+    module_name, arguments = COMMANDS[args.command]
+    extras = {}
+    for flags, options in arguments:
+        dest = options.get("dest") or flags[-1].lstrip("-").replace("-", "_")
+        extras[dest] = getattr(args, dest)
+    entry: Callable = importlib.import_module(module_name).main
+    entry(params, **extras)
 
 
 def main(argv: list[str] | None = None) -> int:

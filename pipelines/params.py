@@ -51,6 +51,11 @@ class Paths(Section):
 class BaseModelParams(Section):
     source: str = Field("bundled:smollm2-135m-instruct", min_length=1)
     revision: str | None = None
+    # stage `base_model`: where the plain transformers folder is written, in which dtype,
+    # and the licence to record when the model card does not state one (SPDX id).
+    output_dir: Path = Path("models/base")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    licence: str | None = None
 
 
 class _SourceCommon(Section):
@@ -115,12 +120,150 @@ class PrepareParams(Section):
     seed: int = Field(42, ge=0)
 
 
+class LoraParams(Section):
+    r: int = Field(8, gt=0, le=1024)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # names of the Linear layers to adapt (the last part of the module name, e.g. q_proj)
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_modules(cls, value: list[str]) -> list[str]:
+        if any(not name.strip() for name in value):
+            raise ValueError("module names must be non-empty, e.g. [q_proj, v_proj]")
+        return value
+
+
+class DeepSpeedParams(Section):
+    # a ZeRO config file (configs/deepspeed/zero2.json, ...) or null for plain PyTorch
+    config: Path | None = None
+    # processes per node; > 1 (or a hostfile) re-launches the stage through `deepspeed`
+    num_processes: int = Field(1, ge=1, le=1024)
+    hostfile: Path | None = None  # "host slots=N" lines for multi-node runs
+    master_addr: str | None = None  # defaults to 127.0.0.1, or the first hostfile host
+    master_port: int = Field(29500, ge=1024, le=65535)
+
+
+class TrackingParams(Section):
+    # MLflow tracking URI; null: env MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project root
+    uri: str | None = None
+    experiment: str = Field("llmops", min_length=1)
+    system_metrics: bool = True
+    system_metrics_interval: float = Field(5.0, gt=0)  # seconds between samples
+
+
+class TrainParams(Section):
+    adapter_dir: Path = Path("models/adapter")
+    merged_dir: Path = Path("models/merged")
+    checkpoint_dir: Path = Path("models/checkpoints")  # kept between runs for resume
+    lora: LoraParams = LoraParams()
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of the optimizer steps
+    warmup_steps: int = Field(0, ge=0)  # exclusive with warmup_ratio
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(30, gt=0)  # demo-sized; null trains for `epochs`
+    per_device_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_seq_length: int = Field(128, ge=8)
+    seed: int = Field(42, ge=0)
+    # auto: bf16 on a CUDA GPU that has it (else fp16), fp32 on CPU (measured faster there than bf16 autocast)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    qlora: bool = False  # 4-bit base weights (bitsandbytes); needs a CUDA GPU
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    logging_steps: int = Field(1, ge=1)
+    eval_steps: int = Field(10, ge=1)
+    save_steps: int = Field(10, ge=1)  # a resumable checkpoint every N optimizer steps
+    save_total_limit: int = Field(2, ge=2)  # >= 2: the previous checkpoint stays until the next is complete
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(64, gt=0)
+    merge: bool = False  # also write base + adapter merged into one model (merge_and_unload)
+    sanity_tolerance: float = Field(0.02, gt=0.0, le=1.0)  # relative loss difference allowed on reload
+    deepspeed: DeepSpeedParams = DeepSpeedParams()
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> TrainParams:
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("set either train.warmup_ratio or train.warmup_steps, not both")
+        return self
+
+
+class DecodingParams(Section):
+    max_new_tokens: int = Field(48, ge=1, le=4096)
+    do_sample: bool = False  # greedy by default: deterministic evaluation
+    temperature: float = Field(1.0, gt=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, ge=1.0, le=3.0)
+    seed: int = Field(0, ge=0)
+
+
+class EvaluateParams(Section):
+    max_examples: int | None = Field(200, gt=0)  # a seeded subset of the test split (null: all of it)
+    batch_size: int = Field(16, ge=1, le=1024)
+    max_length: int = Field(512, ge=8)  # prompt + reference tokens scored for perplexity
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    decoding: DecodingParams = DecodingParams()
+    primary_metric: Literal["rouge_l", "bleu", "exact_match", "normalised_match", "perplexity"] = "rouge_l"
+    slices: list[str] = ["pos", "response_length"]  # test-split columns, or response_length (word buckets)
+    length_buckets: list[int] = Field([5, 10, 20], min_length=1)
+    min_slice_size: int = Field(10, ge=1)
+    bootstrap_samples: int = Field(1000, ge=50, le=100_000)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    seed: int = Field(0, ge=0)
+    sample_size: int = Field(20, ge=0)  # rows in the sample-generations table
+    compare_champion: bool = True
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(value, value[1:])) or value[0] <= 0:
+            raise ValueError("must be positive and strictly increasing, e.g. [5, 10, 20]")
+        return value
+
+
+class RegistryParams(Section):
+    model_name: str = Field("llmops-dictionary", min_length=1, max_length=200)
+    retries: int = Field(5, ge=1, le=20)  # attempts per registry call on transient errors
+    retry_wait_seconds: float = Field(0.5, gt=0.0, le=60.0)  # first backoff; doubles per attempt
+    lock_timeout_seconds: float = Field(120.0, gt=0.0)  # how long a promotion waits for another one
+    lock_lease_seconds: float = Field(600.0, gt=0.0)  # after this a lock left by a dead process is taken over
+    intended_use: str = ("Answer short dictionary-style definition questions in English. Not for advice, "
+                         "facts beyond the training glossaries, or any safety-critical use.")
+    data_licence: str = ("WordNet 3.0 licence (Princeton University); FOLDOC entries under the GNU FDL 1.1 or "
+                         "later where the foldoc source is used")
+
+
+    @field_validator("model_name")
+    @classmethod
+    def _mlflow_name(cls, value: str) -> str:
+        if not value.strip() or "/" in value or ":" in value:
+            raise ValueError("an MLflow registered model name must not be blank or contain '/' or ':'")
+        return value
+
+
+class PromoteParams(Section):
+    mode: Literal["auto", "manual"] = "auto"  # manual: the gate only recommends
+    min_improvement: float = 0.0  # lower CI bound of (candidate - base) on the primary metric must exceed this
+    champion_tolerance: float = Field(0.01, ge=0.0)  # allowed drop vs the champion on the primary metric
+    slice_tolerance: float = Field(0.05, ge=0.0)  # allowed drop vs the champion on any slice
+
+
 class Params(Section):
     paths: Paths = Paths()
     base_model: BaseModelParams = BaseModelParams()
     ingest: IngestParams
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     prepare: PrepareParams = PrepareParams()
+    train: TrainParams = TrainParams()
+    tracking: TrackingParams = TrackingParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
+    promote: PromoteParams = PromoteParams()
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:

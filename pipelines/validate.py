@@ -263,7 +263,10 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def main(params: Params) -> None:
+def main(params: Params, list_only: bool = False) -> None:
+    if list_only:
+        print(list_checks(params))
+        return
     from pipelines.model_source import load_tokenizer
 
     data_path = params.paths.ingested

@@ -158,7 +158,8 @@ class MlflowServer:
             wait_http(f"{self.uri}/health", timeout, self.process)
         except Exception:
             self.stop()
-            raise RuntimeError(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
+            log = (self.root / "server.log").read_text()[-3000:]
+            raise RuntimeError(f"mlflow server did not start:\n{log}") from None
         return self
 
     def stop(self) -> None:
@@ -173,3 +174,35 @@ class MlflowServer:
                 self.process.wait()
         if getattr(self, "log", None):
             self.log.close()
+
+
+def build_tiny_base(directory: Path, tokenizer_dir: Path, **kwargs) -> Path:
+    """A tiny Llama folder as the `base_model` stage would leave it (with source.json)."""
+    from pipelines.base_model import SOURCE_FILE, content_hash, folder_hashes
+    from pipelines.tiny_model import build_tiny_model
+
+    build_tiny_model(directory, tokenizer_dir, **kwargs)
+    hashes = folder_hashes(directory)
+    (directory / SOURCE_FILE).write_text(json.dumps({
+        "source": str(directory), "kind": "local", "licence": "Apache-2.0",
+        "content_sha256": content_hash(hashes), "files": hashes,
+    }))
+    return directory
+
+
+def build_adapter(directory: Path, base_dir: Path, r: int = 4, seed: int = 0, noise: float = 0.02) -> Path:
+    """An untrained-but-nonzero LoRA adapter for `base_dir` (lora_B perturbed so it changes outputs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, noise)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(directory)
+    return directory

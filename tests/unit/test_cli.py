@@ -15,12 +15,12 @@ def llmops(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 def test_help_lists_every_stage_with_a_description():
-    from pipelines.cli import STAGES
+    from pipelines.cli import COMMANDS
 
     result = llmops("--help")
     assert result.returncode == 0
-    for stage in STAGES:
-        assert stage in result.stdout
+    for command in COMMANDS:
+        assert command in result.stdout
     assert "read the sources named in params.yaml" in result.stdout
 
 

@@ -1,0 +1,82 @@
+"""The registered model: an MLflow pyfunc that packs base model, LoRA adapter and prompt format.
+
+Why pyfunc rather than the transformers flavor: MLflow's transformers flavor stores a
+PEFT model as the adapter alone and reloads the base model by its hub id at load time.
+That fails offline, and for a base model materialised from a local folder or a GGUF file
+there is no hub id to reload. The pyfunc model carries the base model folder, the adapter
+and the prompt template as artifacts, so `mlflow.pyfunc.load_model("models:/name@champion")`
+and `mlflow models serve` work on a machine without hub access, and every consumer formats
+prompts exactly as training did.
+
+Input: a DataFrame (or list of dicts) with a `prompt` column. Output: a DataFrame with a
+`response` column. Optional params: max_new_tokens, temperature, top_p (sampling when
+temperature > 0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# This module is imported only where a model is saved or loaded (register, serve, MLflow's
+# own loader), so importing mlflow at its top costs nothing on the CLI's start-up path.
+from mlflow.pyfunc import PythonModel
+
+CONFIG_ARTIFACT = "llmops_config"
+BASE_ARTIFACT = "base_model"
+ADAPTER_ARTIFACT = "adapter"
+
+
+class LoraTextGenerator(PythonModel):
+    """Answers prompts with base model + adapter, using the training prompt template."""
+
+    def load_context(self, context) -> None:  # noqa: ANN001
+        from pipelines.lm import CausalLM, Decoding
+
+        config = json.loads(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
+        self.config = config
+        self.lm = CausalLM.load(context.artifacts[BASE_ARTIFACT], context.artifacts[ADAPTER_ARTIFACT],
+                                dtype=config.get("dtype", "float32"), name="registered")
+        self.decoding = Decoding(**config["decoding"])
+
+    def render(self, prompt: str) -> str:
+        from pipelines.templates import render_prompt
+
+        return render_prompt(prompt, self.config["template"], self.config.get("system_prompt"), self.lm.tokenizer)
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads type hints as a schema
+        import dataclasses
+
+        import pandas as pd
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "prompt" not in frame.columns:
+            raise ValueError(f"input needs a 'prompt' column, got {list(frame.columns)}")
+        decoding = self.decoding
+        params = params or {}
+        overrides = {k: params[k] for k in ("max_new_tokens", "temperature", "top_p") if params.get(k) is not None}
+        if overrides.get("temperature", 0) > 0:
+            overrides["do_sample"] = True
+        if overrides:
+            decoding = dataclasses.replace(decoding, **overrides)
+        generation = self.lm.generate([self.render(str(p)) for p in frame["prompt"]], decoding)
+        return pd.DataFrame({"response": generation.texts})
+
+
+def signature_and_example() -> tuple[Any, Any]:
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string", "response")]),
+        params=ParamSchema([
+            ParamSpec("max_new_tokens", "long", 64),
+            ParamSpec("temperature", "double", 0.0),
+            ParamSpec("top_p", "double", 1.0),
+        ]),
+    )
+    example = pd.DataFrame({"prompt": ['What does the noun "bank" mean?']})
+    return signature, example
