@@ -20,7 +20,6 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipelines.errors import LLMOpsError
@@ -213,11 +212,12 @@ class Registry:
 
 
 def champion_model(params: Params, dtype: str) -> CausalLM | None:
-    """The current champion as a CausalLM (None when no version holds the alias)."""
-    import mlflow
+    """The current champion as a CausalLM (None when no version holds the alias).
 
-    from pipelines.lm import CausalLM
-    from pipelines.packaging import ADAPTER_ARTIFACT, BASE_ARTIFACT
+    Loaded through MLflow's own pyfunc loader, so the artifacts are found exactly as
+    `mlflow models serve` finds them.
+    """
+    import mlflow
 
     registry = Registry(params)
     version = registry.alias(CHAMPION)
@@ -225,9 +225,12 @@ def champion_model(params: Params, dtype: str) -> CausalLM | None:
         logger.info("no champion registered for '%s': comparing with the base model only", registry.name)
         return None
     mlflow.set_tracking_uri(registry.uri)
-    local = Path(registry.call(mlflow.artifacts.download_artifacts, artifact_uri=f"models:/{registry.name}/"
-                               f"{version.version}"))
-    artifacts = local / "artifacts"
-    lm = CausalLM.load(artifacts / BASE_ARTIFACT, artifacts / ADAPTER_ARTIFACT, dtype=dtype, name="champion")
+    model = registry.call(mlflow.pyfunc.load_model, f"models:/{registry.name}/{version.version}")
+    lm = model.unwrap_python_model().lm
+    if dtype != str(lm.model.dtype).removeprefix("torch."):
+        import torch
+
+        lm.model.to(getattr(torch, dtype))
+    lm.name = "champion"
     lm.registry_version = str(version.version)  # type: ignore[attr-defined]
     return lm

@@ -92,7 +92,16 @@ def start_run(params: TrackingParams, run_name: str, run_id: str | None = None,
             logger.warning("MLflow run %s not found at %s; starting a new run", run_id, mlflow.get_tracking_uri())
             run_id = None
     if run_id is None:
-        if mlflow.get_experiment_by_name(params.experiment) is None:
+        try:
+            experiment = mlflow.get_experiment_by_name(params.experiment)
+        except Exception as error:  # noqa: BLE001 - MlflowException or a requests error: both mean "unreachable"
+            from pipelines.errors import LLMOpsError
+
+            raise LLMOpsError(
+                f"MLflow tracking at {mlflow.get_tracking_uri()} is unreachable ({str(error).splitlines()[0][:200]}); "
+                "start the tracking server or fix tracking.uri / MLFLOW_TRACKING_URI"
+            ) from None
+        if experiment is None:
             mlflow.create_experiment(params.experiment, artifact_location=artifact_location(mlflow.get_tracking_uri()))
         mlflow.set_experiment(params.experiment)
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,

@@ -365,7 +365,9 @@ def training_arguments(params: TrainParams, cuda: bool, precision: str) -> Any:
         activation_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
         deepspeed=str(config) if config else None,
         report_to="none",
-        disable_tqdm=True,
+        # Progress bars in a terminal; in logs (DVC under Airflow, CI) the per-step INFO lines
+        # are enough and a bar only adds carriage-return noise.
+        disable_tqdm=not sys.stderr.isatty(),
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=0,

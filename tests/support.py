@@ -70,7 +70,10 @@ class Project:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+        # MLflow exports the tracking URI of this test process (a test server's) to os.environ;
+        # the project's stages must use their own default instead.
+        inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        self.env = {**inherited, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
                     "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def run(self, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:

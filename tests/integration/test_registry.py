@@ -229,7 +229,8 @@ def test_evaluate_compares_with_the_champion_from_the_registry(tmp_path, tiny_ba
     ws.adapter = build_adapter(tmp_path / "adapter2", tiny_base, seed=4)
     params = ws.params(f"train.adapter_dir={ws.adapter}", f"paths.prepared_dir={tiny_prepared_dir}",
                        "evaluate.max_examples=24", "evaluate.bootstrap_samples=60", "evaluate.min_slice_size=3",
-                       "evaluate.decoding.max_new_tokens=6", "evaluate.sample_size=5")
+                       "evaluate.decoding.max_new_tokens=6", "evaluate.sample_size=5",
+                       "evaluate.slices=[response_length]")
     evaluate.main(params)
     results = json.loads((ws.root / "reports/evaluate/results.json").read_text())
     assert results["champion_version"] == "1"
