@@ -14,7 +14,8 @@ import pytest
 
 from tests.support import make_project
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+# The module fixture runs the demo pipeline (about 5 minutes on 2 idle cores).
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="module")
