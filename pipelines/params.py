@@ -253,6 +253,63 @@ class PromoteParams(Section):
     slice_tolerance: float = Field(0.05, ge=0.0)  # allowed drop vs the champion on any slice
 
 
+class InferenceLogParams(Section):
+    # Where `llmops serve` records every request (SQLAlchemy URL): SQLite (WAL) by default,
+    # e.g. postgresql+psycopg2://user@host/db for a team. `monitor` reads the same store.
+    url: str = Field("sqlite:///data/inference/inference.db", min_length=1)
+    # Records wait here (JSONL, fsynced) while the store is unreachable, and are flushed later.
+    spool_dir: Path = Path("data/inference/spool")
+    redact_pii: bool = True  # mask e-mails, phone numbers, card numbers and keys before storing
+    flush_interval_seconds: float = Field(1.0, gt=0.0, le=60.0)  # retry/flush period of the writer
+    batch_size: int = Field(256, ge=1, le=10000)  # records per database transaction
+
+
+class ServeLimits(Section):
+    max_body_bytes: int = Field(65536, ge=1024)
+    max_prompt_tokens: int = Field(512, ge=1)
+    max_tokens: int = Field(256, ge=1)  # a request asking for more gets 422
+    default_max_tokens: int = Field(64, ge=1)
+    max_temperature: float = Field(2.0, ge=0.0)  # larger values are clamped to this
+
+
+class ServeParams(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # What to serve: models:/<registry.model_name>@<alias> unless model_uri names one.
+    alias: str = Field("champion", min_length=1)
+    model_uri: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Bearer token: read from this environment variable, else from token_file; never from the repo.
+    token_env: str = "LLMOPS_API_TOKEN"
+    token_file: Path | None = None
+    # Dynamic batching: requests wait up to max_wait_ms to share one generate() of at most max_batch_size.
+    max_batch_size: int = Field(16, ge=1, le=256)
+    max_wait_ms: float = Field(10.0, ge=0.0, le=5000.0)
+    queue_size: int = Field(64, ge=1)  # waiting requests beyond this get 429 with Retry-After
+    request_timeout_seconds: float = Field(120.0, gt=0.0)  # 504 after this
+    poll_interval_seconds: float = Field(30.0, gt=0.0)  # how often the alias is checked for a new version
+    limits: ServeLimits = ServeLimits()
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> ServeParams:
+        if self.limits.default_max_tokens > self.limits.max_tokens:
+            raise ValueError(f"serve.limits.default_max_tokens ({self.limits.default_max_tokens}) must be <= "
+                             f"serve.limits.max_tokens ({self.limits.max_tokens})")
+        return self
+
+
+class DeployParams(Section):
+    # The running service to roll out to; null: env LLMOPS_SERVICE_URL; neither: only record the intent.
+    service_url: str | None = None
+    ready_timeout_seconds: float = Field(300.0, gt=0.0)
+    canary_examples: int = Field(8, ge=1, le=1000)  # prompts from the test split sent after the switch
+    canary_max_tokens: int = Field(48, ge=1)
+    min_success_rate: float = Field(1.0, ge=0.0, le=1.0)  # share of canaries answered with HTTP 200
+    min_normalised_match: float = Field(0.0, ge=0.0, le=1.0)  # share whose answer matches the reference
+    max_p95_latency_seconds: float = Field(30.0, gt=0.0)
+    rollback_on_failure: bool = True
+
+
 class Params(Section):
     paths: Paths = Paths()
     base_model: BaseModelParams = BaseModelParams()
@@ -264,6 +321,9 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
     promote: PromoteParams = PromoteParams()
+    inference_log: InferenceLogParams = InferenceLogParams()
+    serve: ServeParams = ServeParams()
+    deploy: DeployParams = DeployParams()
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:
