@@ -30,8 +30,9 @@ demo: install
 	@echo "  reports/validate/data_docs/index.html                        Great Expectations Data Docs"
 	@echo "  dvc metrics show / dvc plots show / dvc dag                  metrics, loss curves, the stage graph"
 
-## test: the whole test suite (slow and integration tests included)
+## test: lint, then the whole test suite (slow and integration tests included)
 test: install
+	ruff check pipelines tests dags benchmarks scripts
 	python -m pytest
 
 ## test-fast: everything but tests marked slow

@@ -202,8 +202,8 @@ class Bench:
         import torch
         from transformers import PrinterCallback, TrainerCallback
 
-        from pipelines import train as stage
         from pipelines import tracking
+        from pipelines import train as stage
 
         train = self.params.train.model_copy(update={"checkpoint_dir": self.tmp / f"checkpoints-{round_no}"})
         args = stage.training_arguments(train, self.plan.cuda, self.plan.precision)
@@ -294,7 +294,8 @@ class Bench:
                                   optim=type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
                                   fused=_fused(trainer.optimizer))
         hand_result = self.measure([hand_durations[k] for k in range(1, len(step_ends) + 1)], batches)
-        del trainer, model, optimizer, hand_model
+        del trainer, model
+        hand_model = optimizer = None  # free them (a `del` of closure variables confuses linters)
         return stage_result, hand_result
 
 
@@ -355,7 +356,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps at the start of every run")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round and loop")
-    parser.add_argument("--rounds", type=int, default=3, help="Trainer runs, each with the hand-written loop interleaved")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="Trainer runs, each with the hand-written loop interleaved")
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--ds-config", default="configs/deepspeed/zero2.json")
     parser.add_argument("--ds-steps", type=int, default=16,
@@ -394,7 +396,8 @@ def main() -> None:
     try:
         bench = Bench(args, tmp)
         t = bench.params.train
-        print(f"train params: batch {t.per_device_batch_size}, max_seq_length {t.max_seq_length}, lr {t.learning_rate}, "
+        print(f"train params: batch {t.per_device_batch_size}, max_seq_length {t.max_seq_length}, "
+              f"lr {t.learning_rate}, "
               f"LoRA r={t.lora.r} alpha={t.lora.alpha} dropout={t.lora.dropout} on {','.join(t.lora.target_modules)}, "
               f"max_grad_norm {t.max_grad_norm}, logging_steps {t.logging_steps}, eval/save every "
               f"{t.eval_steps}/{t.save_steps} steps, scheduler {t.lr_scheduler}; "
@@ -439,7 +442,8 @@ def main() -> None:
             print(f"| {name} | {', '.join(f'{x.tokens_per_s:.0f}' for x in runs)} | {med:.0f} | {step_s:.2f} | "
                   f"{gflops:.1f} | {gflops / peak:.1%} |")
         print(f"\nratio stage / hand-written: median of medians {med_stage / med_hand:.3f}; per round "
-              f"{', '.join(f'{x:.3f}' for x in ratios)} (median {statistics.median(ratios):.3f}); per step, same micro-batch "
+              f"{', '.join(f'{x:.3f}' for x in ratios)} (median {statistics.median(ratios):.3f}); "
+              "per step, same micro-batch "
               f"and round: median {statistics.median(step_ratios):.3f} over {len(step_ratios)} pairs")
         evals = [x for s in stage_runs for x in s.extra["eval"]]
         saves = [x for s in stage_runs for x in s.extra["save"]]
