@@ -40,12 +40,16 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
         (("--to",), {"metavar": "VERSION", "help": "roll back to this version (default: previous-champion)"}),
         (("--reason",), {"help": "why (recorded on the version)"}),
     ]),
+    "deploy": ("pipelines.deploy", [
+        (("--strict",), {"action": "store_true", "help": "exit non-zero when verification fails"}),
+    ]),
+    "serve": ("pipelines.serve", []),
     "lineage": ("pipelines.lineage", [
         (("version",), {"help": "the registered model version"}),
         (("--json",), {"dest": "as_json", "action": "store_true", "help": "print JSON"}),
     ]),
 }
-STAGES = [name for name in COMMANDS if name not in {"rollback", "lineage"}]
+STAGES = [name for name in COMMANDS if name not in {"rollback", "lineage", "serve"}]
 
 
 def _summary(module_name: str) -> str:

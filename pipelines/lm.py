@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,29 +92,80 @@ class CausalLM:
 
     def generate(self, prompt_texts: list[str], decoding: Decoding, batch_size: int = 16) -> Generation:
         """Continue each already-formatted prompt; returns the new text (special tokens removed)."""
-        import torch
-
         texts: list[str] = []
         counts: list[int] = []
-        eos = self.tokenizer.eos_token_id
         start = time.perf_counter()
         batches = 0
         for offset in range(0, len(prompt_texts), batch_size):
             chunk = prompt_texts[offset: offset + batch_size]
-            encoded = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            if decoding.do_sample:
-                torch.manual_seed(decoding.seed + offset)
-            with torch.inference_mode():
-                output = self.model.generate(**encoded, **decoding.generate_kwargs(), eos_token_id=eos,
-                                             pad_token_id=self.tokenizer.pad_token_id)
-            new = output[:, encoded["input_ids"].shape[1]:]
-            for row in new.tolist():
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos) + 1]
+            for row in self.generate_ids(chunk, decoding, seed=decoding.seed + offset):
                 counts.append(len(row))
                 texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
             batches += 1
         return Generation(texts, counts, time.perf_counter() - start, batches)
+
+    def generate_ids(self, prompt_texts: list[str], decoding: Decoding, *, max_new_tokens: list[int] | None = None,
+                     on_step: Callable[[list[int]], None] | None = None, stop_rows: list[bool] | None = None,
+                     seed: int | None = None) -> list[list[int]]:
+        """One batched `generate` call; the new token ids of each row (up to and including EOS).
+
+        `max_new_tokens` gives each row its own limit (the HTTP service batches requests with
+        different `max_tokens`); `on_step` receives each decoding step's token per row (for
+        streaming); setting `stop_rows[i] = True` from `on_step` ends row i early (a stop
+        sequence was hit or the client went away). A row that is done stops costing compute
+        only when every row is done: that is how `generate` batches.
+        """
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        limits = list(max_new_tokens) if max_new_tokens else [decoding.max_new_tokens] * len(prompt_texts)
+        eos = self.tokenizer.eos_token_id
+        encoded = self.tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        prompt_length = encoded["input_ids"].shape[1]
+        stopped = stop_rows if stop_rows is not None else [False] * len(prompt_texts)
+
+        # transformers' extension points: a stopping criterion that answers per row, and a
+        # streamer that sees every step's tokens (the first call carries the prompt ids).
+        class RowLimits(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001, ANN003
+                generated = input_ids.shape[1] - prompt_length
+                done = [generated >= limit or stop for limit, stop in zip(limits, stopped)]
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        class StepStreamer(BaseStreamer):
+            first = True
+
+            def put(self, value):  # noqa: ANN001
+                if self.first:
+                    self.first = False
+                    return
+                on_step(value.reshape(-1).tolist())
+
+            def end(self) -> None:
+                pass
+
+        kwargs = decoding.generate_kwargs()
+        kwargs["max_new_tokens"] = max(limits)
+        # Control tokens other than EOS (a chat template's <|im_start|>, padding, ...) are never
+        # part of an answer: a model that emits one would break the template it is served in.
+        suppressed = sorted(set(self.tokenizer.all_special_ids) - {eos})
+        if suppressed:
+            kwargs["suppress_tokens"] = suppressed
+        if decoding.do_sample:
+            torch.manual_seed(decoding.seed if seed is None else seed)
+        with torch.inference_mode():
+            output = self.model.generate(**encoded, **kwargs, eos_token_id=eos,
+                                         pad_token_id=self.tokenizer.pad_token_id,
+                                         stopping_criteria=StoppingCriteriaList([RowLimits()]),
+                                         streamer=StepStreamer() if on_step else None)
+        rows = []
+        for row, limit in zip(output[:, prompt_length:].tolist(), limits):
+            row = row[:limit]
+            if eos is not None and eos in row:
+                row = row[: row.index(eos) + 1]
+            rows.append(row)
+        return rows
 
     def score(self, prompt_texts: list[str], completion_texts: list[str], max_length: int = 512,
               batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:

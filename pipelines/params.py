@@ -304,8 +304,8 @@ class DeployParams(Section):
     ready_timeout_seconds: float = Field(300.0, gt=0.0)
     canary_examples: int = Field(8, ge=1, le=1000)  # prompts from the test split sent after the switch
     canary_max_tokens: int = Field(48, ge=1)
-    min_success_rate: float = Field(1.0, ge=0.0, le=1.0)  # share of canaries answered with HTTP 200
-    min_normalised_match: float = Field(0.0, ge=0.0, le=1.0)  # share whose answer matches the reference
+    min_success_rate: float = Field(1.0, ge=0.0, le=1.0)  # share of canaries answered (HTTP 200, non-empty)
+    min_rouge_l: float = Field(0.0, ge=0.0, le=1.0)  # mean ROUGE-L of the canary answers vs their references
     max_p95_latency_seconds: float = Field(30.0, gt=0.0)
     rollback_on_failure: bool = True
 

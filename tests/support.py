@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -209,3 +210,120 @@ def build_adapter(directory: Path, base_dir: Path, r: int = 4, seed: int = 0, no
     model.save_pretrained(directory)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(directory)
     return directory
+
+
+def evaluation(improvement_low: float, champion_version: str | None = None) -> dict:
+    """evaluate's results.json shape with a chosen gate outcome (the gate itself is unit-tested)."""
+    def diff(low):
+        return {"improvement": low + 0.05, "low": low, "high": low + 0.1, "confidence": 0.95}
+
+    metrics = {"rouge_l": 0.5, "bleu": 10.0, "exact_match": 0.1, "normalised_match": 0.2, "perplexity": 9.0,
+               "tokens_per_second": 100.0, "generated_tokens": 100, "generation_seconds": 1.0}
+    systems = {"candidate": metrics, "base": metrics}
+    comparisons = {"base": {m: diff(improvement_low) for m in ("rouge_l", "bleu", "exact_match",
+                                                               "normalised_match", "perplexity")}}
+    if champion_version:
+        systems["champion"] = metrics
+        comparisons["champion"] = {m: diff(0.0) for m in comparisons["base"]}
+    return {"examples": 50, "primary_metric": "rouge_l", "systems": systems, "comparisons": comparisons,
+            "slices": {}, "samples": [], "champion_version": champion_version, "mlflow_run_id": ""}
+
+
+class Workspace:
+    """The stage outputs `register` and `promote` read, in a temporary folder."""
+
+    def __init__(self, root: Path, base: Path, server_uri: str, model_name: str, seed: int = 0) -> None:
+        self.root = root
+        self.adapter = build_adapter(root / "adapter", base, seed=seed)
+        reports = root / "reports"
+        for stage, data in {"train": {"mlflow_run_id": "", "eval_loss": 1.0},
+                            "validate": {"pass_rate": 1.0, "evaluated": 27, "rows": 6400}}.items():
+            (reports / stage).mkdir(parents=True, exist_ok=True)
+            (reports / stage / "metrics.json").write_text(json.dumps(data))
+        self.overrides = [
+            f"paths.reports_dir={reports}", f"paths.validate_dir={reports / 'validate'}",
+            f"base_model.output_dir={base}", f"train.adapter_dir={self.adapter}",
+            f"tracking.uri={server_uri}", f"registry.model_name={model_name}", "evaluate.dtype=float32",
+        ]
+        self.params_file = root / "params.yaml"
+        self.params_file.write_text((REPO / "params.yaml").read_text())
+
+    def params(self, *extra: str):
+        from pipelines.params import load_params
+
+        return load_params(self.params_file, [*self.overrides, *extra])
+
+    def set_evaluation(self, results: dict) -> None:
+        (self.root / "reports" / "evaluate").mkdir(parents=True, exist_ok=True)
+        (self.root / "reports" / "evaluate" / "results.json").write_text(json.dumps(results))
+
+    def cli(self, command: str, *args: str) -> subprocess.CompletedProcess:
+        sets = [x for o in self.overrides for x in ("--set", o)]
+        return subprocess.run([sys.executable, "-m", "pipelines.cli", command, "--params", str(self.params_file),
+                               *sets, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def register(ws: Workspace, results: dict) -> str:
+    from pipelines import register as register_stage
+
+    ws.set_evaluation(results)
+    params = ws.params()
+    register_stage.main(params)
+    return json.loads((ws.root / "reports/register/version.json").read_text())["version"]
+
+
+TEST_TOKEN = "test-token-0123456789abcdef"
+
+
+class ServeProcess:
+    """A real `llmops serve` process on a free loopback port, configured by --set overrides."""
+
+    def __init__(self, ws: Workspace, log_dir: Path, *overrides: str, token: str = TEST_TOKEN) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws, self.token, self.log_dir = ws, token, log_dir
+        self.overrides = [*ws.overrides, f"serve.port={self.port}",
+                          f"inference_log.url=sqlite:///{log_dir / 'inference.db'}",
+                          f"inference_log.spool_dir={log_dir / 'spool'}", *overrides]
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        sets = [x for o in self.overrides for x in ("--set", o)]
+        return [sys.executable, "-m", "pipelines.cli", "serve", "--params", str(self.ws.params_file), *sets]
+
+    def start(self, timeout: float = 180) -> ServeProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.output = open(self.log_dir / "serve.log", "wb")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "LLMOPS_API_TOKEN": self.token}
+        self.process = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=self.output,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(f"{self.url}/ready", timeout, self.process)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"llmops serve did not start:\n{self.read_log()[-3000:]}") from None
+        return self
+
+    def read_log(self) -> str:
+        return (self.log_dir / "serve.log").read_text(errors="replace")
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def post(self, path: str, body: Any, **kwargs: Any) -> Any:
+        import requests
+
+        return requests.post(f"{self.url}{path}", json=body, headers=self.headers(), timeout=120, **kwargs)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if getattr(self, "output", None):
+            self.output.close()

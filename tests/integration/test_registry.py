@@ -6,13 +6,11 @@ import json
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pipelines.params import load_params
-from tests.support import REPO, MlflowServer, build_adapter, build_tiny_base
+from tests.support import REPO, MlflowServer, Workspace, build_adapter, build_tiny_base, evaluation, register
 
 pytestmark = pytest.mark.integration
 
@@ -29,67 +27,9 @@ def tiny_base(tmp_path_factory, tiny_tokenizer_dir):
     return build_tiny_base(tmp_path_factory.mktemp("base") / "base", tiny_tokenizer_dir)
 
 
-def evaluation(improvement_low: float, champion_version: str | None = None) -> dict:
-    """evaluate's results.json shape with a chosen gate outcome (the gate itself is unit-tested)."""
-    def diff(low):
-        return {"improvement": low + 0.05, "low": low, "high": low + 0.1, "confidence": 0.95}
-
-    metrics = {"rouge_l": 0.5, "bleu": 10.0, "exact_match": 0.1, "normalised_match": 0.2, "perplexity": 9.0,
-               "tokens_per_second": 100.0, "generated_tokens": 100, "generation_seconds": 1.0}
-    systems = {"candidate": metrics, "base": metrics}
-    comparisons = {"base": {m: diff(improvement_low) for m in ("rouge_l", "bleu", "exact_match",
-                                                               "normalised_match", "perplexity")}}
-    if champion_version:
-        systems["champion"] = metrics
-        comparisons["champion"] = {m: diff(0.0) for m in comparisons["base"]}
-    return {"examples": 50, "primary_metric": "rouge_l", "systems": systems, "comparisons": comparisons,
-            "slices": {}, "samples": [], "champion_version": champion_version, "mlflow_run_id": ""}
-
-
-class Workspace:
-    """The stage outputs `register` and `promote` read, in a temporary folder."""
-
-    def __init__(self, root: Path, base: Path, server_uri: str, model_name: str, seed: int = 0) -> None:
-        self.root = root
-        self.adapter = build_adapter(root / "adapter", base, seed=seed)
-        reports = root / "reports"
-        for stage, data in {"train": {"mlflow_run_id": "", "eval_loss": 1.0},
-                            "validate": {"pass_rate": 1.0, "evaluated": 27, "rows": 6400}}.items():
-            (reports / stage).mkdir(parents=True, exist_ok=True)
-            (reports / stage / "metrics.json").write_text(json.dumps(data))
-        self.overrides = [
-            f"paths.reports_dir={reports}", f"paths.validate_dir={reports / 'validate'}",
-            f"base_model.output_dir={base}", f"train.adapter_dir={self.adapter}",
-            f"tracking.uri={server_uri}", f"registry.model_name={model_name}", "evaluate.dtype=float32",
-        ]
-        self.params_file = root / "params.yaml"
-        self.params_file.write_text((REPO / "params.yaml").read_text())
-
-    def params(self, *extra: str):
-        return load_params(self.params_file, [*self.overrides, *extra])
-
-    def set_evaluation(self, results: dict) -> None:
-        (self.root / "reports" / "evaluate").mkdir(parents=True, exist_ok=True)
-        (self.root / "reports" / "evaluate" / "results.json").write_text(json.dumps(results))
-
-    def cli(self, command: str, *args: str) -> subprocess.CompletedProcess:
-        sets = [x for o in self.overrides for x in ("--set", o)]
-        return subprocess.run([sys.executable, "-m", "pipelines.cli", command, "--params", str(self.params_file),
-                               *sets, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
-
-
 @pytest.fixture
 def model_name():
     return f"test-{uuid.uuid4().hex[:8]}"
-
-
-def register(ws: Workspace, results: dict) -> str:
-    from pipelines import register as register_stage
-
-    ws.set_evaluation(results)
-    params = ws.params()
-    register_stage.main(params)
-    return json.loads((ws.root / "reports/register/version.json").read_text())["version"]
 
 
 def test_register_logs_a_servable_model_with_its_evidence(tmp_path, tiny_base, server, model_name):

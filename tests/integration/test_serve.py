@@ -1,0 +1,436 @@
+"""`llmops serve` and `llmops deploy` against real processes: a real `mlflow server` with the
+tiny model registered, the service started with the CLI on loopback, HTTP from clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.support import (
+    BIN,
+    REPO,
+    TEST_TOKEN,
+    MlflowServer,
+    ServeProcess,
+    Workspace,
+    build_tiny_base,
+    evaluation,
+    free_port,
+    register,
+    wait_http,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+PROMPT = 'What does the noun "bank" mean?'
+SERVE = ["serve.max_batch_size=4", "serve.queue_size=8", "serve.max_wait_ms=20", "serve.poll_interval_seconds=2",
+         "serve.limits.max_tokens=32", "serve.limits.default_max_tokens=8", "serve.limits.max_prompt_tokens=96",
+         "serve.limits.max_body_bytes=4096", "inference_log.flush_interval_seconds=0.2",
+         "registry.retries=2", "registry.retry_wait_seconds=0.1"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_tokenizer_dir, tiny_prepared_dir, mlflow_server):
+    """A registered model with v1 as champion, plus the prepared data deploy's canaries read."""
+    from pipelines import promote
+
+    root = tmp_path_factory.mktemp("ws")
+    base = build_tiny_base(root / "base", tiny_tokenizer_dir)
+    ws = Workspace(root, base, mlflow_server.uri, f"serve-{uuid.uuid4().hex[:8]}")
+    # The untrained tiny model repeats a newline under plain greedy decoding (an empty answer once
+    # stripped); a repetition penalty in the registered decoding config makes it say something.
+    ws.overrides += [f"paths.prepared_dir={tiny_prepared_dir}", "evaluate.decoding.repetition_penalty=3.0"]
+    register(ws, evaluation(0.02))
+    promote.main(ws.params())
+    return ws
+
+
+@pytest.fixture(scope="module")
+def service(ws, tmp_path_factory):
+    serve = ServeProcess(ws, tmp_path_factory.mktemp("serve"), *SERVE).start()
+    yield serve
+    serve.stop()
+
+
+def promote_new_version(ws: Workspace) -> str:
+    from pipelines import promote
+    from pipelines.registry import Registry
+
+    champion = Registry(ws.params()).alias("champion").version
+    version = register(ws, evaluation(0.03, champion_version=str(champion)))
+    promote.main(ws.params())
+    assert Registry(ws.params()).alias("champion").version == version
+    return version
+
+
+def ready_version(service: ServeProcess) -> str:
+    return requests.get(f"{service.url}/ready", timeout=10).json()["model_version"]
+
+
+def wait_until_serving(service: ServeProcess, version: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while ready_version(service) != version:
+        assert time.monotonic() < deadline, f"service still on v{ready_version(service)}, expected v{version}"
+        time.sleep(0.3)
+
+
+def served_records(service: ServeProcess, request_ids: set[str], timeout: float = 30):
+    """The inference-log rows of these requests, once all of them have arrived."""
+    from pipelines.inference_log import read_records
+
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = read_records(f"sqlite:///{service.log_dir / 'inference.db'}")
+        found = frame[frame["request_id"].isin(request_ids)]
+        if len(found) >= len(request_ids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.3)
+
+
+def stream_events(response: requests.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+
+
+# --- the API -----------------------------------------------------------------------------------
+
+
+def test_health_ready_and_auth(service):
+    assert requests.get(f"{service.url}/health", timeout=10).json() == {"status": "ok"}
+    ready = requests.get(f"{service.url}/ready", timeout=10).json()
+    assert ready["status"] == "ready" and ready["model_version"] == "1"
+    body = {"prompt": PROMPT, "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": TEST_TOKEN}):
+        response = requests.post(f"{service.url}/v1/completions", json=body, headers=headers, timeout=10)
+        assert response.status_code == 401, response.text
+        assert "bearer token" in response.json()["error"]["message"]
+    assert requests.get(f"{service.url}/metrics", timeout=10).status_code == 401
+
+
+def test_completion_and_chat_answer_with_version_and_request_id(service):
+    response = service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("req-")
+    assert body["model_version"] == "1" and response.headers["X-Model-Version"] == "1"
+    assert response.headers["X-Request-Id"] == body["id"]
+    assert isinstance(body["choices"][0]["text"], str) and body["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert 0 < body["usage"]["completion_tokens"] <= 5
+
+    chat = service.post("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4})
+    assert chat.status_code == 200, chat.text
+    message = chat.json()["choices"][0]["message"]
+    assert message["role"] == "assistant" and isinstance(message["content"], str)
+
+
+def test_streaming_sends_deltas_then_done(service):
+    response = service.post("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}],
+                                                      "max_tokens": 12, "stream": True}, stream=True)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = stream_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert 1 <= chunks[-1]["usage"]["completion_tokens"] <= 12
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    records = served_records(service, {chunks[0]["id"]})
+    assert list(records["output"]) == [text]
+    assert records["completion_tokens"].iloc[0] == chunks[-1]["usage"]["completion_tokens"]
+
+    completion = service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "stream": True}, stream=True)
+    pieces = [json.loads(e) for e in stream_events(completion)[:-1]]
+    assert pieces and all(p["object"] == "text_completion" for p in pieces)
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    ("{not json", 422, "json"),
+    ({"prompt": PROMPT, "max_tokens": "many"}, 422, "max_tokens"),
+    ({"prompt": 42}, 422, "prompt"),
+    ({"max_tokens": 4}, 422, "prompt"),
+    ({"prompt": PROMPT, "max_tokens": 33}, 422, "over this server's limit of 32"),
+    ({"prompt": PROMPT, "n": 2}, 422, "n=2"),
+    ({"prompt": "   "}, 422, "blank"),
+    ({"prompt": "word " * 200}, 413, "max_prompt_tokens"),
+    ({"prompt": "x" * 5000}, 413, "max_body_bytes"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages"),
+])
+def test_bad_requests_get_a_clear_4xx(service, body, status, message):
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    if isinstance(body, str):
+        response = requests.post(f"{service.url}{path}", data=body, timeout=30,
+                                 headers={**service.headers(), "Content-Type": "application/json"})
+    else:
+        response = service.post(path, body)
+    assert response.status_code == status, response.text
+    assert message.lower() in response.json()["error"]["message"].lower()
+
+
+def test_temperature_is_clamped_not_rejected(service):
+    response = service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "temperature": 50, "seed": 1})
+    assert response.status_code == 200, response.text
+    records = served_records(service, {response.json()["id"]})
+    assert records["params"].iloc[0]["temperature"] == 2.0
+
+
+def test_feedback_is_joined_to_its_request_in_the_log(service):
+    answer = service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 3}).json()
+    response = service.post("/v1/feedback", {"request_id": answer["id"], "thumbs": "down", "comment": "wrong sense"})
+    assert response.status_code == 202, response.text
+    assert service.post("/v1/feedback", {"request_id": "req-unknown", "thumbs": "up"}).status_code == 404
+    assert service.post("/v1/feedback", {"request_id": answer["id"]}).status_code == 422
+    deadline = time.monotonic() + 30
+    while True:
+        row = served_records(service, {answer["id"]}).iloc[0]
+        if row["feedback_score"] == 0.0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert row["feedback_score"] == 0.0 and row["feedback_comment"] == "wrong sense"
+    assert row["model_version"] == "1" and row["status"] == 200 and row["prompt"] == PROMPT
+
+
+def test_pii_is_redacted_before_it_is_stored(service):
+    prompt = "What does the noun bank mean? Write to jane.doe@example.com"
+    answer = service.post("/v1/completions", {"prompt": prompt, "max_tokens": 2}).json()
+    row = served_records(service, {answer["id"]}).iloc[0]
+    assert "jane.doe@example.com" not in row["prompt"] and "[EMAIL]" in row["prompt"]
+
+
+def test_metrics_expose_requests_latency_tokens_queue_and_version(service):
+    service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    text = requests.get(f"{service.url}/metrics", headers=service.headers(), timeout=10).text
+    for name in ("llmops_requests_total", "llmops_request_latency_seconds_bucket", "llmops_generated_tokens_total",
+                 "llmops_queue_depth", "llmops_batch_size_bucket"):
+        assert name in text
+    assert 'llmops_model_info{name="' in text and 'version="1"' in text
+    assert 'llmops_requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+# --- load, overload, hot swap -----------------------------------------------------------------
+
+
+def test_overload_answers_429_with_retry_after_and_stays_up(service):
+    barrier = threading.Barrier(40)
+
+    def one(_: int) -> requests.Response:
+        barrier.wait()
+        return service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 32})
+
+    with ThreadPoolExecutor(41) as pool:
+        health = pool.submit(lambda: (time.sleep(0.2), requests.get(f"{service.url}/health", timeout=10))[1])
+        responses = list(pool.map(one, range(40)))
+    statuses = [r.status_code for r in responses]
+    assert 429 in statuses, statuses
+    assert set(statuses) <= {200, 429}, statuses
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert int(rejected.headers["Retry-After"]) >= 1 and "capacity" in rejected.json()["error"]["message"]
+    assert health.result().status_code == 200
+    assert service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def test_load_with_a_hot_swap_drops_nothing_and_logs_everything(service, ws):
+    stop = threading.Event()
+    results: list[tuple[int, str, str]] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:  # 6 clients: below the queue limit of 8, so nothing may be refused
+        while not stop.is_set():
+            response = service.post("/v1/completions", {"prompt": f"{PROMPT} ({n})", "max_tokens": 8})
+            body = response.json()
+            with lock:
+                results.append((response.status_code, body.get("id", ""), body.get("model_version", "")))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    version = promote_new_version(ws)
+    wait_until_serving(service, version)
+    time.sleep(3)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    statuses = [status for status, _, _ in results]
+    assert statuses and set(statuses) == {200}, statuses
+    assert {"1", version} <= {v for _, _, v in results}
+    ids = {request_id for _, request_id, _ in results}
+    assert len(ids) == len(results)
+    records = served_records(service, ids)
+    assert len(records) == len(ids) and records["request_id"].is_unique
+
+
+# --- deploy ----------------------------------------------------------------------------------
+
+
+def run_deploy(ws: Workspace, service: ServeProcess | None, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    sets = [x for o in [*ws.overrides, "deploy.canary_max_tokens=8", *extra] for x in ("--set", o)]
+    env = {k: v for k, v in os.environ.items() if k != "LLMOPS_SERVICE_URL"}
+    env["LLMOPS_API_TOKEN"] = TEST_TOKEN
+    if service is not None:
+        env["LLMOPS_SERVICE_URL"] = service.url
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "deploy", "--params", str(ws.params_file), *sets],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    report = json.loads((ws.root / "reports/deploy/deployment.json").read_text())
+    return done, report
+
+
+def test_deploy_without_a_service_records_the_intent(ws):
+    done, report = run_deploy(ws, None)
+    assert done.returncode == 0, done.stderr
+    assert report["status"] == "recorded" and "no service configured" in report["reason"]
+
+
+def test_deploy_switches_the_service_and_verifies_it(service, ws):
+    from pipelines.registry import Registry
+
+    version = promote_new_version(ws)
+    done, report = run_deploy(ws, service)
+    assert done.returncode == 0, done.stderr
+    assert report["status"] == "verified" and report["champion"] == version, report
+    assert report["canary"]["success_rate"] == 1.0 and report["canary"]["served_by"] == [version]
+    assert ready_version(service) == version
+    assert Registry(ws.params()).version(version).tags["deploy.status"] == "verified"
+
+
+def test_failed_verification_rolls_back_registry_and_service(service, ws):
+    from pipelines.registry import Registry
+
+    before = ready_version(service)
+    version = promote_new_version(ws)
+    # ROUGE-L of 1.0 on every canary: a random tiny model cannot pass, so the rollout must be undone.
+    done, report = run_deploy(ws, service, "deploy.min_rouge_l=1.0")
+    assert done.returncode == 0, done.stderr
+    assert report["status"] == "rolled-back" and "ROUGE-L" in report["failures"][0], report
+    assert report["rolled_back_to"] == before and report["service_restored"] is True
+    registry = Registry(ws.params())
+    assert registry.alias("champion").version == before
+    assert registry.version(version).tags["promotion.status"] == "rolled-back"
+    assert "deploy verification failed" in registry.version(version).tags["rollback.reason"]
+    assert ready_version(service) == before
+
+    strict, _ = run_deploy(ws, service, "deploy.min_rouge_l=1.0", "deploy.rollback_on_failure=false")
+    assert strict.returncode == 0  # without --strict a failed verification is a result
+
+
+def test_registry_down_during_hot_swap_keeps_serving(service, mlflow_server):
+    version = ready_version(service)
+    mlflow_server.stop()
+    assert service.post("/admin/reload", {}).status_code == 202
+    deadline = time.monotonic() + 60
+    while True:
+        check = requests.get(f"{service.url}/ready", timeout=10).json()["last_check"]
+        if check.get("error") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert check["error"], check
+    assert ready_version(service) == version
+    assert service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+# --- start-up and log store faults ------------------------------------------------------------
+
+
+def test_registry_unreachable_at_start_up_is_a_clear_error(ws, tmp_path):
+    serve = ServeProcess(ws, tmp_path, f"tracking.uri=http://127.0.0.1:{free_port()}", "registry.retries=1")
+    env = {**os.environ, "LLMOPS_API_TOKEN": TEST_TOKEN}
+    done = subprocess.run(serve.command(), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "unreachable" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_missing_token_is_a_clear_error(ws, tmp_path):
+    serve = ServeProcess(ws, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "LLMOPS_API_TOKEN"}
+    done = subprocess.run(serve.command(), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "LLMOPS_API_TOKEN" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_log_store_down_keeps_serving_and_records_arrive_later(ws, tmp_path, mlflow_server):
+    # mlflow_server may have been stopped by an earlier test: start a fresh one for this service
+    mlflow = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        from pipelines import promote
+
+        ws2 = Workspace(tmp_path / "ws", ws.root / "base", mlflow.uri, f"logdown-{uuid.uuid4().hex[:6]}")
+        register(ws2, evaluation(0.02))
+        promote.main(ws2.params())
+        blocker = tmp_path / "store"
+        blocker.write_text("not a folder")  # the SQLite file's parent is a file: the store cannot open
+        serve = ServeProcess(ws2, tmp_path / "serve", *SERVE,
+                             f"inference_log.url=sqlite:///{blocker / 'inference.db'}").start()
+        try:
+            ids = set()
+            for _ in range(5):
+                response = serve.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+                assert response.status_code == 200, response.text
+                ids.add(response.json()["id"])
+            metrics = requests.get(f"{serve.url}/metrics", headers=serve.headers(), timeout=10).text
+            assert "llmops_inference_log_pending 5.0" in metrics
+            blocker.unlink()
+            blocker.mkdir()  # the store comes back
+            from pipelines.inference_log import read_records
+
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if (blocker / "inference.db").exists():
+                    frame = read_records(f"sqlite:///{blocker / 'inference.db'}")
+                    if set(frame["request_id"]) >= ids:
+                        break
+                time.sleep(0.5)
+            frame = read_records(f"sqlite:///{blocker / 'inference.db'}")
+            assert set(frame["request_id"]) == ids and frame["request_id"].is_unique
+        finally:
+            serve.stop()
+    finally:
+        mlflow.stop()
+
+
+# --- MLflow's own server -------------------------------------------------------------------
+
+
+def test_mlflow_models_serve_answers_with_the_champion(ws, tmp_path):
+    import signal
+
+    mlflow = MlflowServer(tmp_path / "mlflow").start()
+    process = None
+    try:
+        from pipelines import promote
+
+        ws3 = Workspace(tmp_path / "ws", ws.root / "base", mlflow.uri, f"mlserve-{uuid.uuid4().hex[:6]}")
+        register(ws3, evaluation(0.02))
+        promote.main(ws3.params())
+        port = free_port()
+        # mlflow runs `uvicorn` by name: the venv's bin must be on PATH, as it is under `make`
+        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.uri, "PATH": f"{BIN}:{os.environ['PATH']}"}
+        model_uri = f"models:/{ws3.params().registry.model_name}@champion"
+        process = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                                    "--host", "127.0.0.1", "-p", str(port)],
+                                   env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        wait_http(f"http://127.0.0.1:{port}/ping", 300, process)
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=120,
+                                 json={"dataframe_records": [{"prompt": PROMPT}], "params": {"max_new_tokens": 3}})
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        assert len(predictions) == 1 and isinstance(predictions[0]["response"], str)
+    finally:
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+        mlflow.stop()
