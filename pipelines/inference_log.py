@@ -114,8 +114,9 @@ def make_engine(url: str) -> sa.Engine:
     try:
         engine = sa.create_engine(parsed, pool_pre_ping=True)
     except ModuleNotFoundError as error:
+        package = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]"}.get(error.name, error.name)
         raise LLMOpsError(f"inference_log.url {_safe_url(url)} needs the database driver '{error.name}': "
-                          f"pip install {error.name}") from None
+                          f"pip install '{package}' (or pip install -e '.[postgres]')") from None
     if parsed.get_backend_name() == "sqlite":
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection: Any, _record: Any) -> None:

@@ -282,9 +282,10 @@ class ServeParams(Section):
     # Bearer token: read from this environment variable, else from token_file; never from the repo.
     token_env: str = "LLMOPS_API_TOKEN"
     token_file: Path | None = None
-    # Dynamic batching: requests wait up to max_wait_ms to share one generate() of at most max_batch_size.
+    # Dynamic batching: one generate() for at most max_batch_size requests; a batch waits up to
+    # max_wait_ms for requests to join while fewer are in it than arrive during one batch's run.
     max_batch_size: int = Field(16, ge=1, le=256)
-    max_wait_ms: float = Field(10.0, ge=0.0, le=5000.0)
+    max_wait_ms: float = Field(100.0, ge=0.0, le=5000.0)
     queue_size: int = Field(64, ge=1)  # waiting requests beyond this get 429 with Retry-After
     request_timeout_seconds: float = Field(120.0, gt=0.0)  # 504 after this
     poll_interval_seconds: float = Field(30.0, gt=0.0)  # how often the alias is checked for a new version

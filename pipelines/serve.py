@@ -34,7 +34,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -165,6 +165,7 @@ class Job:
     text: str = ""
     finish_reason: str | None = None
     version: str | None = None
+    batcher: Any = None  # set when queued; told when the job is answered
 
     @property
     def sampling_key(self) -> tuple:
@@ -188,7 +189,10 @@ class Batcher:
         self.held: list[Job] = []  # jobs taken off the queue that did not fit the last batch's sampling key
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="llmops-batcher", daemon=True)
-        self.batch_seconds = 0.5  # running mean of a batch's duration, for Retry-After
+        self.batch_seconds = 0.5  # running mean of a batch's duration (Retry-After, batch wait window)
+        self.outstanding = 0  # requests submitted and not answered yet
+        self.count_lock = threading.Lock()
+        self.load_samples: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, outstanding) at each arrival
 
     def start(self) -> None:
         self.thread.start()
@@ -204,6 +208,10 @@ class Batcher:
     def submit(self, job: Job) -> None:
         try:
             self.jobs.put_nowait(job)
+            with self.count_lock:
+                self.outstanding += 1
+                self.load_samples.append((time.monotonic(), self.outstanding))
+            job.batcher = self
         except queue.Full:
             batches_ahead = self.depth / self.settings.max_batch_size + 1
             retry_after = max(1, round(batches_ahead * self.batch_seconds))
@@ -213,6 +221,12 @@ class Batcher:
         self.service.metrics.queue_depth.set(self.depth)
 
     def _next_batch(self) -> list[Job]:
+        """Up to max_batch_size jobs with one sampling key. The wait for more adapts to the load:
+        it lasts until the batch holds as many requests as were in the server at once in the
+        last few seconds (clients whose answers just went out are sending their next requests;
+        left behind, they would wait a whole batch), or until max_wait_ms passes. A lone request
+        at low load is not held back, and a busy server keeps its batches full instead of
+        settling into half-full batches that alternate."""
         batch: list[Job] = []
         if self.held:
             batch.append(self.held.pop(0))
@@ -222,19 +236,33 @@ class Batcher:
             except queue.Empty:
                 return []
         key = batch[0].sampling_key
-        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
         for job in list(self.held):  # same-key jobs held from earlier go first
             if len(batch) < self.settings.max_batch_size and job.sampling_key == key:
                 self.held.remove(job)
                 batch.append(job)
+        target = self._expected_batch()
+        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
         while len(batch) < self.settings.max_batch_size:
-            remaining = deadline - time.perf_counter()
+            remaining = deadline - time.perf_counter() if len(batch) < target else 0.0
             try:
                 job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
             except queue.Empty:
                 break
             (batch if job.sampling_key == key else self.held).append(job)
+        for job in batch:
+            if job.cancelled:  # timed out or disconnected while waiting: answer nobody, count it done
+                _resolve(job, RequestError(499, "cancelled before generation"))
         return [job for job in batch if not job.cancelled]
+
+    def _expected_batch(self) -> int:
+        now = time.monotonic()
+        window = max(10.0, 3 * self.batch_seconds)
+        recent = [count for at, count in self.load_samples if now - at <= window]
+        return max(1, min(self.settings.max_batch_size, max(recent, default=1)))
+
+    def finished(self) -> None:
+        with self.count_lock:
+            self.outstanding -= 1
 
     def _run(self) -> None:
         while not self.stopping.is_set():
@@ -303,6 +331,10 @@ class Batcher:
 
 
 def _resolve(job: Job, error: RequestError | None) -> None:
+    if job.batcher is not None:
+        job.batcher.finished()
+        job.batcher = None
+
     def finish() -> None:
         if job.stream is not None:
             job.stream.put_nowait(error if error is not None else None)  # None ends the stream

@@ -134,6 +134,17 @@ def test_bad_urls_are_clear_errors(tmp_path, url, message):
     assert "secret" not in str(error.value)
 
 
+def test_a_missing_database_driver_names_the_package(tmp_path):
+    try:
+        import psycopg2  # noqa: F401
+    except ModuleNotFoundError:
+        with pytest.raises(LLMOpsError, match=r"pip install 'psycopg2-binary'") as error:
+            InferenceLog("postgresql+psycopg2://user:secret@localhost/db", tmp_path / "spool")
+        assert "secret" not in str(error.value)
+    else:
+        pytest.skip("psycopg2 is installed here")
+
+
 def test_an_empty_store_reads_as_an_empty_frame(tmp_path):
     frame = read_records(f"sqlite:///{tmp_path / 'new.db'}")
     assert frame.empty and {"request_id", "feedback_score"} <= set(frame.columns)
