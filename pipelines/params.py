@@ -343,6 +343,9 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
             lines.append(f"{origin}: missing required key '{key}'")
         else:
             message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "value_error" and isinstance(item.get("input"), dict):  # a check across keys
+                lines.append(f"{origin}: {message}")
+                continue
             got = repr(item.get("input"))
             got = got if len(got) <= 80 else got[:77] + "..."
             lines.append(f"{origin}: {key}: {message} (got {got})")
