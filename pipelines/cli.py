@@ -44,12 +44,24 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
         (("--strict",), {"action": "store_true", "help": "exit non-zero when verification fails"}),
     ]),
     "serve": ("pipelines.serve", []),
+    "simulate-traffic": ("pipelines.simulate_traffic", [
+        (("--requests",), {"type": int, "default": 200, "help": "how many requests (default 200)"}),
+        (("--drift-share",), {"type": float, "default": 0.5, "help": "share of FOLDOC prompts, 0..1 (default 0.5)"}),
+        (("--url",), {"help": "send to this running service instead of writing the inference log directly"}),
+        (("--end",), {"metavar": "WHEN", "help": "direct mode: end of the window the records fall in (default: now)"}),
+        (("--hours",), {"type": float, "help": "direct mode: window length (default monitor.window_hours)"}),
+        (("--seed",), {"type": int, "default": 0}),
+    ]),
+    "monitor": ("pipelines.monitor", [
+        (("--end",), {"metavar": "WHEN", "help": "end of the window, ISO date/time (default: now); Airflow passes "
+                                                  "its data interval end"}),
+    ]),
     "lineage": ("pipelines.lineage", [
         (("version",), {"help": "the registered model version"}),
         (("--json",), {"dest": "as_json", "action": "store_true", "help": "print JSON"}),
     ]),
 }
-STAGES = [name for name in COMMANDS if name not in {"rollback", "lineage", "serve"}]
+STAGES = [name for name in COMMANDS if name not in {"rollback", "lineage", "serve", "monitor", "simulate-traffic"}]
 
 
 def _summary(module_name: str) -> str:

@@ -1,36 +1,56 @@
 """The inference log: every request and response of `llmops serve`, durably, for monitoring.
 
-Records go through SQLAlchemy to `inference_log.url`: SQLite in WAL mode by default
-(readers such as `monitor` do not block the writer), PostgreSQL by URL. Two tables:
-`inference_requests` (one row per request) and `inference_feedback` (joined to its request
-when read, so feedback that arrives later needs no update of the request row).
+Writes: `InferenceLog` (used by `pipelines/serve.py`) sends records through SQLAlchemy to
+`inference_log.url`: SQLite in WAL mode by default (readers such as `monitor` do not block
+the writer), PostgreSQL by URL. Reads: `read_records(url, start, end)` returns a window of
+requests with their latest feedback, for the monitoring stage.
 
-Writes never block or fail the caller: `record()` puts the record on a queue, and one
-writer thread inserts batches. When an insert fails (store down, locked, disk full), the
-batch is appended to a JSONL spool file in `spool_dir` and fsynced, and the writer retries
-every `flush_interval_seconds`; spooled records are flushed first, in order, when the store
-is back. Inserts ignore rows whose key is already stored, so replaying a spool after a
-partial failure writes nothing twice. PII is redacted before a record is stored or spooled.
+Two tables: `inference_requests` (one row per request, keyed by request_id) and
+`inference_feedback` (one row per feedback, keyed by a client-side feedback_id and joined to
+its request when read, so feedback that arrives later never updates a request row).
+
+Writes never block or fail the caller: `record()` and `feedback()` put the record on a queue,
+and one writer thread inserts batches in one transaction each. When an insert fails (store
+down, locked, disk full), the batch is appended to `spool_dir/pending.jsonl` and fsynced, and
+the writer retries every `flush_interval_seconds`: the spool is renamed to `pending.flushing`,
+inserted batch by batch and deleted. A failure part-way keeps the unwritten rest in
+`pending.flushing`, which is flushed before anything newer. Every insert ignores rows whose key
+is stored already, so replaying a spool after a partial failure or a crash writes nothing twice.
+A spool left by a stopped or crashed process is flushed when the next one starts; a line cut
+off by a crash is skipped, counted in a WARNING and kept in `rejected.jsonl`, as is a row the
+store refuses (e.g. a NOT NULL field given None), so that one bad row cannot block the others.
+Prompts, outputs, errors and feedback comments are redacted (`pipelines.pii.redact`) before
+they are stored or spooled. One spool_dir belongs to one process at a time.
+
+Try it alone:
+    python -c "from pipelines.inference_log import read_records; print(read_records('sqlite:///data/inference/inference.db'))"
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import itertools
 import json
 import logging
 import os
 import queue
+import re
+import shutil
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+import weakref
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
 from pipelines.errors import LLMOpsError
+from pipelines.pii import redact
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,6 +58,13 @@ if TYPE_CHECKING:
     from pipelines.params import InferenceLogParams
 
 logger = logging.getLogger(__name__)
+
+SPOOL_FILE = "pending.jsonl"  # records waiting for the store, oldest first
+FLUSHING_FILE = "pending.flushing"  # the spool while (or since) it is being flushed; older than SPOOL_FILE
+REJECTED_FILE = "rejected.jsonl"  # corrupt spool lines and rows the store refused, kept for a person to look at
+# The queue is bounded so that a store that stays down cannot exhaust memory; past the bound,
+# record() appends to the spool from the caller's thread (one fsync: slow, but nothing is dropped).
+MAX_QUEUED = 100_000
 
 metadata = sa.MetaData()
 requests_table = sa.Table(
@@ -58,348 +85,670 @@ requests_table = sa.Table(
 )
 feedback_table = sa.Table(
     "inference_feedback", metadata,
-    sa.Column("feedback_id", sa.String(64), primary_key=True),
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("feedback_id", sa.String(64), nullable=False, unique=True),  # client-side key: replays are no-ops
     sa.Column("request_id", sa.String(64), nullable=False, index=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("score", sa.Float),
     sa.Column("comment", sa.Text),
 )
+_KEYS = {"request": "request_id", "feedback": "feedback_id"}
+_TABLES = {"request": requests_table, "feedback": feedback_table}
+_COLUMNS = {kind: {c.name for c in table.columns if c.name != "id"} for kind, table in _TABLES.items()}
+_REQUIRED = {kind: {c.name for c in table.columns if not c.nullable and c.name != "id"}
+             for kind, table in _TABLES.items()}
+_REDACTED = {"request": ("prompt", "output", "error"), "feedback": ("comment",)}
 
 
 @dataclass
 class InferenceRecord:
-    request_id: str
-    created_at: datetime
-    endpoint: str
+    request_id: str  # unique, e.g. "req-<uuid4 hex>"
+    created_at: datetime  # stored in UTC; a naive value is taken as UTC
+    endpoint: str  # "completions" | "chat.completions"
     model_name: str
     model_version: str
     prompt: str
     output: str
-    status: int
+    status: int  # HTTP status of the response
     latency_ms: float
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
-    params: dict | None = None
+    params: dict | None = None  # decoding parameters (stored as JSON text)
 
 
 @dataclass
 class Feedback:
     request_id: str
     created_at: datetime
-    score: float | None = None
+    score: float | None = None  # e.g. 1.0 / 0.0 for thumbs up / down
     comment: str | None = None
-    feedback_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    feedback_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # makes a replayed insert a no-op
+
+
+# --- the engine ----------------------------------------------------------------------------
 
 
 def _safe_url(url: str) -> str:
+    """`url` without its password, for messages (also when it does not parse)."""
     with contextlib.suppress(Exception):
         return sa.engine.make_url(url).render_as_string(hide_password=True)
-    return "<unparseable URL>"
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def make_engine(url: str) -> sa.Engine:
-    """An engine for `url`, with WAL for SQLite; a clear error for a bad URL or a missing driver."""
+def make_engine(url: str, *, create_folder: bool = True) -> sa.Engine:
+    """An engine for `url` (SQLite in WAL mode, or PostgreSQL); LLMOpsError for a URL the user must fix."""
+    safe = _safe_url(url)
+    example = "e.g. sqlite:///data/inference/inference.db or postgresql+psycopg2://user@host/db"
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
-        raise LLMOpsError(f"inference_log.url {url!r} is not a database URL; use e.g. "
-                          "sqlite:///data/inference/inference.db or postgresql+psycopg2://user@host/db") from None
-    if parsed.get_backend_name() not in {"sqlite", "postgresql"}:
-        raise LLMOpsError(f"inference_log.url {_safe_url(url)}: the {parsed.get_backend_name()} dialect is not "
-                          "supported; use sqlite or postgresql")
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        with contextlib.suppress(OSError):  # an unusable folder surfaces as a store error later
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        raise LLMOpsError(f"inference_log.url {safe!r} is not a database URL; use {example}") from None
+    backend = parsed.get_backend_name()
+    if backend not in {"sqlite", "postgresql"}:
+        raise LLMOpsError(f"inference_log.url {safe}: the {backend} dialect is not supported (the log needs "
+                          f"INSERT ... ON CONFLICT DO NOTHING); use {example}")
     try:
-        engine = sa.create_engine(parsed, pool_pre_ping=True)
-    except ModuleNotFoundError as error:
-        package = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]"}.get(error.name, error.name)
-        raise LLMOpsError(f"inference_log.url {_safe_url(url)} needs the database driver '{error.name}': "
-                          f"pip install '{package}' (or pip install -e '.[postgres]')") from None
-    if parsed.get_backend_name() == "sqlite":
+        dialect = parsed.get_dialect()
+    except sa.exc.NoSuchModuleError:
+        raise LLMOpsError(f"inference_log.url {safe}: unknown driver '{parsed.drivername}'; use {example}") from None
+    if dialect.is_async:
+        raise LLMOpsError(f"inference_log.url {safe}: '{parsed.drivername}' is an asyncio driver and the log "
+                          f"writes from a thread; use a synchronous one, {example}")
+    options: dict[str, Any] = {}
+    if backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:" or parsed.query.get("mode") == "memory":
+            raise LLMOpsError(f"inference_log.url {safe} is an in-memory SQLite database, which loses every "
+                              "record when the process exits; give a file, e.g. sqlite:///data/inference/inference.db")
+        if create_folder and "uri" not in parsed.query:
+            with contextlib.suppress(OSError):  # an unusable folder shows up as the store being down
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        # A connection per transaction: a database file that is replaced or removed is noticed at the next
+        # write instead of being written through a pooled handle to the old file. Opening SQLite is cheap.
+        # Waits for a lock follow sqlite3's `timeout` (5 s; ?timeout=SECONDS in the URL changes it).
+        options["poolclass"] = NullPool
+    else:
+        options["pool_pre_ping"] = True
+        if dialect.driver in {"psycopg2", "psycopg"} and "connect_timeout" not in parsed.query:
+            options["connect_args"] = {"connect_timeout": 10}  # a dead host must not hold the writer for minutes
+    try:
+        engine = sa.create_engine(parsed, **options)
+    except ImportError as error:
+        module = error.name or parsed.drivername
+        fix = {"psycopg2": "pip install -e '.[postgres]' (psycopg2-binary)",
+               "psycopg": "pip install 'psycopg[binary]', or write postgresql+psycopg2:// and "
+                          "pip install -e '.[postgres]'"}.get(module, f"install the Python package for '{module}'")
+        raise LLMOpsError(f"inference_log.url {safe} needs the database driver '{module}', which is not "
+                          f"installed: {fix}") from None
+    if backend == "sqlite":
         @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(connection: Any, _record: Any) -> None:
-            cursor = connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=5000")
-            cursor.close()
+        def _wal(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            finally:
+                cursor.close()
     return engine
 
 
-def _insert_ignoring_duplicates(engine: sa.Engine, table: sa.Table, key: str) -> Any:
+def _insert_ignoring_duplicates(engine: sa.Engine, kind: str) -> Any:
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing(index_elements=[key])
+    return insert(_TABLES[kind]).on_conflict_do_nothing(index_elements=[_KEYS[kind]])
 
 
-def _to_row(kind: str, item: InferenceRecord | Feedback) -> dict[str, Any]:
-    row = asdict(item)
-    if kind == "request":
-        row["params"] = json.dumps(row["params"]) if row["params"] is not None else None
-    return row
+def _is_bad_row(error: BaseException) -> bool:
+    """The store refused the data (constraint, type), as opposed to being unreachable."""
+    if isinstance(error, sa.exc.IntegrityError | sa.exc.DataError):
+        return True
+    return isinstance(error, sa.exc.StatementError) and not isinstance(error, sa.exc.DBAPIError)
 
 
-def _to_json(kind: str, row: dict[str, Any]) -> str:
-    return json.dumps({"kind": kind, **row}, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v))
+# --- rows: what is inserted, and the same as one spool line ---------------------------------
+
+Row = tuple[str, dict[str, Any]]  # (kind, column values)
 
 
-def _from_json(line: str) -> tuple[str, dict[str, Any]]:
+def _utc(moment: Any) -> datetime:
+    # SQLite's DateTime drops the zone, so every stored time is UTC: convert here, once.
+    if not isinstance(moment, datetime):
+        raise TypeError(f"created_at must be a datetime, got {type(moment).__name__}")
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _to_row(item: InferenceRecord | Feedback, redact_pii: bool) -> Row:
+    kind = "request" if isinstance(item, InferenceRecord) else "feedback"
+    row = {f.name: getattr(item, f.name) for f in fields(item)}
+    row["created_at"] = _utc(row["created_at"])
+    if kind == "request" and row["params"] is not None:
+        row["params"] = json.dumps(row["params"], sort_keys=True, default=str)
+    for name, value in row.items():
+        if isinstance(value, str):
+            # A lone surrogate (JSON allows "\ud800") can be neither encoded for the store nor spooled.
+            row[name] = value.encode("utf-8", "replace").decode("utf-8")
+    if redact_pii:
+        for name in _REDACTED[kind]:
+            if isinstance(row[name], str):
+                row[name] = redact(row[name])
+    return kind, row
+
+
+def _to_line(kind: str, row: dict[str, Any]) -> str:
+    return json.dumps({"kind": kind, **row, "created_at": row["created_at"].isoformat()}, default=str) + "\n"
+
+
+def _from_line(line: bytes) -> Row:
     data = json.loads(line)
-    kind = data.pop("kind")
-    if kind not in {"request", "feedback"}:
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    kind = data.pop("kind", None)
+    if kind not in _COLUMNS:
         raise ValueError(f"unknown record kind {kind!r}")
-    data["created_at"] = datetime.fromisoformat(data["created_at"])
+    if not _REQUIRED[kind] <= data.keys() <= _COLUMNS[kind]:
+        raise ValueError(f"wrong fields for a {kind}")
+    data["created_at"] = _utc(datetime.fromisoformat(data["created_at"]))
     return kind, data
 
 
-class InferenceLog:
-    """A background writer to the inference-log database with an on-disk spool (see module docstring)."""
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
-    SPOOL = "pending.jsonl"
-    # Bounded so a store that stays down cannot exhaust memory; when full, record() appends to
-    # the spool from the caller's thread instead of dropping (slower, but nothing is lost).
-    MAX_QUEUED = 100_000
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` survive a power cut."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- the log -------------------------------------------------------------------------------
+
+
+class InferenceLog:
+    """A background writer to the inference-log database with an on-disk spool (see the module docstring)."""
 
     def __init__(self, url: str, spool_dir: Path | str, *, redact_pii: bool = True,
-                 flush_interval_seconds: float = 1.0, batch_size: int = 256) -> None:
+                 flush_interval_seconds: float = 1.0, batch_size: int = 256, max_queued: int = MAX_QUEUED) -> None:
+        if flush_interval_seconds <= 0 or batch_size < 1 or max_queued < 1:
+            raise ValueError("flush_interval_seconds must be > 0, batch_size and max_queued >= 1")
         self.url = url
         self.engine = make_engine(url)
         self.spool_dir = Path(spool_dir)
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.spool = self.spool_dir / self.SPOOL
+        try:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise LLMOpsError(f"inference_log.spool_dir {self.spool_dir} cannot be created ({error.strerror}); "
+                              "choose a writable folder with --set inference_log.spool_dir=PATH") from None
+        self.spool_path = self.spool_dir / SPOOL_FILE
+        self.flushing_path = self.spool_dir / FLUSHING_FILE
+        self.rejected_path = self.spool_dir / REJECTED_FILE
         self.redact_pii = redact_pii
         self.flush_interval = flush_interval_seconds
         self.batch_size = batch_size
-        self.queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(maxsize=self.MAX_QUEUED)
-        self.spool_lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="llmops-inference-log", daemon=True)
+        self._queue: queue.Queue[InferenceRecord | Feedback] = queue.Queue(maxsize=max_queued)
+        self._lock = threading.Lock()  # the counters and _closed
+        self._changed = threading.Condition(self._lock)  # notified whenever `pending` goes down
+        self._spool_lock = threading.Lock()  # the spool files (the writer and, past the queue bound, callers)
+        self._tables_lock = threading.Lock()
+        # pending = _in_memory (queued, or held by the writer) + _spooled (lines in the spool files)
+        self._in_memory = 0
+        self._spooled = _count_lines(self.flushing_path) + _count_lines(self.spool_path)
+        self._held: list[Row] = []  # the writer's rows that neither the store nor the spool took yet
         self._available = False
         self._tables_ready = False
-        self._spooled = self._count_spool()
-        self._in_flight = 0
-        self._handed_in = 0
-        self._stored = 0
+        self._warned_down = False
+        self._spool_failed = False
+        self._last_drop_log = -1e9
+        self.dropped = 0  # records that could go nowhere (store and spool disk both failed)
+        self._closed = False
+        self._stopping = threading.Event()
+        self._retry_now = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @classmethod
     def from_params(cls, params: InferenceLogParams) -> InferenceLog:
         return cls(params.url, params.spool_dir, redact_pii=params.redact_pii,
                    flush_interval_seconds=params.flush_interval_seconds, batch_size=params.batch_size)
 
-    # --- the caller's side --------------------------------------------------------------------
+    # --- the caller's side ------------------------------------------------------------------
 
     def start(self) -> None:
-        self.thread.start()
+        """Start the writer: it creates the tables, flushes any spool left behind, then writes batches."""
+        if self._closed:
+            raise RuntimeError("this InferenceLog is closed; make a new one")
+        if self._thread is not None:
+            return
+        _close_at_exit(self)
+        self._thread = threading.Thread(target=self._run, name="llmops-inference-log", daemon=True)
+        self._thread.start()
 
     def record(self, rec: InferenceRecord) -> None:
-        if self.redact_pii:
-            from pipelines.pii import redact
-
-            rec.prompt, rec.output = redact(rec.prompt), redact(rec.output)
-        self._hand_in("request", _to_row("request", rec))
+        """Hand a request in; never blocks, never raises (the record is written later)."""
+        self._hand_in(rec)
 
     def feedback(self, fb: Feedback) -> None:
-        if self.redact_pii and fb.comment:
-            from pipelines.pii import redact
+        """Hand a feedback in; never blocks, never raises."""
+        self._hand_in(fb)
 
-            fb.comment = redact(fb.comment)
-        self._hand_in("feedback", _to_row("feedback", fb))
-
-    def _hand_in(self, kind: str, row: dict[str, Any]) -> None:
+    def _hand_in(self, item: InferenceRecord | Feedback) -> None:
+        queued = False
         try:
-            self._handed_in += 1
-            try:
-                self.queue.put_nowait((kind, row))
-            except queue.Full:
-                self._append_spool([(kind, row)])
+            with self._lock:
+                self._in_memory += 1
+                if not self._closed:  # checked under the lock that close() sets it with: nothing is stranded
+                    with contextlib.suppress(queue.Full):
+                        self._queue.put_nowait(item)
+                        queued = True
+            if not queued:  # the queue is full (see MAX_QUEUED), or the log is closed: to the spool
+                self._spool_from_caller(self._prepare([item]))
         except Exception:  # noqa: BLE001 - logging must never fail a response
-            logger.exception("inference log: could not queue a record")
+            logger.exception("inference log: could not hand in a record")
+            if not queued:
+                self._count(in_memory=-1)
 
     @property
     def store_available(self) -> bool:
+        """Whether the last write to (or check of) the store succeeded."""
         return self._available
 
     @property
     def pending(self) -> int:
-        return self.queue.qsize() + self._in_flight + self._spooled
+        """Records handed in (or found in the spool) that are not in the store yet."""
+        with self._lock:
+            return self._in_memory + self._spooled
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything handed in so far is in the store (False on timeout)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.pending == 0:
-                return True
-            time.sleep(0.05)
-        return self.pending == 0
+        """Wait until everything handed in so far (and any older spool) is in the store: True; False if
+        `timeout` passes first. Asks the writer to retry the spool at once. For tests and shut-down."""
+        self._retry_now.set()
+        with self._changed:
+            return self._changed.wait_for(lambda: self._in_memory + self._spooled == 0, timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        self.flush(timeout)
-        self.stopping.set()
-        if self.thread.is_alive():
-            self.thread.join(timeout=timeout)
+        """Stop the writer: what is in memory goes to the store, or to the spool when the store is down."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("inference log: the writer did not stop within %.0f s (store slow?); the batch it "
+                               "holds is lost if the process exits before it finishes", timeout)
         leftover = []
-        while True:  # anything still queued goes to the spool, to be flushed by the next start
+        while True:  # the writer never started, or did not finish: the queue goes to the spool
             try:
-                leftover.append(self.queue.get_nowait())
+                leftover.append(self._queue.get_nowait())
             except queue.Empty:
                 break
         if leftover:
-            self._append_spool(leftover)
+            self._spool_from_caller(self._prepare(leftover))
+        if self.pending:
+            logger.info("inference log closed with %d record(s) in %s; the next start flushes them",
+                        self.pending, self.spool_dir)
         self.engine.dispose()
+        _open_logs.discard(self)
 
     def known_request(self, request_id: str) -> bool | None:
+        """Whether the store holds `request_id`; None when the store cannot be asked."""
         try:
+            self._ensure_tables()
             with self.engine.connect() as connection:
                 found = connection.execute(sa.select(requests_table.c.request_id)
                                            .where(requests_table.c.request_id == request_id)).first()
-            return found is not None
-        except sa.exc.SQLAlchemyError:
+        except (sa.exc.SQLAlchemyError, OSError):
             return None
+        return found is not None
 
-    # --- the writer thread --------------------------------------------------------------------
+    # --- counting and the spool ------------------------------------------------------------
 
-    def _run(self) -> None:
-        last_attempt = 0.0
-        while not self.stopping.is_set():
-            if self._spooled and time.monotonic() - last_attempt >= self.flush_interval:
-                last_attempt = time.monotonic()
-                self._flush_spool()
-            batch = self._take_batch()
-            if batch:
-                if self._spooled or not self._write(batch):  # keep order: after what is already spooled
-                    self._append_spool(batch)
-                self._in_flight = 0
+    def _count(self, in_memory: int = 0, spooled: int = 0) -> None:
+        with self._lock:
+            self._in_memory += in_memory
+            self._spooled = max(0, self._spooled + spooled)
+            self._changed.notify_all()
 
-    def _take_batch(self) -> list[tuple[str, dict[str, Any]]]:
-        try:
-            batch = [self.queue.get(timeout=min(0.2, self.flush_interval))]
-        except queue.Empty:
-            return []
-        self._in_flight = 1  # counted as pending at once, so flush() cannot see a false zero
-        while len(batch) < self.batch_size:
+    def _prepare(self, items: list[InferenceRecord | Feedback]) -> list[Row]:
+        """Rows to store (redacted); an item that cannot become a row is kept in rejected.jsonl."""
+        rows = []
+        for item in items:
             try:
-                batch.append(self.queue.get_nowait())
-            except queue.Empty:
-                break
-            self._in_flight = len(batch)
-        return batch
+                rows.append(_to_row(item, self.redact_pii))
+            except Exception as error:  # noqa: BLE001 - e.g. created_at is not a datetime
+                text = repr(item)
+                self._reject([{"reason": f"not a valid record: {error}",
+                               "item": redact(text) if self.redact_pii else text}])
+                self._count(in_memory=-1)
+        return rows
 
-    def _write(self, batch: list[tuple[str, dict[str, Any]]]) -> bool:
-        requests = [row for kind, row in batch if kind == "request"]
-        feedback = [row for kind, row in batch if kind == "feedback"]
+    def _append_spool(self, rows: list[Row]) -> None:
+        """Append rows (counted as in memory) to the spool and fsync; OSError leaves the file as it was."""
+        data = "".join(_to_line(kind, row) for kind, row in rows).encode("utf-8")
+        with self._spool_lock:
+            new = not self.spool_path.exists()
+            with open(self.spool_path, "a+b") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                try:
+                    if size:
+                        handle.seek(size - 1)
+                        if handle.read(1) != b"\n":  # a line cut off by a crash must not swallow the next one
+                            data = b"\n" + data
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        handle.truncate(size)  # no half-written line behind (e.g. disk full)
+                    raise
+            if new:
+                _fsync_dir(self.spool_dir)
+            self._count(in_memory=-len(rows), spooled=len(rows))
+
+    def _spool_from_caller(self, rows: list[Row]) -> None:
+        if not rows:
+            return
         try:
+            self._append_spool(rows)
+        except OSError as error:
+            with self._lock:
+                self.dropped += len(rows)
+            self._count(in_memory=-len(rows))
+            if time.monotonic() - self._last_drop_log > 60:  # at most one line a minute in this disaster
+                self._last_drop_log = time.monotonic()
+                logger.error("inference log: the queue is full and the spool %s cannot be written (%s); "
+                             "%d record(s) lost so far", self.spool_path, error, self.dropped)
+
+    def _reject(self, entries: list[dict[str, Any]]) -> None:
+        """Keep what can never be inserted in rejected.jsonl, out of the way of the other records."""
+        try:
+            with open(self.rejected_path, "a", encoding="utf-8") as handle:
+                handle.write("".join(json.dumps(entry, default=str) + "\n" for entry in entries))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            logger.error("inference log: could not write %d rejected record(s) to %s: %s", len(entries),
+                         self.rejected_path, error)
+
+    # --- the store -------------------------------------------------------------------------
+
+    def _ensure_tables(self) -> None:
+        if self._tables_ready:
+            return
+        with self._tables_lock:
             if not self._tables_ready:
                 metadata.create_all(self.engine)
                 self._tables_ready = True
-            with self.engine.begin() as connection:
-                if requests:
-                    connection.execute(_insert_ignoring_duplicates(self.engine, requests_table, "request_id"),
-                                       requests)
-                if feedback:
-                    connection.execute(_insert_ignoring_duplicates(self.engine, feedback_table, "feedback_id"),
-                                       feedback)
-        except (sa.exc.SQLAlchemyError, OSError) as error:
-            if self._available or not hasattr(self, "_warned"):
-                logger.warning("inference log store %s unavailable (%s); spooling records to %s and retrying "
-                               "every %.1f s", _safe_url(self.url), str(error).splitlines()[0][:200],
-                               self.spool, self.flush_interval)
-                self._warned = True
-            self._available = False
-            return False
-        if not self._available:
-            logger.info("inference log store %s is available", _safe_url(self.url))
+
+    def _mark_down(self, error: BaseException) -> None:
+        self._available = False
+        self._tables_ready = False  # check again when it is back (it may be a new, empty database)
+        if not self._warned_down:  # one WARNING per outage, not one per record or retry
+            self._warned_down = True
+            logger.warning("inference log store %s is unavailable (%s); spooling records to %s and retrying "
+                           "every %g s", _safe_url(self.url), str(error).splitlines()[0][:300], self.spool_dir,
+                           self.flush_interval)
+
+    def _mark_up(self) -> None:
+        if self._warned_down:
+            self._warned_down = False
+            logger.info("inference log store %s is available again", _safe_url(self.url))
         self._available = True
-        self._stored += len(batch)
+
+    def _store(self, rows: list[Row]) -> int:
+        """Insert rows in one transaction; the number of leading rows now stored (or rejected)."""
+        if not rows:
+            return 0
+        try:
+            self._ensure_tables()
+            with self.engine.begin() as connection:
+                for kind in ("request", "feedback"):
+                    values = [row for k, row in rows if k == kind]
+                    if values:
+                        connection.execute(_insert_ignoring_duplicates(self.engine, kind), values)
+        except (sa.exc.SQLAlchemyError, OSError) as error:
+            if not _is_bad_row(error):
+                self._mark_down(error)
+                return 0
+            if len(rows) > 1:  # find the bad row(s): one transaction each, stop at the first outage
+                done = 0
+                for row in rows:
+                    if not self._store([row]):
+                        break
+                    done += 1
+                return done
+            kind, row = rows[0]
+            logger.warning("inference log: the store refused %s %s (%s); kept in %s", kind, row.get(_KEYS[kind]),
+                           str(error).splitlines()[0][:300], self.rejected_path)
+            self._reject([{"reason": f"refused by the store: {str(error).splitlines()[0][:300]}",
+                           "line": _to_line(kind, row)}])
+        self._mark_up()
+        return len(rows)
+
+    # --- the writer thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_retry = 0.0  # a spool left by an earlier process is flushed at once
+        try:
+            self._ensure_tables()
+            self._mark_up()
+        except (sa.exc.SQLAlchemyError, OSError) as error:
+            self._mark_down(error)
+        while True:
+            try:
+                if self._spooled and (self._retry_now.is_set() or time.monotonic() >= next_retry):
+                    self._retry_now.clear()
+                    self._flush_spool()
+                    next_retry = time.monotonic() + self.flush_interval
+                if self._held:
+                    self._deliver_held()
+                    if self._held:  # neither the store nor the disk takes them: wait, keep them
+                        if self._stopping.wait(self.flush_interval):
+                            break
+                        continue
+                items = self._take_batch()
+                if items:
+                    self._held.extend(self._prepare(items))
+                    self._deliver_held()
+                elif self._stopping.is_set():
+                    if self._spooled and self._available:
+                        self._flush_spool()  # a last try, only while the store answers (no hang at shut-down)
+                    break
+            except Exception:  # noqa: BLE001 - the writer must outlive any one failure; rows stay in _held
+                logger.exception("inference log writer: unexpected error; retrying in %g s", self.flush_interval)
+                if self._stopping.wait(self.flush_interval):
+                    break
+        if self._held:
+            self._deliver_held()  # a last try
+        if self._held:
+            logger.error("inference log: %d record(s) could be neither stored nor spooled before shut-down",
+                         len(self._held))
+
+    def _take_batch(self) -> list[InferenceRecord | Feedback]:
+        try:
+            items = [self._queue.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        while len(items) < self.batch_size:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _deliver_held(self) -> None:
+        """The held rows go to the store, or (store down, or a spool to keep order behind) to the spool."""
+        rows = self._held
+        if not self._spooled:  # nothing overtakes what is already spooled
+            done = self._store(rows)
+            self._held = rows = rows[done:]
+            self._count(in_memory=-done)
+        if not rows:
+            return
+        try:
+            self._append_spool(rows)
+        except OSError as error:
+            if not self._spool_failed:
+                self._spool_failed = True
+                logger.error("inference log: cannot write the spool %s (%s); keeping %d record(s) in memory "
+                             "and retrying", self.spool_path, error, len(rows))
+            return
+        self._spool_failed = False
+        self._held = []
+
+    def _flush_spool(self) -> bool:
+        """Move the spool into the store, oldest first; False when the store failed (the rest stays)."""
+        for _ in range(2):  # pending.flushing (left by a failure or a crash) first, then pending.jsonl
+            with self._spool_lock:
+                if not self.flushing_path.exists():
+                    if not self.spool_path.exists():
+                        return True
+                    os.replace(self.spool_path, self.flushing_path)  # appends go to a fresh spool meanwhile
+                    _fsync_dir(self.spool_dir)
+            if not self._flush_file(self.flushing_path):
+                return False
         return True
 
-    # --- the spool ----------------------------------------------------------------------------
+    def _flush_file(self, path: Path) -> bool:
+        stored = corrupt = 0
+        owed = 0  # the last batch's lines leave `pending` only once the file is gone too
+        try:
+            with open(path, "rb") as handle:
+                offset = 0
+                while lines := list(itertools.islice(handle, self.batch_size)):
+                    entries: list[tuple[int, bytes, Row | None]] = []  # (offset, line, row; None if corrupt)
+                    for line in lines:
+                        if line.strip():
+                            try:
+                                entries.append((offset, line, _from_line(line)))
+                            except (ValueError, TypeError, KeyError):
+                                entries.append((offset, line, None))
+                        offset += len(line)
+                    rows = [row for _, _, row in entries if row is not None]
+                    done = self._store(rows)
+                    rest_at = None
+                    if done < len(rows):  # the store failed: the lines from the first unwritten row on stay
+                        cut = [i for i, (_, _, row) in enumerate(entries) if row is not None][done]
+                        rest_at = entries[cut][0]
+                        entries = entries[:cut]
+                    bad = [line for _, line, row in entries if row is None]
+                    if bad:
+                        self._skip_corrupt(path, bad)
+                        corrupt += len(bad)
+                    stored += len(entries) - len(bad)
+                    if rest_at is not None:
+                        if rest_at:  # lines before it went in: drop them from the file (else it stays as it is)
+                            self._keep_rest(handle, path, rest_at)
+                        self._count(spooled=-(owed + len(entries)))
+                        return False
+                    self._count(spooled=-owed)
+                    owed = len(entries)
+            with self._spool_lock:
+                path.unlink()
+                _fsync_dir(self.spool_dir)
+            self._count(spooled=-owed)
+            if stored:
+                logger.info("inference log: flushed %d spooled record(s) to the store", stored)
+            return True
+        finally:
+            if corrupt:
+                logger.warning("inference log: skipped %d corrupt line(s) in %s (e.g. a write cut off by a "
+                               "crash); kept in %s", corrupt, path, self.rejected_path)
 
-    def _count_spool(self) -> int:
-        total = 0
-        for path in (self.spool.with_suffix(".flushing"), self.spool):
-            if path.exists():
-                with open(path, encoding="utf-8", errors="replace") as handle:
-                    total += sum(1 for line in handle if line.strip())
-        return total
+    def _skip_corrupt(self, path: Path, lines: list[bytes]) -> None:
+        self._reject([{"reason": f"corrupt line in {path.name}", "line": line.decode("utf-8", "replace")}
+                      for line in lines])
 
-    def _append_spool(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        with self.spool_lock:
-            with open(self.spool, "a", encoding="utf-8") as handle:
-                handle.write("".join(_to_json(kind, row) + "\n" for kind, row in batch))
-                handle.flush()
-                os.fsync(handle.fileno())
-            self._spooled += len(batch)
+    def _keep_rest(self, handle: Any, path: Path, offset: int) -> None:
+        """Replace `path` by its lines from `offset` on (those before are in the store)."""
+        tmp = path.with_name(path.name + ".tmp")
+        handle.seek(offset)
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(handle, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.spool_dir)
 
-    def _flush_spool(self) -> None:
-        """Move the spool into the store, oldest first; on failure keep everything for later."""
-        flushing = self.spool.with_suffix(".flushing")
-        with self.spool_lock:
-            if not flushing.exists():
-                if not self.spool.exists():
-                    self._spooled = 0
-                    return
-                os.replace(self.spool, flushing)  # new failures append to a fresh spool meanwhile
-        rows, corrupt = [], 0
-        with open(flushing, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(_from_json(line))
-                except (ValueError, KeyError, TypeError):
-                    corrupt += 1
-        if corrupt:
-            logger.warning("inference log: skipped %d corrupt line(s) in %s (e.g. a write cut off by a crash)",
-                           corrupt, flushing)
-        for start in range(0, len(rows), self.batch_size):
-            if not self._write(rows[start: start + self.batch_size]):
-                # keep the unwritten rest (already-written rows are ignored on replay)
-                with self.spool_lock:
-                    rest = "".join(_to_json(kind, row) + "\n" for kind, row in rows[start:])
-                    newer = self.spool.read_text(encoding="utf-8") if self.spool.exists() else ""
-                    tmp = flushing.with_suffix(".tmp")
-                    tmp.write_text(rest + newer, encoding="utf-8")
-                    with open(tmp, encoding="utf-8") as handle:
-                        os.fsync(handle.fileno())
-                    os.replace(tmp, self.spool)
-                    flushing.unlink()
-                    self._spooled = len(rows) - start + (newer.count("\n"))
-                return
-        with self.spool_lock:
-            flushing.unlink()
-            self._spooled = self._count_spool()
-        logger.info("inference log: flushed %d spooled record(s) to the store", len(rows))
+
+# Logs still open at interpreter exit are closed (drained to the store or the spool); the hook is
+# registered by the first start(), not at import.
+_open_logs: weakref.WeakSet[InferenceLog] = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _close_at_exit(log: InferenceLog) -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_close_open_logs)
+        _exit_hook_registered = True
+    _open_logs.add(log)
+
+
+def _close_open_logs() -> None:
+    for log in list(_open_logs):
+        with contextlib.suppress(Exception):
+            log.close(timeout=5.0)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+READ_COLUMNS = [c.name for c in requests_table.columns] + ["feedback_score", "feedback_comment"]
 
 
 def read_records(url: str, start: datetime | None = None, end: datetime | None = None) -> pd.DataFrame:
-    """Requests with created_at in [start, end), oldest first, with the latest feedback joined."""
+    """Requests with created_at in [start, end), oldest first, with their latest feedback.
+
+    Columns: those of `inference_requests` (`params` parsed back to a dict, `created_at` as UTC
+    timestamps) plus `feedback_score` (NaN when none) and `feedback_comment` (None when none),
+    from the feedback with the latest created_at per request. A naive start/end is taken as UTC.
+    A store that does not exist yet reads as an empty frame.
+    """
     import pandas as pd
 
-    engine = make_engine(url)
-    # SQLite keeps datetimes without their zone: every timestamp here is UTC.
-    start, end = (t.astimezone(UTC) if t is not None and t.tzinfo else t for t in (start, end))
+    engine = make_engine(url, create_folder=False)
+    rows: list[tuple] = []
     try:
-        query = sa.select(requests_table).order_by(requests_table.c.created_at)
+        if engine.url.get_backend_name() == "sqlite" and not Path(engine.url.database or "").exists():
+            return _records_frame(pd, rows)  # do not create an empty database by reading
+        fb = feedback_table
+        ranked = sa.select(fb.c.request_id, fb.c.score, fb.c.comment, sa.func.row_number().over(
+            partition_by=fb.c.request_id, order_by=(fb.c.created_at.desc(), fb.c.id.desc())).label("rank")).subquery()
+        query = (sa.select(requests_table, ranked.c.score.label("feedback_score"),
+                           ranked.c.comment.label("feedback_comment"))
+                 .select_from(requests_table.outerjoin(ranked, sa.and_(
+                     ranked.c.request_id == requests_table.c.request_id, ranked.c.rank == 1)))
+                 .order_by(requests_table.c.created_at, requests_table.c.request_id))
         if start is not None:
-            query = query.where(requests_table.c.created_at >= start)
+            query = query.where(requests_table.c.created_at >= _utc(start))
         if end is not None:
-            query = query.where(requests_table.c.created_at < end)
+            query = query.where(requests_table.c.created_at < _utc(end))
         with engine.connect() as connection:
-            if not sa.inspect(connection).has_table("inference_requests"):
-                return pd.DataFrame(columns=[c.name for c in requests_table.columns]
-                                    + ["feedback_score", "feedback_comment"])
-            frame = pd.read_sql(query, connection)
-            feedback = pd.read_sql(sa.select(feedback_table).order_by(feedback_table.c.created_at), connection)
+            inspector = sa.inspect(connection)
+            if inspector.has_table(requests_table.name) and inspector.has_table(fb.name):
+                rows = [tuple(row) for row in connection.execute(query)]
+    except sa.exc.SQLAlchemyError as error:
+        raise LLMOpsError(f"could not read the inference log at {_safe_url(url)} "
+                          f"({str(error).splitlines()[0][:300]}); check that the store is reachable and "
+                          "that inference_log.url is right") from None
     finally:
         engine.dispose()
-    latest = (feedback.drop_duplicates("request_id", keep="last")
-              .rename(columns={"score": "feedback_score", "comment": "feedback_comment"})
-              [["request_id", "feedback_score", "feedback_comment"]])
-    frame = frame.merge(latest, on="request_id", how="left")
-    frame["params"] = [json.loads(p) if isinstance(p, str) else None for p in frame["params"]]
-    frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
-    return frame
+    return _records_frame(pd, rows)
 
+
+def _records_frame(pd: Any, rows: list[tuple]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=READ_COLUMNS)
+    frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
+    frame["params"] = [json.loads(p) if isinstance(p, str) else None for p in frame["params"]]
+    frame["feedback_score"] = frame["feedback_score"].astype(float)
+    frame["feedback_comment"] = frame["feedback_comment"].astype(object).where(frame["feedback_comment"].notna(),
+                                                                              None)
+    return frame

@@ -311,6 +311,56 @@ class DeployParams(Section):
     rollback_on_failure: bool = True
 
 
+class DriftParams(Section):
+    # Text descriptors compared between the reference and the window (Kolmogorov-Smirnov p-value).
+    signals: list[Literal["prompt_length", "prompt_words", "prompt_oov", "prompt_non_letter", "response_length",
+                          "response_words", "response_oov", "response_non_letter", "prompt_embedding"]] = [
+        "prompt_length", "prompt_words", "prompt_oov", "prompt_non_letter", "response_length", "response_words",
+        "prompt_embedding"]
+    p_value: float = Field(0.01, gt=0.0, lt=1.0)  # a descriptor drifted when its K-S p-value is below this
+    # Embedding drift: ROC AUC of a classifier telling reference from window prompts (0.5: alike).
+    embedding_threshold: float = Field(0.65, gt=0.5, le=1.0)
+    embedding_sample_size: int = Field(2000, ge=50)  # rows per side given to the classifier
+    min_drifted_signals: int = Field(2, ge=1)  # the window counts as drifted from this many signals on
+
+
+class OperationalParams(Section):
+    max_p95_latency_ms: float = Field(10000.0, gt=0.0)
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    min_feedback_score: float = Field(0.5)  # mean feedback (1 = thumbs up) when any was given
+
+
+class RetrainParams(Section):
+    k: int = Field(2, ge=1)  # drift in k of the last n windows requests a retrain
+    n: int = Field(3, ge=1)
+    cooldown_hours: float = Field(72.0, ge=0.0)  # no new request this soon after the last one
+    require_new_data: bool = True  # request only when enough new labelled rows exist
+    min_new_rows: int = Field(500, ge=0)
+    # Labelled data collected from production, in the `ingest` source format (the FOLDOC stream
+    # stands in for it here); rows whose prompt the training data lacks count as new.
+    new_data: Source | None = None
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> RetrainParams:
+        if self.k > self.n:
+            raise ValueError(f"monitor.retrain.k ({self.k}) must be <= monitor.retrain.n ({self.n})")
+        return self
+
+
+class MonitorParams(Section):
+    window_hours: float = Field(24.0, gt=0.0)  # the window ends at the logical date given to `llmops monitor`
+    reports_dir: Path = Path("reports/monitor")
+    reference_size: int = Field(400, ge=20)  # training prompts sampled (seeded) as the reference
+    reference_outputs: int = Field(64, ge=0)  # of which the champion answers this many (0: use training answers)
+    min_rows: int = Field(30, ge=1)  # fewer requests in a window: "insufficient data", no drift verdict
+    seed: int = 0
+    embedding_cache: Path = Path("data/monitor/embeddings.npz")
+    experiment: str = Field("llmops-monitoring", min_length=1)
+    drift: DriftParams = DriftParams()
+    operational: OperationalParams = OperationalParams()
+    retrain: RetrainParams = RetrainParams()
+
+
 class Params(Section):
     paths: Paths = Paths()
     base_model: BaseModelParams = BaseModelParams()
@@ -325,6 +375,7 @@ class Params(Section):
     inference_log: InferenceLogParams = InferenceLogParams()
     serve: ServeParams = ServeParams()
     deploy: DeployParams = DeployParams()
+    monitor: MonitorParams = MonitorParams()
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:

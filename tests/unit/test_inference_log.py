@@ -1,150 +1,438 @@
-"""The inference log: round trip, PII redaction, WAL, a store outage, a crashed spool, replays."""
+"""The inference log: round trip, PII, WAL, real store outages, crashed spools, replays, bad URLs."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from pipelines.errors import LLMOpsError
-from pipelines.inference_log import Feedback, InferenceLog, InferenceRecord, read_records
+from pipelines.inference_log import READ_COLUMNS, Feedback, InferenceLog, InferenceRecord, read_records
+from pipelines.params import InferenceLogParams
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+EMAIL = "jane.doe@example.com"
 
 
-def rec(n: int, prompt: str = "What does the noun bank mean?", minutes: int = 0) -> InferenceRecord:
-    return InferenceRecord(request_id=f"req-{n}", created_at=T0 + timedelta(minutes=minutes), endpoint="completions",
-                           model_name="m", model_version="3", prompt=prompt, output=f"answer {n}", status=200,
-                           latency_ms=12.5, prompt_tokens=7, completion_tokens=3, params={"max_tokens": 8})
+def rec(n: int, prompt: str = "What does the noun bank mean?", minutes: int = 0, **kw) -> InferenceRecord:
+    fields = dict(request_id=f"req-{n}", created_at=T0 + timedelta(minutes=minutes), endpoint="completions",
+                  model_name="m", model_version="3", prompt=prompt, output=f"answer {n}", status=200,
+                  latency_ms=12.5, prompt_tokens=7, completion_tokens=3, params={"max_tokens": 8})
+    return InferenceRecord(**{**fields, **kw})
+
+
+def spool_line(n: int) -> str:
+    """One spooled request as a (crashed) writer leaves it: the row as inserted, plus its kind."""
+    row = {"kind": "request", **rec(n).__dict__, "created_at": (T0 + timedelta(minutes=n)).isoformat(),
+           "params": json.dumps({"max_tokens": 8})}
+    return json.dumps(row) + "\n"
+
+
+def count_rows(db: Path, table: str = "inference_requests") -> int:
+    with sqlite3.connect(db) as connection:
+        return connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def spooled_lines(spool: Path) -> list[str]:
+    return [line for name in ("pending.flushing", "pending.jsonl") if (spool / name).exists()
+            for line in (spool / name).read_text().splitlines() if line.strip()]
+
+
+def make_log(url: str, spool: Path, **kw) -> InferenceLog:
+    return InferenceLog(url, spool, **{"flush_interval_seconds": 0.05, **kw})
 
 
 @pytest.fixture
 def store(tmp_path):
-    url = f"sqlite:///{tmp_path / 'db' / 'inference.db'}"
-    log = InferenceLog(url, tmp_path / "spool", flush_interval_seconds=0.05)
+    db = tmp_path / "db" / "inference.db"  # the folder does not exist yet: the log creates it
+    log = make_log(f"sqlite:///{db}", tmp_path / "spool")
     log.start()
-    yield url, log
+    yield f"sqlite:///{db}", log, db
     log.close()
 
 
+@pytest.fixture
+def down(tmp_path):
+    """A store that really cannot open: the database's folder is a file. `up()` brings it back."""
+    blocker = tmp_path / "store"
+    blocker.write_text("a file where the database folder should be")
+
+    def up() -> Path:
+        blocker.unlink()
+        blocker.mkdir()
+        return blocker / "inference.db"
+
+    return f"sqlite:///{blocker / 'inference.db'}", up
+
+
 def test_round_trip_window_and_latest_feedback(store):
-    url, log = store
+    url, log, _ = store
     for n in range(5):
         log.record(rec(n, minutes=n))
-    log.feedback(Feedback("req-1", T0 + timedelta(hours=1), score=1.0, comment="good"))
+    # handed in out of order: the latest by created_at wins, not the last handed in
     log.feedback(Feedback("req-1", T0 + timedelta(hours=2), score=0.0, comment="on second thought"))
+    log.feedback(Feedback("req-1", T0 + timedelta(hours=1), score=1.0, comment="good"))
     assert log.flush(10) and log.store_available and log.pending == 0
-    frame = read_records(url, T0 + timedelta(minutes=1), T0 + timedelta(minutes=4))
+    frame = read_records(url, T0 + timedelta(minutes=1), T0 + timedelta(minutes=4))  # [start, end)
     assert list(frame["request_id"]) == ["req-1", "req-2", "req-3"]
-    first = frame.iloc[0]
+    assert list(frame.columns) == READ_COLUMNS
+    first, second = frame.iloc[0], frame.iloc[1]
     assert first["feedback_score"] == 0.0 and first["feedback_comment"] == "on second thought"
-    assert pd.isna(frame.iloc[1]["feedback_score"]) and pd.isna(frame.iloc[1]["feedback_comment"])  # none given
-    assert first["params"] == {"max_tokens": 8} and first["model_version"] == "3"
+    assert pd.isna(second["feedback_score"]) and second["feedback_comment"] is None  # no feedback given
+    assert first["params"] == {"max_tokens": 8} and first["model_version"] == "3" and first["status"] == 200
+    assert first["created_at"] == T0 + timedelta(minutes=1)
     assert log.known_request("req-4") is True and log.known_request("req-99") is False
 
 
-def test_pii_is_redacted_and_sqlite_is_in_wal_mode(store, tmp_path):
-    url, log = store
-    log.record(rec(1, prompt="mail jane.doe@example.com or call 555-123-4567"))
-    log.feedback(Feedback("req-1", T0, score=0.0, comment="key sk-abcdefghijklmnop1234567890"))
+def test_times_in_other_zones_are_stored_and_filtered_as_utc(store):
+    url, log, _ = store
+    plus2 = timezone(timedelta(hours=2))
+    log.record(rec(1, created_at=datetime(2026, 11, 24, 14, 30, tzinfo=plus2)))  # 12:30 UTC
+    log.record(rec(2, created_at=datetime(2026, 11, 24, 13, 0)))  # naive: taken as UTC
+    assert log.flush(10)
+    frame = read_records(url, start=datetime(2026, 11, 24, 14, 15, tzinfo=plus2))  # 12:15 UTC
+    assert list(frame["request_id"]) == ["req-1", "req-2"]
+    assert frame.iloc[0]["created_at"] == datetime(2026, 11, 24, 12, 30, tzinfo=UTC)
+    assert read_records(url, end=datetime(2026, 11, 24, 12, 45))["request_id"].tolist() == ["req-1"]
+
+
+def test_pii_is_redacted_in_the_store_and_sqlite_is_in_wal_mode(store):
+    url, log, db = store
+    mine = rec(1, prompt=f"mail {EMAIL} or call 555-123-4567", error=f"could not reach {EMAIL}")
+    log.record(mine)
+    log.feedback(Feedback("req-1", T0, score=0.0, comment="my key is sk-abcdefghijklmnop1234567890"))
     assert log.flush(10)
     row = read_records(url).iloc[0]
-    assert "jane.doe" not in row["prompt"] and "[EMAIL]" in row["prompt"] and "[PHONE]" in row["prompt"]
-    assert "sk-abc" not in row["feedback_comment"]
-    with sqlite3.connect(tmp_path / "db" / "inference.db") as connection:
+    assert row["prompt"] == "mail [EMAIL] or call [PHONE]" and row["error"] == "could not reach [EMAIL]"
+    assert "sk-abc" not in row["feedback_comment"] and "[API_KEY]" in row["feedback_comment"]
+    assert EMAIL in mine.prompt  # the caller's object is not changed
+    with sqlite3.connect(db) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_store_down_spools_then_flushes_every_record_once(tmp_path):
-    blocker = tmp_path / "store"
-    blocker.write_text("a file where the database folder should be")
-    url = f"sqlite:///{blocker / 'inference.db'}"
-    log = InferenceLog(url, tmp_path / "spool", flush_interval_seconds=0.05, redact_pii=True)
+def test_redaction_can_be_turned_off(tmp_path):
+    url = f"sqlite:///{tmp_path / 'inference.db'}"
+    log = make_log(url, tmp_path / "spool", redact_pii=False)
+    log.start()
+    log.record(rec(1, prompt=f"mail {EMAIL}"))
+    log.close()
+    assert read_records(url).iloc[0]["prompt"] == f"mail {EMAIL}"
+
+
+def test_store_down_spools_redacted_then_flushes_every_record_once(tmp_path, down, caplog):
+    url, up = down
+    log = make_log(url, tmp_path / "spool", batch_size=3)
+    with caplog.at_level(logging.INFO, logger="pipelines.inference_log"):
+        log.start()
+        try:
+            for n in range(20):
+                log.record(rec(n, prompt=f"reach me at {EMAIL}"))  # never raises, never blocks
+            assert not log.flush(1.0)
+            assert log.pending == 20 and not log.store_available
+            assert log.known_request("req-1") is None  # the store cannot be asked
+            lines = spooled_lines(tmp_path / "spool")
+            assert len(lines) == 20 and not any(EMAIL in line for line in lines)
+            assert all("[EMAIL]" in json.loads(line)["prompt"] for line in lines)
+            db = up()
+            assert log.flush(20), log.pending
+            assert log.store_available and log.pending == 0 and spooled_lines(tmp_path / "spool") == []
+            frame = read_records(url)
+            assert sorted(frame["request_id"]) == sorted(f"req-{n}" for n in range(20))
+            assert count_rows(db) == 20
+        finally:
+            log.close()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "unavailable" in r.getMessage()]
+    assert len(warnings) == 1  # one per outage, not one per batch or retry
+    assert "available again" in caplog.text
+
+
+def test_a_locked_store_does_not_block_record_and_nothing_is_lost(tmp_path):
+    db = tmp_path / "inference.db"
+    log = make_log(f"sqlite:///{db}?timeout=0.1", tmp_path / "spool", batch_size=4)
     log.start()
     try:
-        for n in range(20):
-            log.record(rec(n, prompt="reach me at jane@example.com"))  # never raises, never blocks
-        assert not log.flush(1.0)
-        assert log.pending == 20 and not log.store_available
-        spooled = (tmp_path / "spool" / "pending.jsonl").read_text()
-        assert spooled.count("\n") == 20 and "jane@example.com" not in spooled
-        blocker.unlink()
-        blocker.mkdir()  # the store is back
-        assert log.flush(20), log.pending
-        frame = read_records(url)
-        assert sorted(frame["request_id"]) == sorted(f"req-{n}" for n in range(20))
-        assert log.store_available and not (tmp_path / "spool" / "pending.jsonl").exists()
+        for n in range(3):
+            log.record(rec(n))
+        assert log.flush(10)
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
+        try:
+            for n in range(3, 13):
+                log.record(rec(n))  # returns at once although no write can succeed
+            assert not log.flush(1.0)
+            assert log.pending == 10 and not log.store_available
+            assert len(spooled_lines(tmp_path / "spool")) == 10
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert log.flush(20)
+        assert count_rows(db) == 13
     finally:
         log.close()
 
 
-def test_a_crashed_spool_is_flushed_at_start_and_corrupt_lines_are_skipped(tmp_path, caplog):
+def test_a_replaced_database_file_is_an_outage_and_the_original_comes_back(tmp_path):
+    db = tmp_path / "inference.db"
+    url = f"sqlite:///{db}"
+    log = make_log(url, tmp_path / "spool")
+    log.start()
+    try:
+        log.record(rec(0))
+        assert log.flush(10)
+        os.replace(db, tmp_path / "moved.db")
+        db.write_bytes(b"this is not an SQLite database\n" * 40)
+        for n in range(1, 6):
+            log.record(rec(n))
+        assert not log.flush(1.0) and log.pending == 5
+        os.replace(tmp_path / "moved.db", db)
+        assert log.flush(20)
+        assert sorted(read_records(url)["request_id"]) == [f"req-{n}" for n in range(6)]
+    finally:
+        log.close()
+
+
+def test_a_crashed_spool_is_flushed_at_start_and_corrupt_lines_are_counted(tmp_path, caplog):
     spool = tmp_path / "spool"
     spool.mkdir()
-    good = [json.dumps({"kind": "request", **{**rec(n).__dict__, "created_at": T0.isoformat(),
-                                                "params": json.dumps({"max_tokens": 8})}}) for n in range(3)]
-    (spool / "pending.jsonl").write_text("\n".join(good) + '\n{"kind": "request", "request_id": "req-cut')
+    # the crashed process was flushing req-0, req-1 and had spooled req-2..4 and a feedback since;
+    # its last line was cut off mid-write
+    (spool / "pending.flushing").write_text(spool_line(0) + spool_line(1))
+    fb = {"kind": "feedback", "feedback_id": "fb-1", "request_id": "req-2", "created_at": T0.isoformat(),
+          "score": 1.0, "comment": None}
+    (spool / "pending.jsonl").write_text(spool_line(2) + spool_line(3) + spool_line(4) + json.dumps(fb) + "\n"
+                                         + '{"kind": "request", "request_id": "req-cut", "crea')
     url = f"sqlite:///{tmp_path / 'inference.db'}"
-    log = InferenceLog(url, spool, flush_interval_seconds=0.05)
-    assert log.pending == 4  # the cut line is counted until it is read
-    with caplog.at_level("WARNING"):
+    log = make_log(url, spool)
+    assert log.pending == 7  # the cut line counts until it is read
+    with caplog.at_level(logging.WARNING, logger="pipelines.inference_log"):
         log.start()
         assert log.flush(10)
     log.close()
-    assert sorted(read_records(url)["request_id"]) == ["req-0", "req-1", "req-2"]
+    frame = read_records(url)
+    assert list(frame["request_id"]) == [f"req-{n}" for n in range(5)]
+    assert frame.set_index("request_id").loc["req-2", "feedback_score"] == 1.0
     assert "skipped 1 corrupt line" in caplog.text
+    assert spooled_lines(spool) == [] and log.pending == 0
+    rejected = (spool / "rejected.jsonl").read_text()
+    assert "req-cut" in rejected  # kept for a person to look at, out of the way
 
 
-def test_replaying_the_same_records_writes_each_once(tmp_path):
-    url = f"sqlite:///{tmp_path / 'inference.db'}"
-    for _ in range(2):
-        log = InferenceLog(url, tmp_path / "spool", flush_interval_seconds=0.05)
+def test_a_cut_line_does_not_swallow_the_next_record(tmp_path, down):
+    url, up = down
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "pending.flushing").write_text(spool_line(0))
+    (spool / "pending.jsonl").write_text('{"kind": "request", "request_id": "req-cut", "crea')  # no newline
+    log = make_log(url, spool)
+    log.start()
+    try:
+        log.record(rec(1))  # the store is down: appended after the cut line
+        assert not log.flush(0.5)
+        assert log.pending == 3
+        up()
+        assert log.flush(20)
+        assert sorted(read_records(url)["request_id"]) == ["req-0", "req-1"]
+    finally:
+        log.close()
+
+
+def test_a_failure_part_way_through_a_flush_keeps_the_rest_in_order(tmp_path, monkeypatch):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "pending.jsonl").write_text("".join(spool_line(n) for n in range(6)))
+    db = tmp_path / "inference.db"
+    log = make_log(f"sqlite:///{db}", spool, batch_size=2)  # not started: the test drives the writer
+    real_store, calls = log._store, []
+
+    def store_goes_down_at_the_second_batch(rows):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            log._mark_down(sa.exc.OperationalError("INSERT", {}, Exception("server closed the connection")))
+            return 0
+        return real_store(rows)
+
+    monkeypatch.setattr(log, "_store", store_goes_down_at_the_second_batch)
+    assert log._flush_spool() is False
+    assert count_rows(db) == 2 and log.pending == 4 and not log.store_available
+    assert [json.loads(line)["request_id"] for line in spooled_lines(spool)] == [f"req-{n}" for n in range(2, 6)]
+    monkeypatch.setattr(log, "_store", real_store)
+    assert log._flush_spool() is True
+    assert count_rows(db) == 6 and log.pending == 0 and spooled_lines(spool) == []
+
+
+def test_replaying_the_same_spool_and_records_writes_each_once(tmp_path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    fb = {"kind": "feedback", "feedback_id": "fb-1", "request_id": "req-0", "created_at": T0.isoformat(),
+          "score": 1.0, "comment": "thanks"}
+    content = "".join(spool_line(n) for n in range(3)) + json.dumps(fb) + "\n"
+    db = tmp_path / "inference.db"
+    for _ in range(2):  # e.g. a crash after the inserts but before the spool file was deleted
+        (spool / "pending.jsonl").write_text(content)
+        log = make_log(f"sqlite:///{db}", spool)
         log.start()
-        for n in range(3):
-            log.record(rec(n))
-        log.feedback(Feedback("req-0", T0, score=1.0, feedback_id="fb-1"))
+        log.record(rec(1))  # and the same request handed in again
+        log.feedback(Feedback("req-0", T0, score=1.0, comment="thanks", feedback_id="fb-1"))
         assert log.flush(10)
         log.close()
-    frame = read_records(url)
-    assert len(frame) == 3 and frame["request_id"].is_unique
-    with sqlite3.connect(tmp_path / "inference.db") as connection:
-        assert connection.execute("SELECT COUNT(*) FROM inference_feedback").fetchone()[0] == 1
+    assert count_rows(db) == 3 and count_rows(db, "inference_feedback") == 1
+    assert read_records(f"sqlite:///{db}")["request_id"].is_unique
 
 
-def test_close_drains_what_is_queued(tmp_path):
+def test_when_neither_store_nor_spool_can_be_written_records_wait_in_memory(tmp_path, down, caplog):
+    url, up = down
+    spool = tmp_path / "spool"
+    log = make_log(url, spool)
+    spool.rmdir()
+    spool.write_text("a file where the spool folder should be")  # every append fails (like a full disk)
+    with caplog.at_level(logging.ERROR, logger="pipelines.inference_log"):
+        log.start()
+        try:
+            for n in range(6):
+                log.record(rec(n))
+            assert not log.flush(0.5) and log.pending == 6
+            assert [r.levelno for r in caplog.records].count(logging.ERROR) == 1  # said once, not per retry
+            spool.unlink()
+            spool.mkdir()  # the disk has room again, the store is still down
+            assert not log.flush(0.5)
+            assert len(spooled_lines(spool)) == 6
+            up()
+            assert log.flush(20)
+        finally:
+            log.close()
+    assert sorted(read_records(url)["request_id"]) == [f"req-{n}" for n in range(6)] and log.dropped == 0
+
+
+def test_a_full_queue_spools_from_the_caller_instead_of_dropping(tmp_path):
     url = f"sqlite:///{tmp_path / 'inference.db'}"
-    log = InferenceLog(url, tmp_path / "spool", flush_interval_seconds=0.05)
+    log = make_log(url, tmp_path / "spool", max_queued=3)  # not started: nothing drains the queue
+    for n in range(8):
+        log.record(rec(n, prompt=f"from {EMAIL}"))
+    assert log.pending == 8
+    lines = spooled_lines(tmp_path / "spool")
+    assert len(lines) == 5 and not any(EMAIL in line for line in lines)
+    log.start()
+    assert log.flush(10)
+    log.close()
+    assert sorted(read_records(url)["request_id"]) == sorted(f"req-{n}" for n in range(8))
+
+
+def test_a_row_the_store_refuses_is_set_aside_and_the_rest_is_written(tmp_path, caplog):
+    url = f"sqlite:///{tmp_path / 'inference.db'}"
+    log = make_log(url, tmp_path / "spool")
+    log.start()
+    with caplog.at_level(logging.WARNING, logger="pipelines.inference_log"):
+        log.record(rec(0))
+        log.record(rec(1, prompt=None))  # NOT NULL: the store refuses it, whatever the retries
+        log.record(rec(2))
+        assert log.flush(10)
+    log.close()
+    assert read_records(url)["request_id"].tolist() == ["req-0", "req-2"]
+    assert log.store_available and "refused request req-1" in caplog.text
+    assert "req-1" in (tmp_path / "spool" / "rejected.jsonl").read_text()
+
+
+def test_text_that_cannot_be_encoded_is_stored_with_a_replacement(store):
+    url, log, _ = store
+    log.record(rec(1, prompt="broken \ud800 surrogate"))
+    assert log.flush(10)
+    assert read_records(url).iloc[0]["prompt"] == "broken ? surrogate"
+
+
+def test_close_drains_to_the_store(tmp_path):
+    url = f"sqlite:///{tmp_path / 'inference.db'}"
+    log = make_log(url, tmp_path / "spool")
     log.start()
     for n in range(50):
         log.record(rec(n))
     log.close()
-    assert len(read_records(url)) == 50
+    assert len(read_records(url)) == 50 and spooled_lines(tmp_path / "spool") == []
+
+
+def test_close_while_down_spools_and_the_next_start_flushes(tmp_path, down):
+    url, up = down
+    log = make_log(url, tmp_path / "spool")
+    log.start()
+    for n in range(10):
+        log.record(rec(n))
+    log.close(timeout=5)
+    log.record(rec(10))  # after close: straight to the spool, not lost
+    assert len(spooled_lines(tmp_path / "spool")) == 11
+    up()
+    again = make_log(url, tmp_path / "spool")
+    assert again.pending == 11
+    again.start()
+    assert again.flush(10)
+    again.close()
+    assert sorted(read_records(url)["request_id"]) == sorted(f"req-{n}" for n in range(11))
+
+
+def test_close_without_a_writer_spools_what_was_handed_in(tmp_path):
+    log = make_log(f"sqlite:///{tmp_path / 'inference.db'}", tmp_path / "spool")  # never started
+    for n in range(4):
+        log.record(rec(n, prompt=f"from {EMAIL}"))
+    log.close()
+    lines = spooled_lines(tmp_path / "spool")
+    assert [json.loads(line)["request_id"] for line in lines] == [f"req-{n}" for n in range(4)]
+    assert log.pending == 4 and not any(EMAIL in line for line in lines)
+
+
+def test_from_params(tmp_path):
+    params = InferenceLogParams(url=f"sqlite:///{tmp_path / 'x.db'}", spool_dir=tmp_path / "sp",
+                                redact_pii=False, flush_interval_seconds=0.3, batch_size=7)
+    log = InferenceLog.from_params(params)
+    assert (log.url, log.spool_dir, log.redact_pii, log.flush_interval, log.batch_size) == (
+        params.url, tmp_path / "sp", False, 0.3, 7)
+    assert (tmp_path / "sp").is_dir()
 
 
 @pytest.mark.parametrize(("url", "message"), [
     ("not a url", "is not a database URL"),
-    ("mysql://user:secret@host/db", "dialect is not supported"),
+    ("mysql://user:secret@host/db", "the mysql dialect is not supported"),
+    ("postgresql+nosuchdriver://user:secret@host/db", "unknown driver"),
+    ("postgresql+asyncpg://user:secret@host/db", "asyncio driver"),
+    ("sqlite://", "in-memory SQLite"),
 ])
-def test_bad_urls_are_clear_errors(tmp_path, url, message):
+def test_bad_urls_are_clear_errors_without_the_password(tmp_path, url, message):
     with pytest.raises(LLMOpsError, match=message) as error:
         InferenceLog(url, tmp_path / "spool")
-    assert "secret" not in str(error.value)
+    assert "secret" not in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_missing_database_driver_names_the_package(tmp_path):
     try:
         import psycopg2  # noqa: F401
     except ModuleNotFoundError:
-        with pytest.raises(LLMOpsError, match=r"pip install 'psycopg2-binary'") as error:
-            InferenceLog("postgresql+psycopg2://user:secret@localhost/db", tmp_path / "spool")
-        assert "secret" not in str(error.value)
+        pass
     else:
         pytest.skip("psycopg2 is installed here")
+    with pytest.raises(LLMOpsError, match=r"psycopg2.*not installed.*pip install -e '\.\[postgres\]'") as error:
+        InferenceLog("postgresql+psycopg2://user:secret@localhost/db", tmp_path / "spool")
+    assert "secret" not in str(error.value) and "localhost" in str(error.value)
 
 
-def test_an_empty_store_reads_as_an_empty_frame(tmp_path):
-    frame = read_records(f"sqlite:///{tmp_path / 'new.db'}")
-    assert frame.empty and {"request_id", "feedback_score"} <= set(frame.columns)
+def test_reading_a_store_that_does_not_exist_gives_an_empty_frame_and_creates_nothing(tmp_path):
+    frame = read_records(f"sqlite:///{tmp_path / 'new' / 'inference.db'}")
+    assert frame.empty and list(frame.columns) == READ_COLUMNS
+    assert not (tmp_path / "new").exists()
+
+
+def test_reading_a_broken_store_is_a_clear_error(tmp_path):
+    db = tmp_path / "inference.db"
+    db.write_bytes(b"not a database" * 100)
+    with pytest.raises(LLMOpsError, match="could not read the inference log"):
+        read_records(f"sqlite:///{db}")
+
+
+def test_an_unwritable_spool_dir_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LLMOpsError, match="spool_dir"):
+        InferenceLog(f"sqlite:///{tmp_path / 'x.db'}", tmp_path / "file" / "spool")
+

@@ -1,0 +1,137 @@
+"""Command `simulate-traffic`: production-like requests from held-out WordNet (no drift) and FOLDOC (drift).
+
+    llmops simulate-traffic --requests 200 --drift-share 0.5 --url http://127.0.0.1:8000
+    llmops simulate-traffic --requests 200 --drift-share 0.5 --end 2026-11-24 --hours 24
+
+With `--url` it sends chat requests to the running service (token from `serve.token_env` /
+`serve.token_file`), which logs them itself. Without it, it answers with the registry's
+champion in-process and writes the records straight into the inference log, spread over the
+window that ends at `--end` (so a past window can be filled for `llmops monitor`).
+
+Prompts: `--drift-share` of them come from the FOLDOC stream (computing terms: another
+domain), the rest from the test split (held out from training: the training distribution).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+
+from pipelines.errors import LLMOpsError
+from pipelines.params import BundledSource, Params
+
+logger = logging.getLogger(__name__)
+
+
+def traffic_prompts(params: Params, count: int, drift_share: float, seed: int) -> list[tuple[str, str]]:
+    """(prompt, source) pairs: WordNet test-split prompts and FOLDOC prompts, mixed, seeded."""
+    from pipelines.ingest import read_source
+    from pipelines.io import read_parquet
+
+    if not 0.0 <= drift_share <= 1.0:
+        raise LLMOpsError(f"--drift-share {drift_share} must be between 0 and 1")
+    rng = np.random.default_rng(seed)
+    held_out = read_parquet(params.paths.prepared_dir / "test.parquet", produced_by="prepare")["prompt"].tolist()
+    _, foldoc = read_source(BundledSource(kind="bundled", name="foldoc"), 0, params.paths.sample_dir)
+    drifted = foldoc["prompt"].tolist()
+    picks = []
+    for is_drift in rng.random(count) < drift_share:
+        pool, source = (drifted, "foldoc") if is_drift else (held_out, "wordnet")
+        picks.append((pool[int(rng.integers(len(pool)))], source))
+    return picks
+
+
+def send_to_service(url: str, token: str, prompts: list[str], max_tokens: int, clients: int = 4) -> dict[str, int]:
+    import requests
+
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+
+    def one(prompt: str) -> int:
+        for _ in range(5):  # honour the server's back-pressure instead of failing
+            try:
+                response = session.post(f"{url.rstrip('/')}/v1/chat/completions", timeout=600,
+                                        json={"messages": [{"role": "user", "content": prompt}],
+                                              "max_tokens": max_tokens})
+            except requests.RequestException as error:
+                raise LLMOpsError(f"the service at {url} is unreachable ({type(error).__name__}); start "
+                                  "`llmops serve` or drop --url to write into the inference log directly") from None
+            if response.status_code not in (429, 503):
+                return response.status_code
+            time.sleep(float(response.headers.get("Retry-After", "1")))
+        return response.status_code
+
+    with ThreadPoolExecutor(clients) as pool:
+        statuses = list(pool.map(one, prompts))
+    return {str(s): statuses.count(s) for s in sorted(set(statuses))}
+
+
+def write_directly(params: Params, prompts: list[str], start: datetime, end: datetime, seed: int) -> int:
+    """Answer with the champion in-process and log the records over [start, end)."""
+    import mlflow
+
+    from pipelines.inference_log import InferenceLog, InferenceRecord
+    from pipelines.registry import CHAMPION, Registry
+
+    registry = Registry(params)
+    champion = registry.alias(CHAMPION)
+    if champion is None:
+        raise LLMOpsError(f"'{registry.name}' has no champion to answer the simulated traffic; run `make demo` "
+                          "or `llmops promote` first")
+    mlflow.set_tracking_uri(registry.uri)
+    generator = registry.call(mlflow.pyfunc.load_model,
+                              f"models:/{registry.name}/{champion.version}").unwrap_python_model()
+    rng = np.random.default_rng(seed)
+    offsets = np.sort(rng.random(len(prompts))) * (end - start).total_seconds()
+    log = InferenceLog.from_params(params.inference_log)
+    log.start()
+    batch = 16
+    try:
+        for first in range(0, len(prompts), batch):
+            chunk = prompts[first: first + batch]
+            texts = [generator.render(p) for p in chunk]
+            generation = generator.lm.generate(texts, generator.decoding, batch_size=batch)
+            latency_ms = generation.seconds * 1000  # every request of a batch waits for the whole batch
+            tokenizer = generator.lm.tokenizer
+            for i, (prompt, text, answer, new) in enumerate(zip(chunk, texts, generation.texts,
+                                                                 generation.new_tokens)):
+                log.record(InferenceRecord(
+                    request_id=f"sim-{uuid.uuid4().hex}", endpoint="chat.completions",
+                    created_at=start + timedelta(seconds=float(offsets[first + i])),
+                    model_name=registry.name, model_version=str(champion.version), prompt=prompt, output=answer,
+                    status=200, latency_ms=latency_ms, completion_tokens=int(new),
+                    prompt_tokens=len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                    params={"simulated": True, "max_tokens": generator.decoding.max_new_tokens}))
+        if not log.flush(120):
+            raise LLMOpsError(f"the inference log at {params.inference_log.url} did not take the records; they "
+                              f"wait in {params.inference_log.spool_dir}")
+    finally:
+        log.close()
+    return len(prompts)
+
+
+def main(params: Params, requests: int = 200, drift_share: float = 0.5, url: str | None = None,
+         end: str | None = None, hours: float | None = None, seed: int = 0) -> None:
+    from pipelines.monitor import parse_time
+
+    picks = traffic_prompts(params, requests, drift_share, seed)
+    prompts = [p for p, _ in picks]
+    drifted = sum(1 for _, source in picks if source == "foldoc")
+    if url:
+        from pipelines.serve import read_token
+
+        statuses = send_to_service(url, read_token(params.serve), prompts, params.serve.limits.default_max_tokens)
+        logger.info("simulate-traffic: sent %d requests (%d FOLDOC) to %s: statuses %s", len(prompts), drifted,
+                    url, statuses)
+        return
+    when = parse_time(end) if end else datetime.now(UTC)
+    start = when - timedelta(hours=hours or params.monitor.window_hours)
+    written = write_directly(params, prompts, start, when, seed)
+    logger.info("simulate-traffic: wrote %d records (%d FOLDOC) to %s for %s .. %s", written, drifted,
+                params.inference_log.url, start.isoformat(), when.isoformat())
+

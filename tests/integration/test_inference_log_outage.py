@@ -1,0 +1,64 @@
+"""The inference log survives `kill -9` while its store is down: the fsynced spool is flushed by the next process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.inference_log import InferenceLog, read_records
+from tests.support import REPO
+
+pytestmark = pytest.mark.integration
+
+# A writer process: logs N records while the store is down, says so once they are all on disk, then waits.
+WRITER = """
+import sys, time
+from datetime import UTC, datetime
+from pathlib import Path
+from pipelines.inference_log import InferenceLog, InferenceRecord
+
+url, spool, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+log = InferenceLog(url, spool, flush_interval_seconds=0.05, batch_size=7)
+log.start()
+for i in range(n):
+    log.record(InferenceRecord(f"req-{i}", datetime.now(UTC), "completions", "m", "1", "prompt", "output",
+                               200, 1.0, 1, 1))
+def on_disk():
+    return sum(1 for name in ("pending.flushing", "pending.jsonl") if (spool / name).exists()
+               for line in (spool / name).read_text().splitlines() if line.strip())
+deadline = time.monotonic() + 60
+while on_disk() < n and time.monotonic() < deadline:
+    time.sleep(0.02)
+print("spooled", on_disk(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_process_loses_nothing_that_was_spooled(tmp_path):
+    blocker = tmp_path / "store"
+    blocker.write_text("the database folder is a file: the store cannot open")
+    url, spool, n = f"sqlite:///{blocker / 'inference.db'}", tmp_path / "spool", 50
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, url, str(spool), str(n)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = writer.stdout.readline()
+        assert line.split() == ["spooled", str(n)], (line, writer.stderr.read() if writer.poll() is not None else "")
+    finally:
+        writer.send_signal(signal.SIGKILL)  # no close(), no atexit: only what is on disk survives
+        writer.wait(timeout=30)
+    assert writer.returncode == -signal.SIGKILL
+
+    blocker.unlink()
+    blocker.mkdir()  # the store is back
+    log = InferenceLog(url, spool, flush_interval_seconds=0.05)
+    assert log.pending == n
+    log.start()
+    try:
+        assert log.flush(30), log.pending
+    finally:
+        log.close()
+    frame = read_records(url)
+    assert sorted(frame["request_id"]) == sorted(f"req-{i}" for i in range(n)) and frame["request_id"].is_unique
