@@ -18,10 +18,16 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV) $(PYTHON)
 	touch $@
 
-## demo: run the whole pipeline on the embedded default (CPU, offline, local DVC remote)
+# The demo's monitoring window: the day that ends at midnight UTC today (a scheduler passes its own).
+DEMO_WINDOW_END ?= $(shell date -u +%Y-%m-%dT00:00:00Z)
+
+## demo: run the whole pipeline on the embedded default (CPU, offline, local DVC remote),
+## then simulate a day of half-drifted traffic and write its drift report
 demo: install
 	dvc repro
 	dvc push -q || echo "note: dvc push to the local remote failed; outputs are still in the workspace"
+	llmops simulate-traffic --requests 120 --drift-share 0.5 --end $(DEMO_WINDOW_END)
+	llmops monitor --end $(DEMO_WINDOW_END)
 	@echo
 	@dvc metrics show
 	@echo
@@ -29,6 +35,8 @@ demo: install
 	@echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   runs, curves, the registered champion"
 	@echo "  reports/validate/data_docs/index.html                        Great Expectations Data Docs"
 	@echo "  dvc metrics show / dvc plots show / dvc dag                  metrics, loss curves, the stage graph"
+	@echo "  reports/monitor/latest.json and reports/monitor/<window>/report.html   the drift report and decision"
+	@echo "  LLMOPS_API_TOKEN=... llmops serve                            the champion over HTTP (docs/serving.md)"
 
 ## test: lint, then the whole test suite (slow and integration tests included)
 test: install
@@ -47,4 +55,4 @@ sample: install
 	python scripts/build_sample.py
 
 clean:
-	rm -rf data/ingested data/prepared reports .pytest_cache
+	rm -rf data/ingested data/prepared data/inference data/monitor reports .pytest_cache

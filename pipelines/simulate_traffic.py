@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
@@ -101,7 +100,8 @@ def write_directly(params: Params, prompts: list[str], start: datetime, end: dat
             for i, (prompt, text, answer, new) in enumerate(zip(chunk, texts, generation.texts,
                                                                  generation.new_tokens)):
                 log.record(InferenceRecord(
-                    request_id=f"sim-{uuid.uuid4().hex}", endpoint="chat.completions",
+                    # deterministic ids: simulating the same window twice adds nothing (replays are ignored)
+                    request_id=f"sim-{seed}-{end:%Y%m%dT%H%M%S}-{first + i}", endpoint="chat.completions",
                     created_at=start + timedelta(seconds=float(offsets[first + i])),
                     model_name=registry.name, model_version=str(champion.version), prompt=prompt, output=answer,
                     status=200, latency_ms=latency_ms, completion_tokens=int(new),

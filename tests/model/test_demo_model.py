@@ -1,7 +1,10 @@
 """Model behaviour: the demo's fine-tune of SmolLM2 is better than the base model it started from.
 
-Runs the real demo path (`dvc repro evaluate`: ingest .. prepare, the bundled SmolLM2 base
-model, 30 LoRA steps on the CPU, evaluation) in a copy of the project.
+Runs the real demo path (`dvc repro promote`: ingest .. prepare, the bundled SmolLM2 base
+model, 30 LoRA steps on the CPU, evaluation, registry, promotion) in a copy of the project,
+then closes the monitoring loop: with the FOLDOC stream (the new domain production drifted
+to) added to the training sources, the retrained candidate beats that champion on the
+new-domain slice of the test split.
 """
 
 from __future__ import annotations
@@ -22,9 +25,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(240
 def demo(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("demo") / "project")
     project.set_params(evaluate={"max_examples": 80, "bootstrap_samples": 300})
-    result = project.dvc("repro", "evaluate")
+    result = project.dvc("repro", "promote")
     assert "Running stage 'train'" in result.stdout
+    assert json.loads((project.root / "reports/promote/decision.json").read_text())["promoted"] == 1
     return project
+
+
+@pytest.fixture(scope="module")
+def retrained(demo):
+    """The drift-triggered retrain: FOLDOC (labelled new-domain data) joins the sources."""
+    first = json.loads((demo.root / "reports/evaluate/results.json").read_text())
+    demo.set_params(ingest={"sources": [{"kind": "bundled", "name": "wordnet"},
+                                        {"kind": "bundled", "name": "foldoc"}]})
+    demo.dvc("repro", "evaluate")
+    return first, json.loads((demo.root / "reports/evaluate/results.json").read_text())
 
 
 def test_adapter_lowers_validation_loss_below_the_base_model(demo):
@@ -50,3 +64,13 @@ def test_candidate_beats_the_base_model_on_the_test_split(demo):
     assert candidate["perplexity"] < base["perplexity"]
     assert results["comparisons"]["base"]["perplexity"]["low"] > 0  # the whole CI is an improvement
     assert candidate["rouge_l"] > base["rouge_l"]
+
+
+def test_retrained_on_the_new_domain_beats_the_champion_there(retrained):
+    first, second = retrained
+    assert "computing" not in first["slices"]["domain"]  # the champion never saw the new domain
+    assert second["champion_version"] == "1" and "champion" in second["systems"]
+    new_domain = second["slices"]["domain"]["computing"]
+    assert new_domain["n"] >= 10
+    assert new_domain["candidate"]["perplexity"] < new_domain["champion"]["perplexity"] * 0.9, new_domain
+    assert new_domain["candidate"]["rouge_l"] > new_domain["champion"]["rouge_l"], new_domain
