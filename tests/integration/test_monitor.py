@@ -206,3 +206,41 @@ def test_the_cli_takes_the_logical_date(ws, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "monitor", "--params", str(params_file), *sets,
                           "--end", "yesterday"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "is not an ISO date" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_end_to_end_through_the_service_drift_requests_a_retrain_and_no_drift_does_not(ws, tmp_path):
+    """Traffic sent to a real `llmops serve`, logged by it, reported on by `llmops monitor`."""
+    import time
+
+    from pipelines import simulate_traffic
+    from pipelines.monitor import monitor
+    from tests.support import TEST_TOKEN, ServeProcess
+
+    service = ServeProcess(ws, tmp_path / "serve", "serve.limits.default_max_tokens=12").start()
+    try:
+        import os
+
+        os.environ["LLMOPS_API_TOKEN"] = TEST_TOKEN  # simulate-traffic reads the token as a client would
+        params = settings(ws, tmp_path, *service.overrides[len(ws.overrides):], "monitor.retrain.k=1",
+                          "monitor.retrain.n=1")
+        start = datetime.now(UTC)
+        simulate_traffic.main(params, requests=60, drift_share=0.0, url=service.url, seed=1)
+        middle = datetime.now(UTC)
+        time.sleep(1)
+        simulate_traffic.main(params, requests=60, drift_share=1.0, url=service.url, seed=2)
+        end = datetime.now(UTC) + timedelta(seconds=1)
+        time.sleep(2)  # the service's log writer flushes every second
+    finally:
+        service.stop()
+        os.environ.pop("LLMOPS_API_TOKEN", None)
+    calm = monitor(params.model_copy(update={"monitor": params.monitor.model_copy(
+        update={"window_hours": (middle - start).total_seconds() / 3600 + 1e-4})}), middle)
+    drifted = monitor(params.model_copy(update={"monitor": params.monitor.model_copy(
+        update={"window_hours": (end - middle).total_seconds() / 3600})}), end)
+    assert calm["rows"] == 60 and drifted["rows"] == 60
+    assert calm["drift"]["detected"] is False and calm["retrain"]["requested"] is False
+    assert drifted["drift"]["detected"] is True and drifted["retrain"]["requested"] is True
+    assert drifted["mlflow_run_id"]
+    from pipelines.monitor import Window
+
+    assert (tmp_path / "reports" / Window.ending(end, 1).name / "report.html").exists()
