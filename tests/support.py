@@ -167,17 +167,22 @@ class MlflowServer:
         return self
 
     def stop(self) -> None:
-        import signal
-
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process, 20)
         if getattr(self, "log", None):
             self.log.close()
+
+
+def stop_process_group(process: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM the process group of a server started with start_new_session; SIGKILL if it lingers."""
+    import signal
+
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def build_tiny_base(directory: Path, tokenizer_dir: Path, **kwargs) -> Path:
@@ -316,14 +321,6 @@ class ServeProcess:
         return requests.post(f"{self.url}{path}", json=body, headers=self.headers(), timeout=120, **kwargs)
 
     def stop(self) -> None:
-        import signal
-
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process, 30)
         if getattr(self, "output", None):
             self.output.close()

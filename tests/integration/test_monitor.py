@@ -12,18 +12,11 @@ import pandas as pd
 import pytest
 
 from pipelines.errors import LLMOpsError
-from tests.support import REPO, MlflowServer, Workspace, build_tiny_base, evaluation, free_port, register
+from tests.support import REPO, Workspace, build_tiny_base, evaluation, free_port, register
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 DAY0 = datetime(2026, 3, 1, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

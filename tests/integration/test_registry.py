@@ -10,16 +10,14 @@ import uuid
 import pandas as pd
 import pytest
 
-from tests.support import REPO, MlflowServer, Workspace, build_adapter, build_tiny_base, evaluation, register
+from tests.support import REPO, Workspace, build_adapter, build_tiny_base, evaluation, register
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    yield server
-    server.stop()
+def server(mlflow_server):
+    return mlflow_server
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,6 @@ SERVE = ["serve.max_batch_size=4", "serve.queue_size=8", "serve.max_wait_ms=20",
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_tokenizer_dir, tiny_prepared_dir, mlflow_server):
     """A registered model with v1 as champion, plus the prepared data deploy's canaries read."""
     from pipelines import promote
