@@ -4,7 +4,8 @@
 
 Reads the inference log (`inference_log.url`) for the window, the prepared train split as the
 reference (with the champion's answers on a sample of it, cached per version), and `monitor`
-from params.yaml. Writes `monitor.reports_dir`/<window end>/ `report.html` (Evidently),
+from params.yaml. Writes `monitor.reports_dir`/<window end>/ `report.html` and
+`embeddings.html` (Evidently),
 `result.json` (the report's metrics and tests) and `decision.json`, appends the window to
 `history.jsonl`, copies the decision to `latest.json`, and logs the report to MLflow as a run
 tagged with the champion's model version (and tags the version with it).
@@ -190,7 +191,7 @@ def descriptor_frames(reference: pd.DataFrame, current: pd.DataFrame, vocabulary
     Evidently descriptors to compute on them."""
     import pandas as pd
     from evidently.core.datasets import DatasetColumn
-    from evidently.descriptors import CustomColumnDescriptor, NonLetterCharacterPercentage, TextLength, WordCount
+    from evidently.descriptors import CustomColumnDescriptor, TextLength, WordCount
 
     # Evidently's OOVWordsPercentage needs NLTK's word list (a download); the training
     # vocabulary is the better reference here anyway, so this one descriptor is written here.
@@ -201,11 +202,20 @@ def descriptor_frames(reference: pd.DataFrame, current: pd.DataFrame, vocabulary
 
         return DatasetColumn(type="num", data=column.data.map(share).astype(float))
 
+    # Evidently's NonLetterCharacterPercentage divides by the text's length and raises on an
+    # empty answer (a failed request logs one); the same percentage, 0 for an empty text.
+    def non_letter(column: DatasetColumn) -> DatasetColumn:
+        def share(text: object) -> float:
+            text = text if isinstance(text, str) else ""
+            return 100.0 * sum(1 for ch in text if not ch.isalpha() and ch != " ") / len(text) if text else 0.0
+
+        return DatasetColumn(type="num", data=column.data.map(share).astype(float))
+
     descriptors = []
     for column in ("prompt", "response"):
         descriptors += [TextLength(column, alias=f"{column}_length"), WordCount(column, alias=f"{column}_words"),
                         CustomColumnDescriptor(column, out_of_vocabulary, alias=f"{column}_oov"),
-                        NonLetterCharacterPercentage(column, alias=f"{column}_non_letter")]
+                        CustomColumnDescriptor(column, non_letter, alias=f"{column}_non_letter")]
 
     def embeddings(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
         sample = frame.sample(n=min(len(frame), settings.drift.embedding_sample_size), random_state=seed)
@@ -224,7 +234,10 @@ def descriptor_frames(reference: pd.DataFrame, current: pd.DataFrame, vocabulary
 
 
 def build_report(reference: pd.DataFrame, current: pd.DataFrame, descriptors: list,
-                 settings: MonitorParams) -> Any:
+                 settings: MonitorParams) -> dict[str, Any]:
+    """{file name: Evidently snapshot}: `report.html` for the text and operational metrics on every
+    row, and `embeddings.html` for the embedding drift on the rows that have a vector (at most
+    embedding_sample_size per side; the classifier must not see the others' missing values)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import EmbeddingsDrift, MeanValue, QuantileValue, RowCount, ValueDrift
     from evidently.metrics.embeddings import ModelDriftMethod
@@ -232,28 +245,33 @@ def build_report(reference: pd.DataFrame, current: pd.DataFrame, descriptors: li
 
     embedding_columns = [c for c in reference.columns if c.startswith("emb_")]
     definition = DataDefinition(text_columns=["prompt", "response"],
-                                numerical_columns=["latency_ms", "is_error", "feedback_score", *embedding_columns],
-                                embeddings={EMBEDDING: embedding_columns} if embedding_columns else None)
-    ref = Dataset.from_pandas(reference, data_definition=definition, descriptors=descriptors)
-    cur = Dataset.from_pandas(current, data_definition=definition, descriptors=descriptors)
+                                numerical_columns=["latency_ms", "is_error", "feedback_score"])
+    ref = Dataset.from_pandas(reference.drop(columns=embedding_columns), data_definition=definition,
+                              descriptors=descriptors)
+    cur = Dataset.from_pandas(current.drop(columns=embedding_columns), data_definition=definition,
+                              descriptors=descriptors)
     drift = settings.drift
     metrics: list[Any] = [RowCount(tests=[gte(settings.min_rows)])]
     for signal in drift.signals:
         if signal != EMBEDDING:
             metrics.append(ValueDrift(column=signal, method="ks", threshold=drift.p_value))
-    if embedding_columns:
-        # The classifier method returns the ROC AUC of telling the two samples apart.
-        method = ModelDriftMethod(threshold=drift.embedding_threshold, bootstrap=None, quantile_probability=0.95,
-                                  pca_components=None)
-        metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDING, drift_method=method,
-                                       tests=[lte(drift.embedding_threshold)]))
     ops = settings.operational
     metrics += [QuantileValue(column="latency_ms", quantile=0.95, tests=[lte(ops.max_p95_latency_ms)]),
                 MeanValue(column="is_error", tests=[lte(ops.max_error_rate)])]
     if current["feedback_score"].notna().any():
         metrics.append(MeanValue(column="feedback_score", tests=[gte(ops.min_feedback_score)]))
-    report = Report(metrics, include_tests=True)
-    return report.run(cur, ref)
+    snapshots = {"report.html": Report(metrics, include_tests=True).run(cur, ref)}
+    if embedding_columns:
+        vectors = DataDefinition(numerical_columns=embedding_columns, embeddings={EMBEDDING: embedding_columns})
+        ref_vectors = Dataset.from_pandas(reference[embedding_columns].dropna(), data_definition=vectors)
+        cur_vectors = Dataset.from_pandas(current[embedding_columns].dropna(), data_definition=vectors)
+        # The classifier method returns the ROC AUC of telling the two samples apart.
+        method = ModelDriftMethod(threshold=drift.embedding_threshold, bootstrap=None, quantile_probability=0.95,
+                                  pca_components=None)
+        report = Report([EmbeddingsDrift(embeddings_name=EMBEDDING, drift_method=method,
+                                         tests=[lte(drift.embedding_threshold)])], include_tests=True)
+        snapshots["embeddings.html"] = report.run(cur_vectors, ref_vectors)
+    return snapshots
 
 
 def signal_results(snapshot_dict: dict[str, Any], settings: MonitorParams) -> dict[str, dict[str, Any]]:
@@ -474,11 +492,15 @@ def monitor(params: Params, end: datetime) -> dict[str, Any]:
     else:
         cache = EmbeddingCache(settings.embedding_cache)
         ref, cur, descriptors = descriptor_frames(reference, traffic, train_vocab, cache, settings)
-        snapshot = build_report(ref, cur, descriptors, settings)
+        snapshots = build_report(ref, cur, descriptors, settings)
         cache.save()
-        snapshot.save_html(str(folder / "report.html.tmp"))
-        (folder / "report.html.tmp").replace(folder / "report.html")
-        result = snapshot.dict()
+        result: dict[str, Any] = {"metrics": [], "tests": []}
+        for name, snapshot in snapshots.items():
+            snapshot.save_html(str(folder / f"{name}.tmp"))  # then renamed: never a half-written report
+            (folder / f"{name}.tmp").replace(folder / name)
+            part = snapshot.dict()
+            result["metrics"] += part["metrics"]
+            result["tests"] += part.get("tests", [])
         atomic_write_text(folder / "result.json", json.dumps(result, indent=1, default=str) + "\n")
         signals = signal_results(result, settings)
         drifted_signals = sorted(s for s, v in signals.items() if v["drifted"])

@@ -73,7 +73,8 @@ def report_tests(folder) -> dict[str, str]:
 
 
 def test_no_drift_traffic_requests_no_retrain_and_the_files_agree(ws, tmp_path):
-    params = settings(ws, tmp_path)
+    # 80 requests a window, embeddings for 60 of them: the rest have no vector
+    params = settings(ws, tmp_path, "monitor.drift.embedding_sample_size=60")
     for day in (1, 2, 3):
         traffic(params, day, drift_share=0.0)
         decision = run(params, day)
@@ -81,7 +82,8 @@ def test_no_drift_traffic_requests_no_retrain_and_the_files_agree(ws, tmp_path):
         assert decision["drift"]["detected"] is False, decision["drift"]
         assert decision["retrain"]["requested"] is False
     folder = tmp_path / "reports" / "2026-03-04T00-00-00Z"
-    assert (folder / "report.html").stat().st_size > 10_000 and "<html" in (folder / "report.html").read_text()[:2000]
+    for report in ("report.html", "embeddings.html"):
+        assert (folder / report).stat().st_size > 10_000 and "<html" in (folder / report).read_text()[:2000]
     decision = json.loads((folder / "decision.json").read_text())
     tests = report_tests(folder)
     for signal, result in decision["drift"]["signals"].items():  # the decision says what the report says
@@ -150,6 +152,11 @@ def test_corrupt_rows_are_skipped_and_counted(ws, tmp_path):
     params = settings(ws, tmp_path)
     traffic(params, 7, drift_share=0.0, requests=40)
     with sqlite3.connect(tmp_path / "log" / "inference.db") as connection:
+        # a failed request with an empty answer is valid (and must not break a descriptor)
+        connection.execute(
+            "INSERT INTO inference_requests (request_id, created_at, endpoint, model_name, model_version, "
+            "prompt, output, status, latency_ms, prompt_tokens, completion_tokens) "
+            "VALUES ('failed', '2026-03-07 11:00:00.000000', 'completions', 'm', '1', 'What?', '', 500, 3.0, 1, 0)")
         for n, (prompt, latency) in enumerate([("", 5.0), ("What does the noun x mean?", "fast"),
                                                ("What does the noun y mean?", -3.0)]):
             connection.execute(
@@ -158,7 +165,8 @@ def test_corrupt_rows_are_skipped_and_counted(ws, tmp_path):
                 "VALUES (?, ?, 'completions', 'm', '1', ?, 'out', 200, ?, 1, 1)",
                 (f"bad-{n}", "2026-03-07 12:00:00.000000", prompt, latency))
     decision = run(params, 7)
-    assert decision["skipped_rows"] == 3 and decision["rows"] == 40 and decision["status"] == "ok"
+    assert decision["skipped_rows"] == 3 and decision["rows"] == 41 and decision["status"] == "ok"
+    assert decision["operational"]["error_rate"] == pytest.approx(1 / 41)
 
 
 def test_missing_reference_is_a_clear_error(ws, tmp_path):
