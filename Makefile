@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint sample clean
+.PHONY: install demo test test-fast lint sample clean airflow
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,10 @@ test-fast: install
 
 lint: install
 	ruff check pipelines tests dags benchmarks scripts
+
+## airflow: a local Airflow (UI, scheduler) for dags/ on 127.0.0.1:8080 until Ctrl-C
+airflow: install
+	llmops airflow
 
 ## sample: rebuild data/sample/ from Debian's wordnet-base and dict-foldoc
 sample: install

@@ -55,13 +55,28 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
     "monitor": ("pipelines.monitor", [
         (("--end",), {"metavar": "WHEN", "help": "end of the window, ISO date/time (default: now); Airflow passes "
                                                   "its data interval end"}),
+        (("--json",), {"dest": "as_json", "action": "store_true",
+                       "help": "print the decision as one JSON line on stdout (for the orchestrator)"}),
+    ]),
+    "experiment": ("pipelines.experiment", [
+        (("action",), {
+            "choices": ["start", "save"], "help": "start: params.yaml := HEAD + overrides; save: `dvc exp save`"}),
+        (("--name",), {"required": True, "help": "the DVC experiment name (Airflow passes its run id)"}),
+        (("-S", "--set-param"), {"dest": "set_params", "action": "append", "default": [], "metavar": "KEY=VALUE",
+                                 "help": "start: a `dvc exp run -S` override (repeatable)"}),
+        (("--message",), {"help": "save: the experiment's commit message"}),
+    ]),
+    "airflow": ("pipelines.airflow_local", [
+        (("--port",), {"type": int, "default": 8080, "help": "UI/API port on 127.0.0.1 (default 8080)"}),
+        (("--home",), {"default": "airflow_home", "help": "AIRFLOW_HOME (default ./airflow_home)"}),
     ]),
     "lineage": ("pipelines.lineage", [
         (("version",), {"help": "the registered model version"}),
         (("--json",), {"dest": "as_json", "action": "store_true", "help": "print JSON"}),
     ]),
 }
-STAGES = [name for name in COMMANDS if name not in {"rollback", "lineage", "serve", "monitor", "simulate-traffic"}]
+TOOLS = {"rollback", "lineage", "serve", "monitor", "simulate-traffic", "experiment", "airflow"}
+STAGES = [name for name in COMMANDS if name not in TOOLS]
 
 
 def _summary(module_name: str) -> str:

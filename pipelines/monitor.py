@@ -538,7 +538,7 @@ def monitor(params: Params, end: datetime) -> dict[str, Any]:
     return decision
 
 
-def main(params: Params, end: str | None = None) -> None:
+def main(params: Params, end: str | None = None, as_json: bool = False) -> None:
     # The only place the clock is read: the command line's default. Schedulers pass --end.
     when = parse_time(end) if end else datetime.now(UTC)
     decision = monitor(params, when)
@@ -549,3 +549,10 @@ def main(params: Params, end: str | None = None) -> None:
                 f" ({', '.join(decision['drift'].get('drifted_signals', []))})" if drift else "",
                 "requested" if decision["retrain"]["requested"] else "not requested",
                 "; ".join(decision["retrain"]["reasons"]))
+    if as_json:  # the last line of stdout: what Airflow's BashOperator hands to the next task
+        summary = {k: decision.get(k) for k in ("window", "status", "rows", "model_version", "retrain",
+                                                "mlflow_run_id")}
+        summary["drift"] = {k: decision["drift"].get(k) for k in ("detected", "drifted_signals")}
+        window = Window(*(datetime.fromisoformat(decision["window"][k]) for k in ("start", "end")))
+        summary["report_dir"] = str((params.monitor.reports_dir / window.name).resolve())
+        print(json.dumps(summary, default=str), flush=True)

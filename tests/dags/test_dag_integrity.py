@@ -1,0 +1,137 @@
+"""The DAG files: they import cleanly and fast inside Airflow, carry what operators need, and
+follow dvc.yaml's stage graph (derived from DVC here, so the two cannot drift apart)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support import REPO
+
+DAGS = REPO / "dags"
+DAG_IDS = {"llmops_training", "llmops_monitoring"}
+
+
+@pytest.fixture(scope="module")
+def dagbag(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow-home")))
+    from airflow.dag_processing.dagbag import BundleDagBag
+
+    # BundleDagBag is what the dag-processor uses: the bundle (dags/) is on sys.path.
+    return BundleDagBag(dag_folder=str(DAGS), bundle_path=DAGS)
+
+
+def training_module():
+    sys.path.insert(0, str(DAGS))
+    try:
+        spec = importlib.util.spec_from_file_location("llmops_training_under_test", DAGS / "llmops_training.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(DAGS))
+
+
+def test_dagbag_has_both_dags_and_no_import_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert set(dagbag.dags) == DAG_IDS
+
+
+def test_each_dag_file_parses_in_under_0_3_s_inside_airflow(dagbag):
+    stats = {Path(stat.file).name: stat.duration.total_seconds() for stat in dagbag.dagbag_stats}
+    assert set(stats) == {"llmops_training.py", "llmops_monitoring.py"}  # llmops_common.py is .airflowignore'd
+    assert all(seconds < 0.3 for seconds in stats.values()), stats
+
+
+def test_dag_files_import_only_airflow_and_the_standard_library():
+    # A fresh interpreter: what a DAG file pulls in when Airflow parses it.
+    code = (f"import sys; sys.path.insert(0, {str(DAGS)!r}); before = set(sys.modules); import llmops_training, "
+            "llmops_monitoring; print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(eval(out.strip().splitlines()[-1]))  # noqa: S307 - our own printed list
+    heavy = {"pipelines", "torch", "transformers", "peft", "great_expectations", "evidently", "mlflow", "dvc",
+             "deepspeed", "datasets", "pandas", "sklearn", "sentence_transformers"}
+    assert not loaded & heavy, loaded & heavy
+
+
+@pytest.mark.parametrize("dag_id", sorted(DAG_IDS))
+def test_dag_has_owner_tags_docs_retries_and_one_run_at_a_time(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert "llmops" in dag.tags and len(dag.tags) >= 2
+    assert dag.doc_md and len(dag.doc_md) > 300
+    assert dag.max_active_runs == 1 and dag.catchup is False
+    for task in dag.tasks:
+        assert task.owner == "llmops", task.task_id
+        assert task.on_failure_callback, task.task_id
+    retried = {t.task_id for t in dag.tasks if t.retries > 0}
+    assert retried, "no task retries"
+    for task in dag.tasks:
+        if task.retries:
+            assert task.retry_exponential_backoff, task.task_id
+
+
+def test_training_tasks_follow_dvc_stage_graph(dagbag):
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        graph = repo.index.graph  # edge (a, b): stage a reads an output of stage b
+        stages = {stage.addressing: stage for stage in graph.nodes}
+        expected = {name: sorted(dep.addressing for dep in graph.successors(stage)) for name, stage in stages.items()}
+    dag = dagbag.dags["llmops_training"]
+    assert set(expected) <= set(dag.task_ids)
+    for name, upstream in expected.items():
+        actual = sorted(t for t in dag.get_task(name).upstream_task_ids if t in expected)
+        assert actual == upstream, (name, actual, upstream)
+    table = training_module().STAGES  # the DAG file's own table, as dvc.yaml has it, in its order
+    assert {name: sorted(upstream) for name, upstream in table.items()} == expected
+    assert list(table) == list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    # a stage never runs before experiment_start has set the run's params, nor after experiment_save
+    for name in expected:
+        assert "experiment_start" in {t.task_id for t in dag.get_task(name).get_flat_relatives(upstream=True)}
+        assert "experiment_save" in {t.task_id for t in dag.get_task(name).get_flat_relatives(upstream=False)}
+
+
+def test_validation_is_not_retried(dagbag):
+    assert dagbag.dags["llmops_training"].get_task("validate").retries == 0
+
+
+def test_trigger_form_params_have_descriptions_and_types(dagbag):
+    params = dagbag.dags["llmops_training"].params
+    for name in ("base_model", "max_steps", "learning_rate", "data_sources", "skip_gate", "reason"):
+        param = params.get_param(name)
+        assert param.description and param.schema.get("type"), name
+
+
+def test_trigger_form_values_become_dvc_override_strings():
+    module = training_module()
+    assert module.overrides({}) == []
+    got = module.overrides({"base_model": "org/it's", "max_steps": 40, "learning_rate": 1e-4,
+                            "data_sources": ["wordnet", " data/raw/new.jsonl ", ""], "overrides": ["train.lora.r=16"]})
+    assert got == ["base_model.source='org/it\\'s'", "train.max_steps=40", "train.learning_rate=0.0001",
+                   "ingest.sources=[{kind:bundled,name:wordnet},{kind:file,path:'data/raw/new.jsonl'}]",
+                   "train.lora.r=16"]
+    name = module.experiment_name("manual__2026-11-29T21:25:24.9+00:00")
+    assert name == "airflow-manual__2026-11-29T21-25-24.9-00-00"
+
+
+def test_the_overrides_parse_in_dvcs_grammar(tmp_path):
+    """What the form produces is what `dvc exp run -S` accepts (DVC's own parser applies it)."""
+    from dvc.utils.hydra import apply_overrides
+
+    module = training_module()
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(path, module.overrides({"base_model": "org/it's", "max_steps": 40, "learning_rate": 1e-4,
+                                            "data_sources": ["foldoc", "data/raw/new.jsonl"]}))
+    data = yaml.safe_load(path.read_text())
+    assert data["base_model"]["source"] == "org/it's"
+    assert data["train"]["max_steps"] == 40 and data["train"]["learning_rate"] == 1e-4
+    assert data["ingest"]["sources"] == [{"kind": "bundled", "name": "foldoc"},
+                                         {"kind": "file", "path": "data/raw/new.jsonl"}]
