@@ -5,8 +5,12 @@ sequential in-process generation on the same model in the same run.
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/serve.py [--requests-per-client 8] [--max-tokens 48]
 
 1. In-process, sequential: the champion loaded with the server's own loader
-   (`pipelines.serve.ModelSource`), each prompt answered alone by the same `generate_ids`
-   the server uses, one after another. This is what a caller without a server gets.
+   (`pipelines.serve.ModelSource`), each prompt answered alone by `generate_ids` (one
+   `generate` call), one after another. This is what a caller without a server gets. Then the
+   same prompts in static batches of `serve.max_batch_size` (`generate_ids` on each slice), and
+   through the continuous batching loop the server's worker runs
+   (`CausalLM.generate_continuous`, up to `serve.max_batch_size` rows, all prompts queued at
+   the start), both in-process; their answers are checked against the sequential ones.
 2. The real service: `llmops serve` started as a process on a free loopback port (its own
    temporary inference log), then for each concurrency c, c client threads each send
    `--requests-per-client` chat requests (prompts from the test split, greedy,
@@ -44,7 +48,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def in_process(params, prompts: list[str], max_tokens: int) -> dict:
-    from pipelines.lm import Decoding
+    from pipelines.lm import ContinuousBatch, Decoding
     from pipelines.serve import ModelSource
 
     source = ModelSource(params)
@@ -52,21 +56,32 @@ def in_process(params, prompts: list[str], max_tokens: int) -> dict:
     texts = [handle.render_chat([{"role": "user", "content": p}]) for p in prompts]
     decoding = Decoding(max_new_tokens=max_tokens)
     handle.lm.generate_ids(texts[:1], decoding)  # warm-up
-    latencies, tokens = [], 0
+    latencies, answers = [], []
     started = time.perf_counter()
     for text in texts:
         t = time.perf_counter()
-        tokens += len(handle.lm.generate_ids([text], decoding)[0])
+        answers.append(handle.lm.generate_ids([text], decoding)[0])
         latencies.append(time.perf_counter() - t)
     seconds = time.perf_counter() - started
-    # the ceiling for any batching server: the same prompts in static batches of max_batch_size
     size = params.serve.max_batch_size
+    # static batches of max_batch_size: a batch runs until its longest answer ends
     batched_started = time.perf_counter()
-    batched_tokens = sum(len(row) for offset in range(0, len(texts), size)
-                         for row in handle.lm.generate_ids(texts[offset: offset + size], decoding))
+    batched = [row for offset in range(0, len(texts), size)
+               for row in handle.lm.generate_ids(texts[offset: offset + size], decoding)]
     batched_seconds = time.perf_counter() - batched_started
-    return {"version": handle.version, "requests": len(texts), "seconds": seconds, "tokens": tokens,
-            "latencies": latencies, "batched": {"seconds": batched_seconds, "tokens": batched_tokens, "size": size}}
+    # the server worker's loop without the server: finished rows are refilled at the next step
+    loop = ContinuousBatch(handle.lm, size)
+    continuous_started = time.perf_counter()
+    continuous = handle.lm.generate_continuous(texts, decoding, max_rows=size, batch=loop)
+    continuous_seconds = time.perf_counter() - continuous_started
+
+    def mode(rows: list[list[int]], took: float, rows_per_step: float) -> dict:
+        return {"seconds": took, "tokens": sum(map(len, rows)), "rows_per_step": rows_per_step,
+                "same": sum(a == b for a, b in zip(rows, answers))}
+
+    return {"version": handle.version, "requests": len(texts), "seconds": seconds, "tokens": sum(map(len, answers)),
+            "latencies": latencies, "batched": mode(batched, batched_seconds, size),
+            "continuous": mode(continuous, continuous_seconds, loop.rows_stepped / max(1, loop.steps))}
 
 
 def load(url: str, prompts: list[str], clients: int, per_client: int, max_tokens: int) -> dict:
@@ -107,7 +122,7 @@ def load(url: str, prompts: list[str], clients: int, per_client: int, max_tokens
 
 
 def batch_counts(url: str) -> tuple[float, float]:
-    """(number of generate() calls, requests in them) so far, from the server's /metrics."""
+    """(decoding steps, requests in them) so far, from the server's /metrics."""
     import requests
 
     text = requests.get(f"{url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).text
@@ -172,22 +187,28 @@ def main() -> None:
 
     print(f"\nmodel: champion v{sequential['version']}\n")
     print("| mode | clients | requests | errors | requests/s | tokens/s | p50 latency (s) | p95 latency (s) |"
-          " mean batch | vs sequential |")
+          " rows per step | vs sequential |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lat = sequential["latencies"]
     print(f"| in-process, sequential | 1 | {sequential['requests']} | 0 | {seq_rps:.2f} | "
           f"{sequential['tokens'] / sequential['seconds']:.1f} | {percentile(lat, 50):.2f} | "
           f"{percentile(lat, 95):.2f} | 1 | 1.00x |")
-    if "batched" in sequential:
-        b = sequential["batched"]
-        rps = sequential["requests"] / b["seconds"]
-        print(f"| in-process, static batches (no server) | - | {sequential['requests']} | 0 | {rps:.2f} | "
-              f"{b['tokens'] / b['seconds']:.1f} | - | - | {b['size']} | {rps / seq_rps:.2f}x |")
+    for key, label in (("batched", "static batches"), ("continuous", "continuous batching")):
+        if key in sequential:
+            b = sequential[key]
+            rps = sequential["requests"] / b["seconds"]
+            print(f"| in-process, {label} (no server) | - | {sequential['requests']} | 0 | {rps:.2f} | "
+                  f"{b['tokens'] / b['seconds']:.1f} | - | - | {b['rows_per_step']:.1f} | {rps / seq_rps:.2f}x |")
     for clients, r in results.items():
         rps = r["requests"] / r["seconds"]
         print(f"| llmops serve | {clients} | {r['requests']} | {r['errors']} | {rps:.2f} | "
               f"{r['tokens'] / r['seconds']:.1f} | {percentile(r['latencies'], 50):.2f} | "
               f"{percentile(r['latencies'], 95):.2f} | {r['mean_batch']:.1f} | {rps / seq_rps:.2f}x |")
+    for key, label in (("batched", "static batches"), ("continuous", "continuous batching")):
+        if key in sequential:
+            print(f"\n{label}: {sequential[key]['same']} of {sequential['requests']} answers identical to the "
+                  "sequential ones", end="")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     if 1 in results:  # client 0 sent prompts 0..n-1, the first n the sequential run answered
         pairs = list(zip(results[1]["latencies"], lat))
         overhead = statistics.median(server - alone for server, alone in pairs)

@@ -14,11 +14,13 @@ alias now; used by `llmops deploy`). Every endpoint but `/health` and `/ready` n
 and readiness probes do not carry credentials, and they reveal nothing but the version.
 
 How a request flows: the handler validates and clamps the decoding parameters, puts a job
-on a bounded queue (full: 429 with Retry-After), and awaits it. One worker thread takes up
-to `max_batch_size` jobs with the same sampling settings, waiting at most `max_wait_ms`
-for the batch to fill, and runs one batched `generate` on the model version current at
-that moment. A hot swap replaces that reference atomically, so a batch in flight finishes
-on the version it started with. Docs: docs/serving.md.
+on a bounded queue (full: 429 with Retry-After), and awaits it. One worker thread runs a
+continuous batch (`pipelines.lm.ContinuousBatch`): up to `max_batch_size` requests decode
+together, a new request joins at the next decoding step (its prompt prefilled with the other
+newcomers) and a finished one leaves at the step after its last token, whatever the sampling
+settings of its neighbours. A hot swap replaces the model reference atomically; requests
+already decoding finish on the version they started with, and newcomers join the new version
+once those are done. Docs: docs/serving.md.
 
 No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at
 run time, and the request models are local to `create_app`.
@@ -148,7 +150,7 @@ class RequestError(Exception):
 
 @dataclass
 class Job:
-    """One request waiting for, or inside, a batch. Written by the worker thread, read by the
+    """One request waiting for, or inside, the batch. Written by the worker thread, read by the
     request's event loop through thread-safe callbacks."""
 
     prompt_text: str
@@ -161,38 +163,42 @@ class Job:
     stream: asyncio.Queue | None = None
     cancelled: bool = False
     enqueued_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     version: str | None = None
     batcher: Any = None  # set when queued; told when the job is answered
 
-    @property
-    def sampling_key(self) -> tuple:
-        d = self.decoding
-        return (d.do_sample, d.temperature, d.top_p, d.repetition_penalty)
-
 
 class Batcher:
-    """Dynamic batching on one worker thread (generation is compute-bound; torch already uses
-    every core inside one call, so more threads would only contend).
+    """Continuous batching on one worker thread (a decoding step is compute- and memory-bound;
+    torch already uses every core inside one forward, so more threads would only contend).
 
-    Written here because no maintained library batches `transformers.generate` calls for an
-    in-process model with per-request limits and streaming; vLLM and TGI do it, but as
-    separate GPU-first servers (docs/serving.md shows how to put one in front).
+    The loop, step by step: admit waiting requests into free rows (prefilled together, then
+    merged into the running KV cache), run one decoding step for every row, hand each row its
+    token (streaming, stop sequences, per-request `max_tokens`, cancellation), and answer the
+    rows that finished; they leave the cache at the next step. The model side is
+    `pipelines.lm.ContinuousBatch` (why it is a loop of our own is written there).
+
+    Written here because no maintained library batches an in-process transformers model on a
+    CPU with per-request limits and streaming; vLLM and TGI do it, but as separate GPU-first
+    servers (docs/serving.md shows how to put one in front).
     """
 
     def __init__(self, service: "Service") -> None:
         self.service = service
         self.settings = service.settings
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=self.settings.queue_size)
-        self.held: list[Job] = []  # jobs taken off the queue that did not fit the last batch's sampling key
+        self.waiting: list[Job] = []  # taken off the queue, not admitted yet (a hot swap is draining the batch)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="llmops-batcher", daemon=True)
-        self.batch_seconds = 0.5  # running mean of a batch's duration (Retry-After, batch wait window)
+        self.request_seconds = 0.5  # running mean of a request's time in the batch (Retry-After, wait window)
         self.outstanding = 0  # requests submitted and not answered yet
         self.count_lock = threading.Lock()
         self.load_samples: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, outstanding) at each arrival
+        self.batch: Any = None  # the ContinuousBatch of the version in `handle`
+        self.handle: ModelHandle | None = None  # the version the rows in the batch decode on
 
     def start(self) -> None:
         self.thread.start()
@@ -203,7 +209,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self.jobs.qsize() + len(self.held)
+        return self.jobs.qsize() + len(self.waiting)
 
     def submit(self, job: Job) -> None:
         try:
@@ -213,52 +219,13 @@ class Batcher:
                 self.load_samples.append((time.monotonic(), self.outstanding))
             job.batcher = self
         except queue.Full:
-            batches_ahead = self.depth / self.settings.max_batch_size + 1
-            retry_after = max(1, round(batches_ahead * self.batch_seconds))
+            # a row frees every request_seconds / max_batch_size on average
+            rounds_ahead = self.depth / self.settings.max_batch_size + 1
+            retry_after = max(1, round(rounds_ahead * self.request_seconds))
             raise RequestError(429, f"the server is at capacity ({self.settings.queue_size} requests waiting); "
                                     f"retry after {retry_after} s", code="overloaded",
                                headers={"Retry-After": str(retry_after)}) from None
         self.service.metrics.queue_depth.set(self.depth)
-
-    def _next_batch(self) -> list[Job]:
-        """Up to max_batch_size jobs with one sampling key. The wait for more adapts to the load:
-        it lasts until the batch holds as many requests as were in the server at once in the
-        last few seconds (clients whose answers just went out are sending their next requests;
-        left behind, they would wait a whole batch), or until max_wait_ms passes. A lone request
-        at low load is not held back, and a busy server keeps its batches full instead of
-        settling into half-full batches that alternate."""
-        batch: list[Job] = []
-        if self.held:
-            batch.append(self.held.pop(0))
-        else:
-            try:
-                batch.append(self.jobs.get(timeout=0.2))
-            except queue.Empty:
-                return []
-        key = batch[0].sampling_key
-        for job in list(self.held):  # same-key jobs held from earlier go first
-            if len(batch) < self.settings.max_batch_size and job.sampling_key == key:
-                self.held.remove(job)
-                batch.append(job)
-        target = self._expected_batch()
-        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
-        while len(batch) < self.settings.max_batch_size:
-            remaining = deadline - time.perf_counter() if len(batch) < target else 0.0
-            try:
-                job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            (batch if job.sampling_key == key else self.held).append(job)
-        for job in batch:
-            if job.cancelled:  # timed out or disconnected while waiting: answer nobody, count it done
-                _resolve(job, RequestError(499, "cancelled before generation"))
-        return [job for job in batch if not job.cancelled]
-
-    def _expected_batch(self) -> int:
-        now = time.monotonic()
-        window = max(10.0, 3 * self.batch_seconds)
-        recent = [count for at, count in self.load_samples if now - at <= window]
-        return max(1, min(self.settings.max_batch_size, max(recent, default=1)))
 
     def finished(self) -> None:
         with self.count_lock:
@@ -266,68 +233,155 @@ class Batcher:
 
     def _run(self) -> None:
         while not self.stopping.is_set():
-            batch = self._next_batch()
-            self.service.metrics.queue_depth.set(self.depth)
-            if not batch:
-                continue
-            handle = self.service.handle  # the version this batch runs on, whatever swaps meanwhile
-            started = time.perf_counter()
             try:
-                self._generate(handle, batch)
-            except Exception as error:  # noqa: BLE001 - any failure must reach the waiting requests
-                logger.exception("generation failed for a batch of %d", len(batch))
-                for job in batch:
-                    _resolve(job, RequestError(500, f"generation failed: {str(error).splitlines()[0][:200]}"))
+                self._admit()
+                self._step()
+            except Exception as error:  # noqa: BLE001 - the worker must outlive any one failure
+                logger.exception("the batch failed; answering its requests with an error")
+                self._fail_rows(RequestError(500, f"generation failed: {str(error).splitlines()[0][:200]}"))
+            self.service.metrics.queue_depth.set(self.depth)
+        shutting = RequestError(503, "the server is shutting down; retry on another replica or later",
+                                headers={"Retry-After": "5"})
+        self._fail_rows(shutting)
+        for job in [*self.waiting, *self._drain_queue()]:
+            _resolve(job, shutting)
+        self.waiting = []
+
+    def _admit(self) -> None:
+        """Move waiting requests into free rows of the batch (prefill + merge)."""
+        from pipelines.lm import ContinuousBatch, Sequence
+
+        running = self.batch is not None and self.batch.free < self.batch.max_rows
+        if not running:
+            handle = self.service.handle
+            if handle is None:
+                time.sleep(0.2)
+                return
+            if self.batch is None or self.batch.lm is not handle.lm:
+                self.batch = ContinuousBatch(handle.lm, self.settings.max_batch_size)
+            self.handle = handle
+        elif self.service.handle is not self.handle:
+            return  # a new version: newcomers wait until the rows on the old one have finished
+        newcomers = self._take(self.batch.free, idle=not running)
+        if not newcomers:
+            return
+        tokenizer = self.handle.lm.tokenizer
+        rows = []
+        try:
+            for job in newcomers:
+                job.version, job.admitted_at = self.handle.version, time.perf_counter()
+                ids = tokenizer(job.prompt_text, add_special_tokens=False)["input_ids"]
+                rows.append(Sequence(ids, job.max_tokens, job.decoding, tag=job))
+            events = self.batch.add(rows)
+        except Exception as error:  # noqa: BLE001 - the newcomers fail, the running rows go on
+            logger.exception("prefill failed for %d new requests", len(rows))
+            for job in newcomers:
+                _resolve(job, RequestError(500, f"generation failed: {str(error).splitlines()[0][:200]}"))
+            return
+        for row in rows:
+            if row.error is not None:  # refused by the batch (prompt + max_tokens past the context)
+                _resolve(row.tag, RequestError(413, str(row.error), param="prompt"))
+        self._deliver(events)
+
+    def _take(self, free: int, idle: bool) -> list[Job]:
+        """Up to `free` waiting jobs. While rows are decoding, whatever arrived during the last step
+        joins at once. When the batch is idle, the wait for more adapts to the load: it lasts until
+        as many requests are here as were in the server at once in the last few seconds, or until
+        max_wait_ms passes, so a burst prefills together and a lone request at low load starts at once."""
+        jobs: list[Job] = []
+        if idle and not self.waiting:
+            try:
+                self.waiting.append(self.jobs.get(timeout=0.2))
+            except queue.Empty:
+                return []
+        target = self._expected_batch() if idle else 0
+        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
+        while len(jobs) < free:
+            if self.waiting:
+                job = self.waiting.pop(0)
+            else:
+                remaining = deadline - time.perf_counter() if len(jobs) < target else 0.0
+                try:
+                    job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+            if job.cancelled:  # timed out or disconnected while waiting: answer nobody, count it done
+                _resolve(job, RequestError(499, "cancelled before generation"))
                 continue
-            elapsed = time.perf_counter() - started
-            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * elapsed
-            self.service.metrics.batch_size.observe(len(batch))
+            jobs.append(job)
+        return jobs
 
-    def _generate(self, handle: ModelHandle, batch: list[Job]) -> None:
-        lm = handle.lm
-        tokenizer = lm.tokenizer
-        eos = tokenizer.eos_token_id
-        stop_rows = [False] * len(batch)
-        for job in batch:
-            job.version = handle.version
+    def _expected_batch(self) -> int:
+        now = time.monotonic()
+        window = max(10.0, 3 * self.request_seconds)
+        recent = [count for at, count in self.load_samples if now - at <= window]
+        return max(1, min(self.settings.max_batch_size, max(recent, default=1)))
 
-        def advance(job: Job, index: int) -> None:
-            """Decode the row so far and hand the new text to the request (streaming)."""
-            text = tokenizer.decode(job.token_ids, skip_special_tokens=True)
-            for stop in job.stop:
-                at = text.find(stop)
-                if at >= 0:
-                    text, job.finish_reason, stop_rows[index] = text[:at], "stop", True
-            if text.endswith("\ufffd") and not stop_rows[index]:
-                return  # half of a multi-byte character: wait for the rest
-            if job.stream is not None and len(text) > len(job.text):
-                job.loop.call_soon_threadsafe(job.stream.put_nowait, text[len(job.text):])
-            job.text = text
+    def _step(self) -> None:
+        if self.batch is None or not self.batch.rows:
+            return
+        events = self.batch.step()
+        if events:
+            self.service.metrics.batch_size.observe(len(events))
+        self._deliver(events)
 
-        def on_step(tokens: list[int]) -> None:
-            for index, (job, token) in enumerate(zip(batch, tokens)):
-                if stop_rows[index] or job.finish_reason:
-                    continue
-                if job.cancelled:
-                    stop_rows[index] = True
-                    continue
-                if token == eos:
-                    job.finish_reason = "stop"
-                    stop_rows[index] = True
-                    continue
-                job.token_ids.append(token)
-                advance(job, index)
-                if job.finish_reason is None and len(job.token_ids) >= job.max_tokens:
-                    job.finish_reason = "length"
-                    stop_rows[index] = True
+    def _deliver(self, events: list) -> None:
+        """Hand each row its new token; answer the rows that finished. A failure while handling one
+        row (decoding its text, reaching its client) ends that row only."""
+        for row, token in events:
+            job: Job = row.tag
+            try:
+                self._on_token(job, row, token)
+            except Exception as error:  # noqa: BLE001 - one request's failure must not end the others
+                logger.exception("answering a request failed")
+                row.finish("error")
+                _resolve(job, RequestError(500, f"generation failed: {str(error).splitlines()[0][:200]}"))
+                continue
+            if row.finished:
+                job.finish_reason = job.finish_reason or ("length" if row.finish_reason == "length" else "stop")
+                job.text = job.text.strip() if job.stream is None else job.text
+                if job.admitted_at is not None:
+                    elapsed = time.perf_counter() - job.admitted_at
+                    self.request_seconds = 0.8 * self.request_seconds + 0.2 * elapsed
+                _resolve(job, None)
 
-        decoding = batch[0].decoding
-        lm.generate_ids([job.prompt_text for job in batch], decoding, max_new_tokens=[j.max_tokens for j in batch],
-                        on_step=on_step, stop_rows=stop_rows, seed=decoding.seed)
-        for job in batch:
-            job.finish_reason = job.finish_reason or "length"
-            job.text = job.text.strip() if job.stream is None else job.text
-            _resolve(job, None)
+    def _on_token(self, job: Job, row: Any, token: int) -> None:
+        if job.cancelled:  # the client went away or timed out: free the row at the next step
+            row.finish("cancelled")
+            return
+        if token == self.batch.eos:
+            job.finish_reason = "stop"
+            return
+        job.token_ids.append(token)
+        text = self.handle.lm.tokenizer.decode(job.token_ids, skip_special_tokens=True)
+        stopped = False
+        for stop in job.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text, job.finish_reason, stopped = text[:at], "stop", True
+                row.finish("stop")
+        if text.endswith("\ufffd") and not stopped:
+            return  # half of a multi-byte character: wait for the rest
+        if job.stream is not None and len(text) > len(job.text):
+            job.loop.call_soon_threadsafe(job.stream.put_nowait, text[len(job.text):])
+        job.text = text
+
+    def _fail_rows(self, error: RequestError) -> None:
+        """Answer every request decoding in the batch with `error`; the next ones start afresh."""
+        if self.batch is not None:
+            for row in self.batch.rows:
+                if not row.finished:
+                    row.finish("error")
+                    _resolve(row.tag, error)
+        self.batch = None
+
+    def _drain_queue(self) -> list[Job]:
+        jobs = []
+        while True:
+            try:
+                jobs.append(self.jobs.get_nowait())
+            except queue.Empty:
+                return jobs
 
 
 def _resolve(job: Job, error: RequestError | None) -> None:
@@ -344,7 +398,10 @@ def _resolve(job: Job, error: RequestError | None) -> None:
             else:
                 job.done.set_result(job)
 
-    job.loop.call_soon_threadsafe(finish)
+    try:
+        job.loop.call_soon_threadsafe(finish)
+    except RuntimeError:  # the request's event loop is closed: nobody is left to answer
+        logger.warning("request answered after its event loop closed; dropped")
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -365,7 +422,7 @@ class Metrics:
         self.tokens = Counter("llmops_generated_tokens", "Tokens generated", registry=self.registry)
         self.prompt_tokens = Counter("llmops_prompt_tokens", "Prompt tokens processed", registry=self.registry)
         self.queue_depth = Gauge("llmops_queue_depth", "Requests waiting for a batch", registry=self.registry)
-        self.batch_size = Histogram("llmops_batch_size", "Requests per generate() call", registry=self.registry,
+        self.batch_size = Histogram("llmops_batch_size", "Requests in each decoding step", registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
         self.model = Info("llmops_model", "The model version being served", registry=self.registry)
         self.swaps = Counter("llmops_model_swaps", "Hot swaps to a new model version", registry=self.registry)
@@ -552,7 +609,7 @@ def create_app(service: Service) -> "FastAPI":
     from fastapi.sse import EventSourceResponse, format_sse_event
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from pipelines.lm import Decoding
+    from pipelines.lm import ContextTooLong, Decoding
 
     models = _pydantic_models()
     CompletionBody, ChatBody, FeedbackBody = models["completion"], models["chat"], models["feedback"]
@@ -636,6 +693,10 @@ def create_app(service: Service) -> "FastAPI":
             raise RequestError(413, f"the prompt is {prompt_tokens} tokens long, over this server's limit of "
                                     f"{limits.max_prompt_tokens} (serve.limits.max_prompt_tokens); shorten it",
                                param="prompt")
+        try:
+            handle.lm.check_fits(prompt_tokens, max_tokens)
+        except ContextTooLong as error:
+            raise RequestError(413, str(error), param="prompt") from None
         loop = asyncio.get_running_loop()
         job = Job(prompt_text, prompt_tokens, decoding, max_tokens, stops, loop, loop.create_future(),
                   stream=asyncio.Queue() if body.stream else None)
