@@ -40,10 +40,12 @@ DEFAULT_ARGS = {
 }
 
 
-def schedule(name: str, default: str) -> str:
+def schedule(name: str, default: str) -> str | None:
     """A DAG's schedule, from the Airflow Variable `name` given as environment variable
-    AIRFLOW_VAR_<NAME> (read at parse time without a database call; one place to change it)."""
-    return os.environ.get(f"AIRFLOW_VAR_{name.upper()}", default)
+    AIRFLOW_VAR_<NAME> (read at parse time without a database call; one place to change it).
+    `none` turns the schedule off (runs only when triggered)."""
+    value = os.environ.get(f"AIRFLOW_VAR_{name.upper()}", default).strip()
+    return None if value.lower() in {"", "none", "null"} else value
 
 
 def shell(command: str) -> str:

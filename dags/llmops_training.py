@@ -51,26 +51,26 @@ through `llmops_notify` (docs/orchestration.md).
 """
 
 PARAMS = {
-    "reason": Param("", type="string", title="Reason",
+    "reason": Param("", type=["null", "string"], title="Reason",
                     description="Why this run (recorded on the DVC experiment; required with skip_gate)."),
-    "base_model": Param("", type="string", title="Base model",
+    "base_model": Param("", type=["null", "string"], title="Base model",
                         description="A Hugging Face hub id, a local folder, or bundled:smollm2-135m-instruct. "
                                     "Empty: params.yaml's base_model.source."),
     "max_steps": Param(None, type=["null", "integer"], minimum=1, title="Max steps",
                        description="Optimizer steps (train.max_steps). Empty: params.yaml's."),
     "learning_rate": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1, title="Learning rate",
                            description="train.learning_rate. Empty: params.yaml's."),
-    "data_sources": Param([], type="array", items={"type": "string"}, title="Data sources",
+    "data_sources": Param([], type=["null", "array"], items={"type": "string"}, title="Data sources",
                           description="One per line: wordnet, foldoc (bundled samples) or a JSONL/CSV/Parquet "
                                       "path in the project, e.g. data/raw/new.jsonl. Empty: params.yaml's "
                                       "ingest.sources."),
-    "overrides": Param([], type="array", items={"type": "string"}, title="More overrides",
+    "overrides": Param([], type=["null", "array"], items={"type": "string"}, title="More overrides",
                        description="Any other params, one `dvc exp run -S` override per line, e.g. "
                                    "train.lora.r=16"),
     "skip_gate": Param(False, type="boolean", title="Skip the promotion gate",
                        description="Promote the new version even if the gate says no (recorded as forced, "
                                    "with the reason)."),
-    "drift_report": Param("", type="string", title="Drift report",
+    "drift_report": Param("", type=["null", "string"], title="Drift report",
                           description="Set by llmops_monitoring when drift triggered this run."),
 }
 
@@ -138,7 +138,7 @@ with DAG(
             # skip_gate: the forced promotion, then `dvc commit` so the lock file records it
             command = ("{% if params.skip_gate %}llmops promote --force --reason \"$LLMOPS_REASON\" && "
                        "dvc --wait-for-lock commit --force promote{% else %}" + command + "{% endif %}")
-            env = {"LLMOPS_REASON": "{{ params.reason }} (airflow run {{ run_id }})"}
+            env = {"LLMOPS_REASON": "{{ params.reason or '' }} (airflow run {{ run_id }})"}
         tasks[stage] = BashOperator(
             task_id=stage, bash_command=shell(command), env=env, append_env=True,
             retries=0 if stage in NO_RETRY else DEFAULT_ARGS["retries"],

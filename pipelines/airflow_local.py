@@ -39,8 +39,15 @@ class AirflowError(LLMOpsError):
     """Airflow did not start (port taken, a component died)."""
 
 
+def _default_sigint() -> None:
+    # A process started in the background by a non-interactive shell (CI, nohup, `cmd &`)
+    # inherits SIGINT as ignored; standalone must take SIGINT to stop its components.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LocalAirflow:
-    def __init__(self, repo: Path, home: Path, port: int = 8080) -> None:
+    def __init__(self, repo: Path, home: Path, port: int = 8080, base_env: dict[str, str] | None = None) -> None:
+        self.base_env = dict(os.environ if base_env is None else base_env)
         self.repo = repo.resolve()
         self.home = home.resolve()
         self.port = port
@@ -50,8 +57,8 @@ class LocalAirflow:
     def env(self) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)
         return {
-            **os.environ,
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            **self.base_env,
+            "PATH": f"{bin_dir}{os.pathsep}{self.base_env.get('PATH', '')}",
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.repo / "dags"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -81,7 +88,7 @@ class LocalAirflow:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it; closed with the process
         self.process = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"],
                                         env=self.env(), cwd=self.repo, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_default_sigint)
         log.close()
 
     def health(self) -> dict:

@@ -31,6 +31,7 @@ import json
 import logging
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -112,7 +113,8 @@ def save(root: Path, name: str, message: str | None = None) -> str:
         # cache: false outputs (metrics, plots, records) are plain files git may not track yet
         untracked = sorted({str(Path(out.fs_path).relative_to(root.resolve())) for stage in repo.index.stages
                             for out in stage.outs if not out.use_cache and Path(out.fs_path).exists()})
-    command = ["dvc", "exp", "save", "--force", "--name", name]
+    beside = Path(sys.executable).parent / "dvc"  # the dvc of this environment, whatever PATH says
+    command = [str(beside) if beside.exists() else "dvc", "exp", "save", "--force", "--name", name]
     for path in untracked:
         if _git(root, "ls-files", "--error-unmatch", path).returncode != 0:
             command += ["--include-untracked", path]

@@ -234,7 +234,8 @@ def format_report(outcomes: list[Outcome], rows: int, data_path: Path, report_di
     lines = [f"validate: {len(blocking)} blocking expectation(s) failed on {data_path} ({rows} rows):"]
     for outcome in blocking:
         lines.append("  - " + describe_failure(outcome))
-    lines.append(f"Full report: {report_dir / 'data_docs' / 'index.html'} and {report_dir / 'result.json'}")
+    where = report_dir.resolve()  # absolute: the line is read in Airflow's task log, far from the checkout
+    lines.append(f"Full report: {where / 'data_docs' / 'index.html'} and {where / 'result.json'}")
     lines.append("Fix the source data, or list an expectation in validate.warn_only (params.yaml) "
                  "to make it a warning.")
     return "\n".join(lines)

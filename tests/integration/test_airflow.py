@@ -1,0 +1,342 @@
+"""The DAGs on a real Airflow, on the tiny pipeline (a tiny Llama, 1,500 rows, 4 steps).
+
+First `airflow dags test` in a temporary AIRFLOW_HOME (never a running scheduler's database):
+the training DAG end to end, a failed validation, and the monitoring DAG on drifted and on
+empty windows. Then the real components (`llmops airflow`: api-server, scheduler,
+dag-processor, triggerer on loopback): a trigger through the REST API v2 with the params the UI
+sends, two triggers at once, the monitoring DAG triggering a training run, and headless
+Chromium filling the UI's trigger form. All in one project and one MLflow server, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support import BIN, Project, free_port, require, tiny_pipeline_project
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
+STAGES = ["ingest", "validate", "prepare", "base_model", "train", "evaluate", "register", "promote", "deploy"]
+ARTIFACTS = Path(os.environ.get("LLMOPS_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
+# What the UI's trigger form sends: every param, the untouched ones with their defaults.
+FORM_DEFAULTS = {"reason": "", "base_model": "", "max_steps": None, "learning_rate": None, "data_sources": [],
+                 "overrides": [], "skip_gate": False, "drift_report": ""}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_tokenizer_dir, mlflow_server) -> Project:
+    return tiny_pipeline_project(tmp_path_factory.mktemp("airflow") / "project", tiny_tokenizer_dir,
+                                 mlflow_server.uri)
+
+
+class AirflowCli:
+    """`airflow ...` against a temporary AIRFLOW_HOME with its own SQLite database."""
+
+    def __init__(self, project: Project, home: Path) -> None:
+        self.project = project
+        self.env = {**project.env, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                    "AIRFLOW__CORE__DAGS_FOLDER": str(project.root / "dags"),
+                    "AIRFLOW_VAR_LLMOPS_REPO": str(project.root), "AIRFLOW_VAR_LLMOPS_BIN": str(BIN)}
+
+    def run(self, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(BIN / "airflow"), *args], env=self.env, cwd=self.project.root,
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"airflow {' '.join(args)} exited {result.returncode}\n{result.stdout[-4000:]}\n"
+                                 f"{result.stderr[-4000:]}")
+        return result
+
+    def query(self, code: str) -> object:
+        """Run Python with Airflow's ORM against this database; `code` sets `out`."""
+        script = ("import json\nfrom airflow.utils.session import create_session\n"
+                  "from airflow.models import DagRun, TaskInstance\n"
+                  f"with create_session() as session:\n    {code}\nprint(json.dumps(out, default=str))")
+        result = subprocess.run([str(BIN / "python"), "-c", script], env=self.env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def runs(self, dag_id: str) -> list[dict]:
+        return self.query(
+            f"out = [dict(run_id=r.run_id, state=r.state, run_type=r.run_type, conf=r.conf) for r in "
+            f"session.query(DagRun).filter(DagRun.dag_id == {dag_id!r}).order_by(DagRun.id)]")
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        return self.query(
+            f"out = {{t.task_id: t.state for t in session.query(TaskInstance).filter("
+            f"TaskInstance.dag_id == {dag_id!r}, TaskInstance.run_id == {run_id!r})}}")
+
+
+@pytest.fixture(scope="module")
+def cli(tiny, tmp_path_factory) -> AirflowCli:
+    cli = AirflowCli(tiny, tmp_path_factory.mktemp("airflow-home"))
+    cli.run("db", "migrate")
+    return cli
+
+
+def registered_versions(server_uri: str, name: str) -> dict[str, dict]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=server_uri)
+    versions = client.search_model_versions(f"name='{name}'")
+    return {v.version: dict(v.tags) for v in versions}
+
+
+def model_name(project: Project) -> str:
+    return project.params()["registry"]["model_name"]
+
+
+def experiments(project: Project) -> dict[str, dict]:
+    """DVC experiments by name: their params.yaml params."""
+    shown = json.loads(project.dvc("exp", "show", "--json").stdout)
+    out = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                if rev.get("name"):
+                    out[rev["name"]] = data.get("params", {}).get("params.yaml", {}).get("data", {})
+    return out
+
+
+# --- airflow dags test ---------------------------------------------------------------------
+
+
+def test_dags_test_runs_the_training_pipeline_and_records_a_dvc_experiment(tiny, cli, mlflow_server):
+    conf = {"reason": "first model", "skip_gate": True}
+    result = cli.run("dags", "test", "llmops_training", "-c", json.dumps(conf))
+    assert "state=success" in result.stdout + result.stderr
+    (run,) = cli.runs("llmops_training")
+    assert run["state"] == "success"
+    states = cli.task_states("llmops_training", run["run_id"])
+    assert states == {task: "success" for task in ["experiment_start", *STAGES, "experiment_save"]}
+
+    # the gate was skipped on request: a forced promotion, recorded with the reason
+    decision = json.loads((tiny.root / "reports/promote/decision.json").read_text())
+    assert decision["promoted"] and decision["forced"]
+    versions = registered_versions(mlflow_server.uri, model_name(tiny))
+    assert list(versions) == ["1"]
+    assert "first model" in json.dumps(versions["1"])
+
+    # the run is a DVC experiment with the params it trained with
+    saved = experiments(tiny)
+    name = "airflow-" + run["run_id"].replace(":", "-").replace("+", "-")
+    assert name in saved, saved.keys()
+    assert saved[name]["train"]["max_steps"] == 4
+
+
+def test_failed_validation_fails_the_run_with_the_report_and_registers_nothing(tiny, cli, mlflow_server):
+    shutil.copy2(FIXTURES / "pii.jsonl", tiny.root / "data/raw/pii.jsonl")
+    conf = {"reason": "bad data", "data_sources": ["data/raw/pii.jsonl"], "overrides": ["validate.min_rows=100"]}
+    result = cli.run("dags", "test", "llmops_training", "-c", json.dumps(conf), check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "DagRun failed" in output
+    run = cli.runs("llmops_training")[-1]
+    assert run["state"] == "failed"
+    states = cli.task_states("llmops_training", run["run_id"])
+    assert states["validate"] == "failed" and states["ingest"] == "success"
+    assert all(states[task] == "upstream_failed" for task in ["prepare", "train", "register", "experiment_save"])
+    # the task log names the failed expectation and links the Great Expectations report
+    assert "response_no_email" in output
+    assert f"{tiny.root}/reports/validate/data_docs/index.html" in output
+    # the failure callback notified (the default channel is the log)
+    assert f"llmops: task validate of llmops_training run {run['run_id']} failed" in output
+    assert list(registered_versions(mlflow_server.uri, model_name(tiny))) == ["1"]
+    assert not (tiny.root / "data/prepared/train.parquet").exists() or \
+        json.loads((tiny.root / "reports/validate/result.json").read_text())["success"] is False
+
+
+def test_monitoring_dag_triggers_training_on_drift_and_not_on_an_empty_window(tiny, cli):
+    tiny.run(str(BIN / "llmops"), "simulate-traffic", "--requests", "60", "--drift-share", "0.9",
+             "--end", "2026-11-24T00:00:00Z")
+    result = cli.run("dags", "test", "llmops_monitoring", "2026-11-24T00:00:00+00:00")
+    output = result.stdout + result.stderr
+    assert "retraining requested: drift in 1 of the last 1 windows" in output
+    monitoring = cli.runs("llmops_monitoring")[-1]
+    states = cli.task_states("llmops_monitoring", monitoring["run_id"])
+    assert states == {"monitor": "success", "decide": "success", "trigger_training": "success",
+                      "no_retrain": "skipped"}
+    triggered = [r for r in cli.runs("llmops_training") if r["run_id"] == "drift__20261124T000000"]
+    assert len(triggered) == 1 and triggered[0]["run_type"] == "operator_triggered"
+    assert "drift in window ending 2026-11-24T00:00:00+00:00" in triggered[0]["conf"]["reason"]
+    assert "reports/monitor/2026-11-24T00-00-00Z" in triggered[0]["conf"]["drift_report"]
+
+    result = cli.run("dags", "test", "llmops_monitoring", "2026-11-20T00:00:00+00:00")
+    output = result.stdout + result.stderr
+    assert "no retraining: " in output and "no-traffic" in output
+    monitoring = cli.runs("llmops_monitoring")[-1]
+    states = cli.task_states("llmops_monitoring", monitoring["run_id"])
+    assert states["no_retrain"] == "success" and states["trigger_training"] == "skipped"
+    assert [r["run_id"] for r in cli.runs("llmops_training")].count("drift__20261124T000000") == 1
+
+
+# --- the real components -------------------------------------------------------------------
+
+
+class Api:
+    """The REST API v2 with a bearer token from /auth/token (what the UI does after login)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.token = url, token
+
+    def call(self, method: str, path: str, body: object = None) -> dict:
+        request = urllib.request.Request(f"{self.url}/api/v2/{path}", method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {self.token}",
+                                                  "Content-Type": "application/json", "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"{method} {path}: {error.code} {error.read()[:1000]!r}") from None
+
+    def trigger(self, dag_id: str, conf: dict, logical_date: str | None = None) -> str:
+        run = self.call("POST", f"dags/{dag_id}/dagRuns", {"logical_date": logical_date, "conf": conf})
+        return run["dag_run_id"]
+
+    def run(self, dag_id: str, run_id: str) -> dict:
+        return self.call("GET", f"dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
+
+    def wait(self, dag_id: str, run_id: str, timeout: float = 900) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.run(dag_id, run_id)
+            if run["state"] in ("success", "failed"):
+                return run
+            time.sleep(2)
+        raise AssertionError(f"{dag_id} {run_id} still {run['state']} after {timeout} s")
+
+    def log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+        quoted = urllib.parse.quote(run_id, safe="")
+        body = self.call("GET", f"dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}")
+        content = body.get("content", "")
+        return "\n".join(json.dumps(c) if not isinstance(c, str) else c for c in content) \
+            if isinstance(content, list) else str(content)
+
+    def states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        quoted = urllib.parse.quote(run_id, safe="")
+        body = self.call("GET", f"dags/{dag_id}/dagRuns/{quoted}/taskInstances")
+        return {t["task_id"]: t["state"] for t in body["task_instances"]}
+
+
+@pytest.fixture(scope="module")
+def live(tiny, tmp_path_factory):
+    """`llmops airflow` on a free loopback port, in the project (what `make airflow` starts)."""
+    from pipelines.airflow_local import LocalAirflow
+
+    # No schedules: unpausing a scheduled DAG starts a run for its latest interval, which would
+    # queue ahead of the runs these tests trigger.
+    env = {**tiny.env, "AIRFLOW_VAR_LLMOPS_TRAINING_SCHEDULE": "none", "AIRFLOW_VAR_LLMOPS_MONITORING_SCHEDULE": "none"}
+    airflow = LocalAirflow(tiny.root, tmp_path_factory.mktemp("airflow-live"), free_port(), base_env=env)
+    airflow.start()
+    try:
+        airflow.wait_healthy(timeout=300)
+        api = Api(airflow.url, airflow.token())
+        deadline = time.monotonic() + 120  # the dag-processor's first parse
+        while time.monotonic() < deadline:
+            dags = {d["dag_id"] for d in api.call("GET", "dags")["dags"]}
+            if {"llmops_training", "llmops_monitoring"} <= dags:
+                break
+            time.sleep(2)
+        for dag_id in ("llmops_training", "llmops_monitoring"):
+            assert api.call("GET", f"dags/{dag_id}")["is_paused"] is True  # new DAGs start paused
+            api.call("PATCH", f"dags/{dag_id}", {"is_paused": False})
+        yield airflow, api
+    except Exception:
+        print(airflow.log_tail(80))
+        raise
+    finally:
+        airflow.stop()
+        assert airflow.process.poll() is not None
+
+
+def test_trigger_through_the_rest_api_with_form_params(tiny, live, mlflow_server):
+    _, api = live
+    conf = {**FORM_DEFAULTS, "reason": "more steps", "max_steps": 5, "overrides": ["promote.min_improvement=0.5"]}
+    run_id = api.trigger("llmops_training", conf)
+    run = api.wait("llmops_training", run_id)
+    assert run["state"] == "success", api.states("llmops_training", run_id)
+    assert run["run_type"] == "manual" and run["conf"]["max_steps"] == 5
+    # the gate says no (min_improvement 0.5 cannot be met): the run succeeds and says so
+    promote_log = api.log("llmops_training", run_id, "promote")
+    assert "version 2: not promoted" in promote_log
+    versions = registered_versions(mlflow_server.uri, model_name(tiny))
+    assert "2" in versions
+    saved = experiments(tiny)
+    name = "airflow-" + run_id.replace(":", "-").replace("+", "-")
+    assert saved[name]["train"]["max_steps"] == 5 and saved[name]["promote"]["min_improvement"] == 0.5
+
+
+def test_two_triggers_at_once_queue_and_both_finish(live):
+    _, api = live
+    first = api.trigger("llmops_training", {**FORM_DEFAULTS, "reason": "first of two"})
+    second = api.trigger("llmops_training", {**FORM_DEFAULTS, "reason": "second of two"})
+    assert api.run("llmops_training", second)["state"] == "queued"  # max_active_runs=1
+    a = api.wait("llmops_training", first)
+    b = api.wait("llmops_training", second)
+    assert a["state"] == b["state"] == "success", (api.states("llmops_training", first),
+                                                   api.states("llmops_training", second))
+    assert b["start_date"] >= a["end_date"]  # one after the other: DVC's lock is never contended
+    assert "Unable to acquire lock" not in api.log("llmops_training", second, "train")
+
+
+def test_monitoring_dag_on_drifted_traffic_triggers_a_training_run(tiny, live):
+    _, api = live
+    tiny.run(str(BIN / "llmops"), "simulate-traffic", "--requests", "60", "--drift-share", "0.9",
+             "--end", "2026-11-26T00:00:00Z", "--seed", "3")
+    run_id = api.trigger("llmops_monitoring", {}, logical_date="2026-11-26T00:00:00Z")
+    run = api.wait("llmops_monitoring", run_id)
+    assert run["state"] == "success", api.states("llmops_monitoring", run_id)
+    assert api.states("llmops_monitoring", run_id)["trigger_training"] == "success"
+    training = api.wait("llmops_training", "drift__20261126T000000")
+    assert training["run_type"] == "operator_triggered"
+    assert training["conf"]["reason"].startswith("drift in window ending 2026-11-26T00:00:00+00:00")
+    assert training["state"] == "success", api.states("llmops_training", "drift__20261126T000000")
+
+
+def test_browser_logs_in_fills_the_trigger_form_and_sees_the_run_succeed(tiny, live):
+    require(Path("/usr/bin/chromium").exists(), "Debian chromium is not installed (scripts/install.sh installs it "
+                                                "as root)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "playwright is not installed (pip install -e '.[dev]')")
+    airflow, api = live
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    before = {r["dag_run_id"] for r in api.call("GET", "dags/llmops_training/dagRuns")["dag_runs"]}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{airflow.url}/dags/llmops_training")
+            page.fill("input[name=username]", "admin")
+            page.fill("input[name=password]", airflow.password())
+            page.click("button[type=submit]")
+            page.wait_for_url("**/dags/llmops_training**", timeout=60_000)
+            page.get_by_role("button", name="Trigger Dag").click()
+            dialog = page.get_by_role("dialog")
+            dialog.locator("input[name=element_reason]").fill("from the browser")
+            dialog.locator("input[name=element_max_steps]").fill("6")
+            dialog.get_by_role("button", name="Trigger", exact=True).click()
+            page.wait_for_url("**/dags/llmops_training/runs/**", timeout=60_000)
+            run_id = urllib.parse.unquote(page.url.split("/runs/")[1].split("/")[0].split("?")[0])
+            assert run_id not in before
+            run = api.wait("llmops_training", run_id)
+            page.reload()
+            page.get_by_text("success").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "airflow-trigger-form-run.png"), full_page=True)
+        finally:
+            browser.close()
+    assert run["state"] == "success" and run["conf"]["reason"] == "from the browser" and run["conf"]["max_steps"] == 6
+    assert (ARTIFACTS / "airflow-trigger-form-run.png").stat().st_size > 10_000  # kept as a test artifact
