@@ -70,12 +70,16 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
         (("--port",), {"type": int, "default": 8080, "help": "UI/API port on 127.0.0.1 (default 8080)"}),
         (("--home",), {"default": "airflow_home", "help": "AIRFLOW_HOME (default ./airflow_home)"}),
     ]),
+    "settings": ("pipelines.settings", [
+        (("--configure-dvc",), {"dest": "configure_dvc_remote", "action": "store_true",
+                                "help": "make the resolved DVC remote the default in .dvc/config.local"}),
+    ]),
     "lineage": ("pipelines.lineage", [
         (("version",), {"help": "the registered model version"}),
         (("--json",), {"dest": "as_json", "action": "store_true", "help": "print JSON"}),
     ]),
 }
-TOOLS = {"rollback", "lineage", "serve", "monitor", "simulate-traffic", "experiment", "airflow"}
+TOOLS = {"rollback", "lineage", "serve", "monitor", "simulate-traffic", "experiment", "airflow", "settings"}
 STAGES = [name for name in COMMANDS if name not in TOOLS]
 
 

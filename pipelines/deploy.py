@@ -18,20 +18,20 @@ asked to switch back, and the report says why. Where no service is configured or
 from __future__ import annotations
 
 import logging
-import os
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
+from pipelines import settings
 from pipelines.errors import LLMOpsError
 from pipelines.io import atomic_write_json
 from pipelines.params import Params
 
 logger = logging.getLogger(__name__)
 
-SERVICE_URL_ENV = "LLMOPS_SERVICE_URL"
+SERVICE_URL_ENV = settings.SERVICE_URL_ENV
 
 
 class DeployFailed(LLMOpsError):
@@ -135,7 +135,7 @@ def deploy(params: Params) -> dict[str, Any]:
     champion = registry.alias(CHAMPION)
     report: dict[str, Any] = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "model": registry.name,
                               "champion": str(champion.version) if champion else None}
-    url = params.deploy.service_url or os.environ.get(SERVICE_URL_ENV)
+    url = settings.service_url(params.deploy).value
     if champion is None:
         return {**report, "status": "nothing-to-deploy", "reason": f"'{registry.name}' has no champion yet"}
     version = str(champion.version)

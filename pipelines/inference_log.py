@@ -315,7 +315,10 @@ class InferenceLog:
 
     @classmethod
     def from_params(cls, params: InferenceLogParams) -> InferenceLog:
-        return cls(params.url, params.spool_dir, redact_pii=params.redact_pii,
+        """The log at inference_log.url, else $LLMOPS_INFERENCE_LOG_URL, else the SQLite default."""
+        from pipelines.settings import inference_log_url
+
+        return cls(inference_log_url(params).value, params.spool_dir, redact_pii=params.redact_pii,
                    flush_interval_seconds=params.flush_interval_seconds, batch_size=params.batch_size)
 
     # --- the caller's side ------------------------------------------------------------------

@@ -461,6 +461,7 @@ def champion_reference(params: Params) -> tuple[str | None, list[str] | None]:
 
 def monitor(params: Params, end: datetime) -> dict[str, Any]:
     from pipelines.inference_log import read_records
+    from pipelines.settings import inference_log_url
 
     settings = params.monitor
     window = Window.ending(end, settings.window_hours)
@@ -473,7 +474,7 @@ def monitor(params: Params, end: datetime) -> dict[str, Any]:
                        str(error)[:200])
         version, answers = None, None
     reference, train_vocab = reference_frame(params, answers)
-    raw = read_records(params.inference_log.url, window.start, window.end)
+    raw = read_records(inference_log_url(params.inference_log).value, window.start, window.end)
     traffic, skipped = clean_traffic(raw)
     if skipped:
         logger.warning("monitor: skipped %d corrupt row(s) of the inference log in %s", skipped, window.name)

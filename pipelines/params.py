@@ -146,7 +146,8 @@ class DeepSpeedParams(Section):
 
 
 class TrackingParams(Section):
-    # MLflow tracking URI; null: env MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project root
+    # MLflow tracking (and registry) URI; null: env MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the
+    # project root (the rule of every deployment setting: pipelines/settings.py)
     uri: str | None = None
     experiment: str = Field("llmops", min_length=1)
     system_metrics: bool = True
@@ -254,14 +255,22 @@ class PromoteParams(Section):
 
 
 class InferenceLogParams(Section):
-    # Where `llmops serve` records every request (SQLAlchemy URL): SQLite (WAL) by default,
-    # e.g. postgresql+psycopg2://user@host/db for a team. `monitor` reads the same store.
-    url: str = Field("sqlite:///data/inference/inference.db", min_length=1)
+    # Where `llmops serve` records every request (SQLAlchemy URL), e.g. postgresql+psycopg2://user@host/db
+    # for a team; `monitor` reads the same store. null: env LLMOPS_INFERENCE_LOG_URL, else
+    # sqlite:///data/inference/inference.db (SQLite in WAL mode). See pipelines/settings.py.
+    url: str | None = None
     # Records wait here (JSONL, fsynced) while the store is unreachable, and are flushed later.
     spool_dir: Path = Path("data/inference/spool")
     redact_pii: bool = True  # mask e-mails, phone numbers, card numbers and keys before storing
     flush_interval_seconds: float = Field(1.0, gt=0.0, le=60.0)  # retry/flush period of the writer
     batch_size: int = Field(256, ge=1, le=10000)  # records per database transaction
+
+
+class DvcRemoteParams(Section):
+    # Where `dvc push` / `dvc pull` go once `llmops settings --configure-dvc` has run (pipelines/settings.py).
+    # null: env LLMOPS_DVC_REMOTE, else the default remote .dvc/config names (the local .dvc-storage/).
+    url: str | None = None  # e.g. s3://llmops-dvc/store
+    endpoint_url: str | None = None  # an S3-compatible store such as MinIO; null: env LLMOPS_DVC_REMOTE_ENDPOINT
 
 
 class ServeLimits(Section):
@@ -373,6 +382,7 @@ class Params(Section):
     registry: RegistryParams = RegistryParams()
     promote: PromoteParams = PromoteParams()
     inference_log: InferenceLogParams = InferenceLogParams()
+    dvc_remote: DvcRemoteParams = DvcRemoteParams()
     serve: ServeParams = ServeParams()
     deploy: DeployParams = DeployParams()
     monitor: MonitorParams = MonitorParams()

@@ -70,6 +70,13 @@ def send_to_service(url: str, token: str, prompts: list[str], max_tokens: int, c
     return {str(s): statuses.count(s) for s in sorted(set(statuses))}
 
 
+def log_url(params: Params) -> str:
+    """The inference log's URL as it may be shown (no password)."""
+    from pipelines.settings import hide_password, inference_log_url
+
+    return hide_password(str(inference_log_url(params.inference_log).value))
+
+
 def write_directly(params: Params, prompts: list[str], start: datetime, end: datetime, seed: int) -> int:
     """Answer with the champion in-process and log the records over [start, end)."""
     import mlflow
@@ -108,7 +115,7 @@ def write_directly(params: Params, prompts: list[str], start: datetime, end: dat
                     prompt_tokens=len(tokenizer(text, add_special_tokens=False)["input_ids"]),
                     params={"simulated": True, "max_tokens": generator.decoding.max_new_tokens}))
         if not log.flush(120):
-            raise LLMOpsError(f"the inference log at {params.inference_log.url} did not take the records; they "
+            raise LLMOpsError(f"the inference log at {log_url(params)} did not take the records; they "
                               f"wait in {params.inference_log.spool_dir}")
     finally:
         log.close()
@@ -133,5 +140,5 @@ def main(params: Params, requests: int = 200, drift_share: float = 0.5, url: str
     start = when - timedelta(hours=hours or params.monitor.window_hours)
     written = write_directly(params, prompts, start, when, seed)
     logger.info("simulate-traffic: wrote %d records (%d FOLDOC) to %s for %s .. %s", written, drifted,
-                params.inference_log.url, start.isoformat(), when.isoformat())
+                log_url(params), start.isoformat(), when.isoformat())
 

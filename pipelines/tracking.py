@@ -1,9 +1,9 @@
 """MLflow tracking for the stages: where runs go, what every run records.
 
-The tracking URI is `train.tracking.uri` when set, else the environment's
-MLFLOW_TRACKING_URI, else the embedded default `sqlite:///mlflow.db` in the project root
-(artifacts then go to ./mlruns). Nothing here runs at import; mlflow is imported inside
-the functions, and only on rank 0.
+The tracking URI is `tracking.uri` when set, else the environment's MLFLOW_TRACKING_URI,
+else the embedded default `sqlite:///mlflow.db` in the project root (artifacts then go to
+./mlruns): the rule of every deployment setting, in pipelines/settings.py. Nothing here
+runs at import; mlflow is imported inside the functions, and only on rank 0.
 """
 
 from __future__ import annotations
@@ -20,15 +20,11 @@ from pipelines.params import TrackingParams
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DB = "mlflow.db"
-
 
 def tracking_uri(params: TrackingParams, root: Path | None = None) -> str:
-    if params.uri:
-        return params.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(root or Path.cwd()).resolve() / DEFAULT_DB}"
+    from pipelines import settings
+
+    return str(settings.tracking_uri(params, root).value)  # never None: the setting has a default
 
 
 def artifact_location(uri: str) -> str | None:
