@@ -4,6 +4,8 @@ follow dvc.yaml's stage graph (derived from DVC here, so the two cannot drift ap
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +137,41 @@ def test_the_overrides_parse_in_dvcs_grammar(tmp_path):
     assert data["train"]["max_steps"] == 40 and data["train"]["learning_rate"] == 1e-4
     assert data["ingest"]["sources"] == [{"kind": "bundled", "name": "foldoc"},
                                          {"kind": "file", "path": "data/raw/new.jsonl"}]
+
+
+class TaskInstanceStandIn:
+    """Just the XCom calls `decide` makes (the DAG runs with real task instances in
+    tests/integration/test_airflow.py)."""
+
+    def __init__(self, decision: dict) -> None:
+        self.decision, self.pushed = decision, {}
+
+    def xcom_pull(self, task_ids: str) -> str:
+        assert task_ids == "monitor"
+        return json.dumps(self.decision)
+
+    def xcom_push(self, key: str, value: object) -> None:
+        self.pushed[key] = value
+
+
+DECISION = {"window": {"start": "2026-11-23T00:00:00+00:00", "end": "2026-11-24T00:00:00+00:00"},
+            "status": "ok", "rows": 120, "drift": {"detected": True, "drifted_signals": ["prompt_embedding"]},
+            "report_dir": "/x/reports/monitor/2026-11-24T00-00-00Z", "mlflow_run_id": "abc"}
+
+
+def test_decide_without_a_retrain_request_ends_the_run_with_the_reason_in_the_log(dagbag, caplog):
+    decide = dagbag.dags["llmops_monitoring"].get_task("decide").python_callable
+    retrain = {"requested": False, "reasons": ["cooldown: last request 5 h ago"]}
+    ti = TaskInstanceStandIn({**DECISION, "retrain": retrain})
+    with caplog.at_level(logging.INFO, logger="llmops.dags"):
+        assert decide(ti=ti) == "no_retrain"
+    assert "no retraining: cooldown: last request 5 h ago" in caplog.text
+    assert "/x/reports/monitor/2026-11-24T00-00-00Z" in caplog.text and ti.pushed == {}
+
+
+def test_decide_with_a_retrain_request_hands_the_reason_and_report_to_the_trigger(dagbag):
+    decide = dagbag.dags["llmops_monitoring"].get_task("decide").python_callable
+    ti = TaskInstanceStandIn({**DECISION, "retrain": {"requested": True, "reasons": ["drift in 2 of the last 3"]}})
+    assert decide(ti=ti) == "trigger_training"
+    assert ti.pushed == {"reason": "drift in window ending 2026-11-24T00:00:00+00:00: drift in 2 of the last 3",
+                         "report": "/x/reports/monitor/2026-11-24T00-00-00Z"}
