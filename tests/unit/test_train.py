@@ -232,6 +232,64 @@ def test_launch_command_with_a_hostfile_uses_its_first_host_as_master(tmp_path):
     assert "DS_ACCELERATOR" not in env  # CUDA machines keep DeepSpeed's own detection
 
 
+def test_multi_node_launch_command_on_cpu_nodes_with_an_explicit_master(tmp_path):
+    from pipelines.distributed import launch_command
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-1 slots=8  # the first host\nworker-2 slots=8\n")
+    params = DeepSpeedParams(num_processes=2, hostfile=hostfile, master_addr="10.0.0.5", master_port=29700)
+    command, env = launch_command(params, ["--params-json", "p.json"], cuda=False, cpu_count=16,
+                                  launcher=["deepspeed"])
+    assert command == ["deepspeed", "--num_accelerators", "2", "--master_port", "29700",
+                       "--hostfile", str(hostfile), "--master_addr", "10.0.0.5",
+                       "--no_local_rank", "--module", "pipelines.train", "--params-json", "p.json"]
+    assert env == {"PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "8"}
+
+
+def test_the_train_stage_launches_the_ranks_on_every_host_of_the_hostfile(tmp_path, monkeypatch):
+    """`llmops train` with train.deepspeed.hostfile: the command it runs, its rank arguments and environment."""
+    import subprocess
+
+    import torch
+
+    from pipelines import train
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("gpu-node-1 slots=4\ngpu-node-2 slots=4\n")
+    params = parse_params({
+        "ingest": {"sources": [{"kind": "bundled", "name": "wordnet"}]},
+        "train": {"checkpoint_dir": str(tmp_path / "checkpoints"),
+                  "deepspeed": {"config": "configs/deepspeed/zero2.json", "num_processes": 4,
+                                "hostfile": str(hostfile)}},
+        "tracking": {"uri": "http://mlflow:5000"},
+    })
+    seen = {}
+
+    def fake_run(command, env, check):
+        seen.update(command=command, env=env,
+                    params=json.loads((tmp_path / "checkpoints" / "launch-params.json").read_text()))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+    train.launch(params)
+    command = seen["command"]
+    assert command[command.index("--hostfile") + 1] == str(hostfile)
+    assert command[command.index("--master_addr") + 1] == "gpu-node-1"
+    assert command[command.index("--num_accelerators") + 1] == "4"
+    assert command[command.index("--module") + 1] == "pipelines.train"
+    rank_args = command[command.index("pipelines.train") + 1:]
+    assert rank_args == ["--params-json", str(tmp_path / "checkpoints" / "launch-params.json"),
+                         "--error-file", str(tmp_path / "checkpoints" / "launch-error.txt")]
+    # every rank reads the same params; the launcher gets this process's environment (DeepSpeed
+    # forwards MLFLOW_* and NCCL_* variables to the other hosts itself)
+    assert seen["params"]["train"]["deepspeed"]["hostfile"] == str(hostfile)
+    assert seen["params"]["tracking"]["uri"] == "http://mlflow:5000"
+    assert seen["env"]["MLFLOW_TRACKING_USERNAME"] == "pipeline" and "DS_ACCELERATOR" not in seen["env"]
+    assert not (tmp_path / "checkpoints" / "launch-params.json").exists()  # removed after the run
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("node-a slots=2\nnode-b\n", "line 2 is 'node-b'"),
     ("node-a slots=2\nnode-a slots=2\n", "lists host node-a twice"),

@@ -1,0 +1,20 @@
+#!/bin/sh
+# Entry point of the MLflow image: `mlflow server` with basic auth. MLflow reads its auth settings
+# from an ini file; the users' database URL holds a password, so the file is written here from the
+# environment at start instead of being baked into the image. The admin account is created on the
+# first start from MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD (MLflow has no default).
+set -eu
+: "${MLFLOW_AUTH_DATABASE_URI:?set MLFLOW_AUTH_DATABASE_URI (e.g. postgresql+psycopg2://mlflow:...@postgres/mlflow_auth)}"
+: "${MLFLOW_AUTH_ADMIN_USERNAME:?set MLFLOW_AUTH_ADMIN_USERNAME}"
+: "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD}"
+umask 077
+config_dir=$(mktemp -d)
+cat > "$config_dir/basic_auth.ini" <<INI
+[mlflow]
+default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}
+database_uri = ${MLFLOW_AUTH_DATABASE_URI}
+admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+export MLFLOW_AUTH_CONFIG_PATH="$config_dir/basic_auth.ini"
+exec mlflow server --app-name basic-auth "$@"

