@@ -7,6 +7,8 @@ set -eu
 : "${MLFLOW_AUTH_DATABASE_URI:?set MLFLOW_AUTH_DATABASE_URI (e.g. postgresql+psycopg2://mlflow:...@postgres/mlflow_auth)}"
 : "${MLFLOW_AUTH_ADMIN_USERNAME:?set MLFLOW_AUTH_ADMIN_USERNAME}"
 : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD}"
+# the auth app's CSRF protection needs one static key, the same for every worker and replica
+: "${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY}"
 umask 077
 config_dir=$(mktemp -d)
 cat > "$config_dir/basic_auth.ini" <<INI
