@@ -219,22 +219,35 @@ def test_the_cluster_policy_sends_the_gpu_stages_to_the_gpu_queue(monkeypatch):
     task = SimpleNamespace(dag_id="llmops_training", task_id="train", queue="default")
     policy.task_policy(task)
     assert task.queue == "a100"
+    # On Kubernetes: the GPU stages to the KubernetesExecutor (pods from its GPU template), the rest unchanged.
+    monkeypatch.setenv("LLMOPS_GPU_EXECUTOR", "KubernetesExecutor")
+    task = SimpleNamespace(dag_id="llmops_training", task_id="train", queue="default", executor=None)
+    policy.task_policy(task)
+    assert (task.executor, task.queue) == ("KubernetesExecutor", "default")
 
 
-def test_airflow_applies_the_policy_when_it_parses_the_dags(tmp_path):
+@pytest.mark.parametrize(("gpu_executor", "expected"), [
+    (None, "{'train': ('gpu', None), 'evaluate': ('gpu', None)}"),
+    ("LocalExecutor", "{'train': ('default', 'LocalExecutor'), 'evaluate': ('default', 'LocalExecutor')}"),
+])
+def test_airflow_applies_the_policy_when_it_parses_the_dags(tmp_path, gpu_executor, expected):
     """In a fresh interpreter, as the image has it: $AIRFLOW_HOME/config/airflow_local_settings.py."""
     (tmp_path / "config").mkdir()
     shutil.copy2(DOCKER / "airflow" / "airflow_local_settings.py", tmp_path / "config")
     code = ("from airflow.dag_processing.dagbag import BundleDagBag; from pathlib import Path; "
             f"bag = BundleDagBag(dag_folder={str(REPO / 'dags')!r}, bundle_path=Path({str(REPO / 'dags')!r})); "
             "assert not bag.import_errors, bag.import_errors; "
-            "print({t.task_id: t.queue for d in bag.dags.values() for t in d.tasks if t.queue != 'default'})")
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
-    env.pop("LLMOPS_GPU_TASKS", None)
-    env.pop("LLMOPS_GPU_QUEUE", None)
+            "print({t.task_id: (t.queue, t.executor) for d in bag.dags.values() for t in d.tasks "
+            "if t.queue != 'default' or t.executor})")
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__EXECUTOR": "LocalExecutor"}
+    for name in ("LLMOPS_GPU_TASKS", "LLMOPS_GPU_QUEUE", "LLMOPS_GPU_EXECUTOR"):
+        env.pop(name, None)
+    if gpu_executor:
+        env["LLMOPS_GPU_EXECUTOR"] = gpu_executor
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "{'train': 'gpu', 'evaluate': 'gpu'}"
+    assert result.stdout.strip().splitlines()[-1] == expected
 
 
 @pytest.mark.parametrize(("command", "called"), [
