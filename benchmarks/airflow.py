@@ -58,7 +58,7 @@ def parse_times(tmp: Path, repeats: int) -> dict[str, dict[str, float]]:
     out = subprocess.run([str(BIN / "airflow"), "dags", "report", "-o", "json"], env=env, cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     report = {Path(r["file"]).name: float(str(r["duration"]).rstrip("s").split(":")[-1])
-              for r in json.loads(out[out.index("["):])}
+              for r in json.loads(out.strip().splitlines()[-1])}  # after any warning lines
     code = f"""
 import json, statistics, time
 from pathlib import Path
