@@ -3,6 +3,9 @@
 # from an ini file; the users' database URL holds a password, so the file is written here from the
 # environment at start instead of being baked into the image. The admin account is created on the
 # first start from MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD (MLflow has no default).
+# MLFLOW_AUTH_CACHE_TTL_SECONDS > 0 caches verified passwords per worker for that long (each
+# request otherwise pays a PBKDF2 hash; a changed password is then accepted by other workers
+# until the TTL ends); 0, MLflow's default, turns the cache off.
 set -eu
 : "${MLFLOW_AUTH_DATABASE_URI:?set MLFLOW_AUTH_DATABASE_URI (e.g. postgresql+psycopg2://mlflow:...@postgres/mlflow_auth)}"
 : "${MLFLOW_AUTH_ADMIN_USERNAME:?set MLFLOW_AUTH_ADMIN_USERNAME}"
@@ -17,6 +20,7 @@ default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}
 database_uri = ${MLFLOW_AUTH_DATABASE_URI}
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_SECONDS:-0}
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$config_dir/basic_auth.ini"
 exec mlflow server --app-name basic-auth "$@"

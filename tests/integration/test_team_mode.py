@@ -110,7 +110,7 @@ def mlflow_on_postgres(postgres, tmp_path_factory):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_AUTH_DATABASE_URI": postgres.url("mlflow", password, "mlflow_auth"),
            "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "MLFLOW_AUTH_CACHE_TTL_SECONDS": "60"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
