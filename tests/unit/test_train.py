@@ -273,6 +273,8 @@ def test_the_train_stage_launches_the_ranks_on_every_host_of_the_hostfile(tmp_pa
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+    # earlier CPU tests in the same process may have set it; the launcher must not add it on GPU hosts
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     train.launch(params)
     command = seen["command"]
     assert command[command.index("--hostfile") + 1] == str(hostfile)
