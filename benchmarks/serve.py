@@ -70,18 +70,24 @@ def in_process(params, prompts: list[str], max_tokens: int) -> dict:
                for row in handle.lm.generate_ids(texts[offset: offset + size], decoding)]
     batched_seconds = time.perf_counter() - batched_started
     # the server worker's loop without the server: finished rows are refilled at the next step
-    loop = ContinuousBatch(handle.lm, size)
-    continuous_started = time.perf_counter()
-    continuous = handle.lm.generate_continuous(texts, decoding, max_rows=size, batch=loop)
-    continuous_seconds = time.perf_counter() - continuous_started
+    def mode(rows: list[list[int]], took: float, loop: ContinuousBatch | None = None) -> dict:
+        result = {"seconds": took, "tokens": sum(map(len, rows)), "rows_per_step": size,
+                  "same": sum(a == b for a, b in zip(rows, answers))}
+        if loop is not None:
+            result.update(rows_per_step=loop.rows_stepped / max(1, loop.steps), steps=loop.steps,
+                          step_seconds=loop.step_seconds, prefills=loop.prefills, prompts=loop.prompts_prefilled,
+                          prefill_seconds=loop.prefill_seconds, reused=loop.prefix_tokens_reused)
+        return result
 
-    def mode(rows: list[list[int]], took: float, rows_per_step: float) -> dict:
-        return {"seconds": took, "tokens": sum(map(len, rows)), "rows_per_step": rows_per_step,
-                "same": sum(a == b for a, b in zip(rows, answers))}
-
-    return {"version": handle.version, "requests": len(texts), "seconds": seconds, "tokens": sum(map(len, answers)),
-            "latencies": latencies, "batched": mode(batched, batched_seconds, size),
-            "continuous": mode(continuous, continuous_seconds, loop.rows_stepped / max(1, loop.steps))}
+    result = {"version": handle.version, "requests": len(texts), "seconds": seconds,
+              "tokens": sum(map(len, answers)), "latencies": latencies, "batched": mode(batched, batched_seconds)}
+    # the loop with and without reusing the prompts' shared start (template + system prompt)
+    for key, reuse in (("continuous_no_reuse", False), ("continuous", True)):
+        loop = ContinuousBatch(handle.lm, size, reuse_prefix=reuse)
+        started = time.perf_counter()
+        rows = handle.lm.generate_continuous(texts, decoding, max_rows=size, batch=loop)
+        result[key] = mode(rows, time.perf_counter() - started, loop)
+    return result
 
 
 def load(url: str, prompts: list[str], clients: int, per_client: int, max_tokens: int) -> dict:
@@ -121,14 +127,17 @@ def load(url: str, prompts: list[str], clients: int, per_client: int, max_tokens
             "tokens": tokens[0], "latencies": latencies}
 
 
-def batch_counts(url: str) -> tuple[float, float]:
-    """(decoding steps, requests in them) so far, from the server's /metrics."""
+COUNTERS = ("llmops_batch_size_count", "llmops_batch_size_sum", "llmops_decode_step_seconds_sum",
+            "llmops_prefill_seconds_count", "llmops_prefill_seconds_sum")
+
+
+def batch_counts(url: str) -> dict[str, float]:
+    """Decoding steps, requests in them, seconds in steps and in prefills so far, from /metrics."""
     import requests
 
     text = requests.get(f"{url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-              if line.startswith(("llmops_batch_size_count", "llmops_batch_size_sum"))}
-    return values.get("llmops_batch_size_count", 0.0), values.get("llmops_batch_size_sum", 0.0)
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(COUNTERS)}
+    return {name: values.get(name, 0.0) for name in COUNTERS}
 
 
 def main() -> None:
@@ -180,7 +189,10 @@ def main() -> None:
                     before = batch_counts(url)
                     results[c] = load(url, prompts, c, args.requests_per_client, args.max_tokens)
                     after = batch_counts(url)
-                    results[c]["mean_batch"] = (after[1] - before[1]) / max(1.0, after[0] - before[0])
+                    delta = {name: after[name] - before[name] for name in COUNTERS}
+                    steps = max(1.0, delta["llmops_batch_size_count"])
+                    results[c]["mean_batch"] = delta["llmops_batch_size_sum"] / steps
+                    results[c]["worker"] = delta
             finally:
                 server.terminate()
                 server.wait(timeout=60)
@@ -193,7 +205,9 @@ def main() -> None:
     print(f"| in-process, sequential | 1 | {sequential['requests']} | 0 | {seq_rps:.2f} | "
           f"{sequential['tokens'] / sequential['seconds']:.1f} | {percentile(lat, 50):.2f} | "
           f"{percentile(lat, 95):.2f} | 1 | 1.00x |")
-    for key, label in (("batched", "static batches"), ("continuous", "continuous batching")):
+    modes = (("batched", "static batches"), ("continuous_no_reuse", "continuous batching, no prefix reuse"),
+             ("continuous", "continuous batching"))
+    for key, label in modes:
         if key in sequential:
             b = sequential[key]
             rps = sequential["requests"] / b["seconds"]
@@ -204,7 +218,27 @@ def main() -> None:
         print(f"| llmops serve | {clients} | {r['requests']} | {r['errors']} | {rps:.2f} | "
               f"{r['tokens'] / r['seconds']:.1f} | {percentile(r['latencies'], 50):.2f} | "
               f"{percentile(r['latencies'], 95):.2f} | {r['mean_batch']:.1f} | {rps / seq_rps:.2f}x |")
-    for key, label in (("batched", "static batches"), ("continuous", "continuous batching")):
+    print("\nwhere the continuous loop spent its time (the server's from /metrics):\n")
+    print("| run | wall (s) | decoding steps | in steps (s) | ms per step | prefills | prompts per prefill |"
+          " in prefills (s) | elsewhere (s) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for key, label in (("continuous_no_reuse", "in-process, no prefix reuse"), ("continuous", "in-process")):
+        if key in sequential:
+            loop = sequential[key]
+            took = loop["seconds"]
+            print(f"| {label} | {took:.1f} | {loop['steps']} | {loop['step_seconds']:.1f} | "
+                  f"{1000 * loop['step_seconds'] / max(1, loop['steps']):.0f} | {loop['prefills']} | "
+                  f"{loop['prompts'] / max(1, loop['prefills']):.1f} | {loop['prefill_seconds']:.1f} | "
+                  f"{took - loop['step_seconds'] - loop['prefill_seconds']:.1f} |")
+    for clients, r in results.items():
+        w = r["worker"]
+        steps, prefills = w["llmops_batch_size_count"], w["llmops_prefill_seconds_count"]
+        in_steps, in_prefills = w["llmops_decode_step_seconds_sum"], w["llmops_prefill_seconds_sum"]
+        print(f"| serve, {clients} clients | {r['seconds']:.1f} | {steps:.0f} | {in_steps:.1f} | "
+              f"{1000 * in_steps / max(1, steps):.0f} | "
+              f"{prefills:.0f} | {r['requests'] / max(1, prefills):.1f} | {in_prefills:.1f} | "
+              f"{r['seconds'] - in_steps - in_prefills:.1f} |")
+    for key, label in modes:
         if key in sequential:
             print(f"\n{label}: {sequential[key]['same']} of {sequential['requests']} answers identical to the "
                   "sequential ones", end="")

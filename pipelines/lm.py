@@ -65,6 +65,11 @@ class AdapterMismatch(LLMOpsError):
     """The adapter was trained for another base model or does not load onto it."""
 
 
+# Fewer shared leading tokens than this and a prefill starts from scratch (and remembers the
+# new prompt instead): a short match is more likely a coincidence than a shared system prompt.
+MIN_REUSED_PREFIX = 8
+
+
 class ContextTooLong(LLMOpsError):
     """A prompt and the tokens asked for do not fit the model's context window."""
 
@@ -294,17 +299,25 @@ class ContinuousBatch:
     (its own count of real tokens) and its pending token (chosen, not yet in the cache). Per
     step: drop finished rows (`batch_select_indices`), trim leading columns that are padding in
     every row, run the forward on the pending tokens, pick each row's next token. Newcomers are
-    prefilled together in a cache of their own, then merged: the shorter side is padded on the
+    prefilled together in a cache of their own (which starts from the remembered prefix's
+    keys/values when they all begin with it), then merged: the shorter side is padded on the
     left so the column counts match. Greedy rows give what `generate` gives for the prompt alone.
     """
 
-    def __init__(self, lm: CausalLM, max_rows: int) -> None:
+    def __init__(self, lm: CausalLM, max_rows: int, *, reuse_prefix: bool = True) -> None:
         from transformers import SuppressTokensLogitsProcessor
 
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.lm = lm
         self.max_rows = max_rows
+        # Prefix reuse: the keys/values of the last prompt prefilled without reuse. Requests to one
+        # served model share their start (chat template and system prompt: 27 of ~39 tokens for
+        # the demo's prompts), whose keys/values are the same in every row (same tokens, same
+        # positions), so newcomers that start with it prefill only the rest of their prompt.
+        self.reuse_prefix = reuse_prefix
+        self.prefix_ids: list[int] = []
+        self.prefix_kv: list[tuple[Any, Any]] = []
         self.rows: list[Sequence] = []
         self.eos = lm.tokenizer.eos_token_id
         # Control tokens other than EOS (a chat template's <|im_start|>, padding, ...) are never
@@ -319,8 +332,10 @@ class ContinuousBatch:
         self.mask: Any = None  # (rows, columns) 1 where the cache column holds a real token of the row
         self.positions: Any = None  # (rows,) position of each row's pending token
         self.pending: Any = None  # (rows,) each row's chosen token, not yet in the cache
-        self.steps = 0  # decoding steps run, and rows in them (prefills not counted)
-        self.rows_stepped = 0
+        # counters: decoding steps, rows in them and their seconds; prefills, prompts and seconds
+        self.steps, self.rows_stepped, self.step_seconds = 0, 0, 0.0
+        self.prefills, self.prompts_prefilled, self.prefill_seconds = 0, 0, 0.0
+        self.prefix_tokens_reused = 0
 
     @property
     def free(self) -> int:
@@ -354,23 +369,51 @@ class ContinuousBatch:
             raise ValueError(f"{len(admitted)} newcomers for {self.free} free rows")
         for row in admitted:
             self._prepare(row)
-        width = max(len(row.prompt_ids) for row in admitted)
-        pad = self.lm.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in admitted])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in admitted])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = self.lm.model.device
+        reused = self._reusable_prefix(admitted)
         cache = self._new_cache()
+        for index, (keys, values) in enumerate(self.prefix_kv if reused else []):
+            cache.update(keys[:, :, :reused].expand(len(admitted), -1, -1, -1),
+                         values[:, :, :reused].expand(len(admitted), -1, -1, -1), index)
+        suffixes = [row.prompt_ids[reused:] for row in admitted]
+        width = max(map(len, suffixes))
+        pad = self.lm.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=device)
+        fresh = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
+        # the 2-D mask covers the reused prefix and the new tokens: [prefix][padding][rest of the prompt]
+        mask = torch.cat([torch.ones(len(admitted), reused, dtype=fresh.dtype, device=device), fresh], dim=1)
+        positions = reused + (fresh.cumsum(-1) - 1).clamp(min=0)
+        started = time.perf_counter()
         with torch.inference_mode():
-            output = self.lm.model(input_ids=input_ids.to(self.lm.model.device),
-                                   attention_mask=mask.to(self.lm.model.device),
-                                   position_ids=positions.to(self.lm.model.device), cache=cache, use_cache=True,
-                                   logits_to_keep=1)
+            output = self.lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                   use_cache=True, logits_to_keep=1)
         _check_layers(cache)
         tokens = self._choose(output.logits[:, -1], admitted)
+        if not reused and self.reuse_prefix:
+            self._remember_prefix(admitted[0], cache)
         # Everything above is the newcomers' own; the running rows change only from here on.
-        self._merge(admitted, cache, mask.to(self.lm.model.device), mask.sum(-1).to(self.lm.model.device),
-                    torch.tensor(tokens, device=self.lm.model.device))
+        self._merge(admitted, cache, mask, mask.sum(-1), torch.tensor(tokens, device=device))
+        self.prefills += 1
+        self.prompts_prefilled += len(admitted)
+        self.prefix_tokens_reused += reused * len(admitted)
+        self.prefill_seconds += time.perf_counter() - started
         return list(zip(admitted, tokens))
+
+    def _reusable_prefix(self, rows: list[Sequence]) -> int:
+        """How many leading prompt tokens every newcomer shares with the remembered prompt (0
+        below MIN_REUSED_PREFIX). At least one token of each prompt is left to prefill: its
+        logits choose the first answer token."""
+        if not self.reuse_prefix or not self.prefix_ids:
+            return 0
+        shared = min(min(_common_prefix(self.prefix_ids, row.prompt_ids), len(row.prompt_ids) - 1) for row in rows)
+        return shared if shared >= MIN_REUSED_PREFIX else 0
+
+    def _remember_prefix(self, row: Sequence, cache: Any) -> None:
+        """Keep the keys/values of this prompt (row 0 of a fresh prefill, its last columns)."""
+        length = len(row.prompt_ids)
+        self.prefix_ids = list(row.prompt_ids)
+        self.prefix_kv = [(layer.keys[:1, :, -length:].clone(), layer.values[:1, :, -length:].clone())
+                          for layer in cache.layers]
 
     def step(self) -> list[tuple[Sequence, int]]:
         """One decoding step for every unfinished row; returns (row, next token)."""
@@ -380,6 +423,7 @@ class ContinuousBatch:
         if not self.rows:
             return []
         device = self.lm.model.device
+        started = time.perf_counter()
         mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=device)], dim=1)
         with torch.inference_mode():
             output = self.lm.model(input_ids=self.pending[:, None], attention_mask=mask,
@@ -391,6 +435,7 @@ class ContinuousBatch:
         self.pending = torch.tensor(tokens, device=device)
         self.steps += 1
         self.rows_stepped += len(tokens)
+        self.step_seconds += time.perf_counter() - started
         return list(zip(self.rows, tokens))
 
     def _prepare(self, row: Sequence) -> None:
@@ -498,6 +543,15 @@ class ContinuousBatch:
         self.mask = torch.cat([self.mask, mask], dim=0)
         self.positions = torch.cat([self.positions, positions], dim=0)
         self.pending = torch.cat([self.pending, pending], dim=0)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _pad_left(cache: Any, columns: int) -> None:

@@ -51,8 +51,15 @@ def alone(lm: CausalLM, text: str, max_new_tokens: int, decoding: Decoding = GRE
 
 
 def cache_is_tight(batch: ContinuousBatch) -> bool:
-    """The cache holds a column only while some row uses it (the pending token is not cached yet)."""
-    return batch.columns == max(len(row.prompt_ids) + len(row.tokens) - 1 for row in batch.rows)
+    """No leading cache column is padding in every row (the pending token is not cached yet;
+    without a reused prefix, rows have no padding between their tokens)."""
+    extent = max(len(row.prompt_ids) + len(row.tokens) - 1 for row in batch.rows)
+    return bool(batch.mask[:, 0].any()) and (batch.prefix_tokens_reused > 0 or batch.columns == extent)
+
+
+def chat(lm: CausalLM, question: str, system: str = "Answer with a short definition.") -> str:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def test_rows_that_join_and_leave_mid_flight_answer_as_generate_alone(lm):
@@ -92,6 +99,39 @@ def test_a_queue_of_prompts_through_few_rows_matches_generate_alone(lm):
     rows = lm.generate_continuous(PROMPTS, GREEDY, max_rows=3, max_new_tokens=limits)
     for text, limit, row in zip(PROMPTS, limits, rows):
         assert row == alone(lm, text, limit), text
+
+
+def test_newcomers_that_share_the_system_prompt_prefill_only_the_rest(lm):
+    texts = [chat(lm, q) for q in PROMPTS[:5]]
+    other = chat(lm, PROMPTS[5], system="Reply in one word, with no punctuation at all.")
+    batch = ContinuousBatch(lm, max_rows=4)
+    first = Sequence(ids(lm, texts[0]), 10, GREEDY)
+    batch.add([first])  # nothing remembered yet: a full prefill, remembered
+    assert batch.prefix_tokens_reused == 0 and batch.prefix_ids == first.prompt_ids
+    batch.step()
+    joining = [Sequence(ids(lm, t), limit, GREEDY) for t, limit in ((texts[1], 4), (texts[2], 12))]
+    batch.add(joining)  # both start with the template and system prompt: only the rest is prefilled
+    assert batch.prefix_tokens_reused >= 2 * 8
+    batch.step()
+    stranger = Sequence(ids(lm, other), 6, GREEDY)  # another system prompt: full prefill, remembered instead
+    reused = batch.prefix_tokens_reused
+    batch.add([stranger])
+    assert batch.prefix_tokens_reused == reused and batch.prefix_ids == stranger.prompt_ids
+    late = []
+    while batch.rows:
+        batch.step()
+        assert not batch.rows or cache_is_tight(batch)
+        if batch.free and len(late) < 2:
+            late.append(Sequence(ids(lm, texts[3 + len(late)]), 8, GREEDY))
+            batch.add([late[-1]])
+    assert batch.prefix_tokens_reused > reused  # the second late row reused the first one's prompt
+    rows = [first, *joining, stranger, *late]
+    for row, text in zip(rows, [texts[0], texts[1], texts[2], other, texts[3], texts[4]]):
+        assert row.tokens == alone(lm, text, row.max_new_tokens), text
+    without = ContinuousBatch(lm, max_rows=3, reuse_prefix=False)
+    assert lm.generate_continuous(texts, GREEDY, max_rows=3, batch=without) == \
+        lm.generate_continuous(texts, GREEDY, max_rows=3)
+    assert without.prefix_tokens_reused == 0
 
 
 def test_seeded_sampling_matches_generate_and_ignores_the_other_rows(lm):
