@@ -41,6 +41,15 @@ sys.path.insert(0, str(REPO))
 TOKEN = "benchmark-token-0123456789abcdef"
 
 
+def busy_seconds() -> tuple[float, float]:
+    """(CPU seconds every process has used since boot, CPU seconds of this process and its
+    waited-for children): their difference over a run is what other processes took."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    times = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), times.user + times.system + times.children_user + times.children_system
+
+
 def percentile(values: list[float], q: float) -> float:
     import numpy as np
 
@@ -167,6 +176,7 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}; max_tokens {args.max_tokens}, greedy, dtype {params.serve.dtype}, "
           f"max_batch_size {params.serve.max_batch_size}, max_wait_ms {params.serve.max_wait_ms:g}")
 
+    started, (busy_before, own_before) = time.perf_counter(), busy_seconds()
     sequential = (in_process(params, prompts[: args.sequential], args.max_tokens) if not args.skip_sequential
                   else {"version": "?", "requests": 1, "seconds": 1.0, "tokens": 0, "latencies": [0.0]})
     seq_rps = sequential["requests"] / sequential["seconds"]
@@ -197,6 +207,10 @@ def main() -> None:
                 server.terminate()
                 server.wait(timeout=60)
 
+    busy_after, own_after = busy_seconds()
+    others = (busy_after - busy_before) - (own_after - own_before)
+    print(f"\nCPU time other processes used during the run: {others:.1f} s in {time.perf_counter() - started:.0f} s "
+          "(2 cores; near 0 means the figures are undisturbed)")
     print(f"\nmodel: champion v{sequential['version']}\n")
     print("| mode | clients | requests | errors | requests/s | tokens/s | p50 latency (s) | p95 latency (s) |"
           " rows per step | vs sequential |")

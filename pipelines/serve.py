@@ -287,32 +287,40 @@ class Batcher:
         self._deliver(events)
 
     def _take(self, free: int, idle: bool) -> list[Job]:
-        """Up to `free` waiting jobs. While rows are decoding, whatever arrived during the last step
-        joins at once. When the batch is idle, the wait for more adapts to the load: it lasts until
-        as many requests are here as were in the server at once in the last few seconds, or until
-        max_wait_ms passes, so a burst prefills together and a lone request at low load starts at once."""
-        jobs: list[Job] = []
+        """Up to `free` waiting jobs, or none yet. The wait for more adapts to the load: newcomers
+        are held back until the batch would hold as many requests as were in the server at once
+        in the last few seconds (clients whose answers just went out are sending their next ones),
+        or until the oldest has waited max_wait_ms. Newcomers then share one prefill, whose cost
+        is mostly reading the weights once, instead of each paying a forward pass of its own; a
+        lone request at low load is not held back. When the batch is idle the worker blocks here
+        for the first request."""
         if idle and not self.waiting:
             try:
                 self.waiting.append(self.jobs.get(timeout=0.2))
             except queue.Empty:
                 return []
-        target = self._expected_batch() if idle else 0
-        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
-        while len(jobs) < free:
-            if self.waiting:
-                job = self.waiting.pop(0)
-            else:
-                remaining = deadline - time.perf_counter() if len(jobs) < target else 0.0
-                try:
-                    job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-            if job.cancelled:  # timed out or disconnected while waiting: answer nobody, count it done
-                _resolve(job, RequestError(499, "cancelled before generation"))
-                continue
-            jobs.append(job)
-        return jobs
+        target = self._expected_batch()
+        running = self.settings.max_batch_size - free
+        deadline = self.waiting[0].enqueued_at + self.settings.max_wait_ms / 1000 if self.waiting else 0.0
+        while len(self.waiting) < free:
+            if self.waiting and running + len(self.waiting) >= target:
+                break
+            # idle: block until the deadline (the decoding rows are not held up); else take what is here
+            remaining = deadline - time.perf_counter() if idle else 0.0
+            try:
+                job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            self.waiting.append(job)
+            deadline = deadline or job.enqueued_at + self.settings.max_wait_ms / 1000
+        ready = (len(self.waiting) >= free or running + len(self.waiting) >= target
+                 or time.perf_counter() >= deadline)
+        if not self.waiting or not ready:
+            return []
+        jobs, self.waiting = self.waiting[:free], self.waiting[free:]
+        for job in [j for j in jobs if j.cancelled]:  # timed out or disconnected while waiting: answer nobody
+            _resolve(job, RequestError(499, "cancelled before generation"))
+        return [job for job in jobs if not job.cancelled]
 
     def _expected_batch(self) -> int:
         now = time.monotonic()
