@@ -41,13 +41,16 @@ sys.path.insert(0, str(REPO))
 TOKEN = "benchmark-token-0123456789abcdef"
 
 
-def busy_seconds() -> tuple[float, float]:
+def busy_seconds() -> tuple[float, float, float]:
     """(CPU seconds every process has used since boot, CPU seconds of this process and its
-    waited-for children): their difference over a run is what other processes took."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    waited-for children, seconds the hypervisor gave to other guests): the first minus the
+    second over a run is what other processes took."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
     times = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), times.user + times.system + times.children_user + times.children_system
+    return ((user + nice + system + irq + softirq) / tick,
+            times.user + times.system + times.children_user + times.children_system, steal / tick)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -176,7 +179,7 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}; max_tokens {args.max_tokens}, greedy, dtype {params.serve.dtype}, "
           f"max_batch_size {params.serve.max_batch_size}, max_wait_ms {params.serve.max_wait_ms:g}")
 
-    started, (busy_before, own_before) = time.perf_counter(), busy_seconds()
+    started, (busy_before, own_before, steal_before) = time.perf_counter(), busy_seconds()
     sequential = (in_process(params, prompts[: args.sequential], args.max_tokens) if not args.skip_sequential
                   else {"version": "?", "requests": 1, "seconds": 1.0, "tokens": 0, "latencies": [0.0]})
     seq_rps = sequential["requests"] / sequential["seconds"]
@@ -207,10 +210,10 @@ def main() -> None:
                 server.terminate()
                 server.wait(timeout=60)
 
-    busy_after, own_after = busy_seconds()
+    busy_after, own_after, steal_after = busy_seconds()
     others = (busy_after - busy_before) - (own_after - own_before)
-    print(f"\nCPU time other processes used during the run: {others:.1f} s in {time.perf_counter() - started:.0f} s "
-          "(2 cores; near 0 means the figures are undisturbed)")
+    print(f"\nCPU time other processes used during the run: {others:.1f} s in {time.perf_counter() - started:.0f} s, "
+          f"stolen by the hypervisor: {steal_after - steal_before:.1f} s (near 0: the figures are undisturbed)")
     print(f"\nmodel: champion v{sequential['version']}\n")
     print("| mode | clients | requests | errors | requests/s | tokens/s | p50 latency (s) | p95 latency (s) |"
           " rows per step | vs sequential |")
