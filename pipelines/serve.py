@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -39,7 +38,6 @@ import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipelines.errors import LLMOpsError
@@ -891,13 +889,11 @@ def create_app(service: Service) -> "FastAPI":
 
 
 def read_token(settings: ServeParams) -> str:
-    token = os.environ.get(settings.token_env, "").strip()
-    if not token and settings.token_file is not None:
-        path = Path(settings.token_file)
-        if not path.exists():
-            raise LLMOpsError(f"serve.token_file {path} does not exist; create it with a secret token "
-                              f"(e.g. `openssl rand -hex 32 > {path}`) or set {settings.token_env}")
-        token = path.read_text(encoding="utf-8").strip()
+    """The bearer token as pipelines/settings.py resolves it (serve.token_file, else the variable
+    serve.token_env names); refuses one too short to be a secret."""
+    from pipelines.settings import api_token
+
+    token = (api_token(settings).value or "").strip()
     if len(token) < 16:
         raise LLMOpsError(f"no bearer token of at least 16 characters: set the environment variable "
                           f"{settings.token_env} (e.g. `export {settings.token_env}=$(openssl rand -hex 32)`) "

@@ -157,3 +157,16 @@ def test_llmops_settings_configures_dvc_from_the_environment_and_back(tmp_path):
     # Without the variable the committed .dvc/config's remote is the default again.
     _, default = run({k: v for k, v in env.items() if not k.startswith("LLMOPS_DVC")})
     assert default == "local"
+
+
+def test_the_server_reads_its_token_by_the_same_rule_and_refuses_a_short_one(tmp_path, monkeypatch):
+    from pipelines.serve import read_token
+
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file-0123456789\n")
+    monkeypatch.setenv("LLMOPS_API_TOKEN", "from-env-0123456789")
+    assert read_token(ServeParams(token_file=token_file)) == "from-file-0123456789"
+    assert read_token(ServeParams()) == "from-env-0123456789"
+    monkeypatch.setenv("LLMOPS_API_TOKEN", "short")
+    with pytest.raises(LLMOpsError, match="at least 16 characters.*LLMOPS_API_TOKEN"):
+        read_token(ServeParams())
