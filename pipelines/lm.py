@@ -128,6 +128,14 @@ class CausalLM:
         slot goes to the next waiting prompt at once (prompts that wait are prefilled together).
         Returns the new token ids of each row, as `generate_ids` does. Sampled rows use
         `decoding.seed + i` for prompt i. Pass an empty `batch` to read its counters afterwards."""
+        return [row.tokens for row in self.decode_continuous(prompt_texts, decoding, max_rows=max_rows,
+                                                              max_new_tokens=max_new_tokens, batch=batch)]
+
+    def decode_continuous(self, prompt_texts: list[str], decoding: Decoding, *, max_rows: int = 16,
+                          max_new_tokens: list[int] | None = None,
+                          batch: ContinuousBatch | None = None) -> list[Sequence]:
+        """`generate_continuous`, returning each prompt's finished `Sequence` (its tokens, finish
+        reason and `seconds` from its prefill to its last token)."""
         limits = list(max_new_tokens) if max_new_tokens else [decoding.max_new_tokens] * len(prompt_texts)
         ids = self.tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
         waiting = [Sequence(row, limit, replace(decoding, seed=decoding.seed + i))
@@ -142,7 +150,7 @@ class CausalLM:
         for row in rows:
             if row.error is not None:
                 raise row.error
-        return [row.tokens for row in rows]
+        return rows
 
     def generate(self, prompt_texts: list[str], decoding: Decoding, batch_size: int = 16) -> Generation:
         """Continue each already-formatted prompt; returns the new text (special tokens removed)."""
@@ -270,14 +278,24 @@ class Sequence:
     error: Exception | None = None  # set when the batch refused the row
     processors: Any = field(default=None, repr=False)
     generator: Any = field(default=None, repr=False)
+    joined_at: float | None = None  # time.perf_counter() when its prefill began
+    finished_at: float | None = None  # ... and when it finished
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def seconds(self) -> float | None:
+        """From the start of its prefill to its last token: its latency inside the batch."""
+        if self.joined_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.joined_at
+
     def finish(self, reason: str) -> None:
         if self.finish_reason is None:
             self.finish_reason = reason
+            self.finished_at = time.perf_counter()
 
 
 class ContinuousBatch:
@@ -384,6 +402,8 @@ class ContinuousBatch:
         mask = torch.cat([torch.ones(len(admitted), reused, dtype=fresh.dtype, device=device), fresh], dim=1)
         positions = reused + (fresh.cumsum(-1) - 1).clamp(min=0)
         started = time.perf_counter()
+        for row in admitted:
+            row.joined_at = started
         with torch.inference_mode():
             output = self.lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                                    use_cache=True, logits_to_keep=1)

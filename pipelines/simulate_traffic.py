@@ -96,24 +96,22 @@ def write_directly(params: Params, prompts: list[str], start: datetime, end: dat
     offsets = np.sort(rng.random(len(prompts))) * (end - start).total_seconds()
     log = InferenceLog.from_params(params.inference_log)
     log.start()
-    batch = 16
     try:
-        for first in range(0, len(prompts), batch):
-            chunk = prompts[first: first + batch]
-            texts = [generator.render(p) for p in chunk]
-            generation = generator.lm.generate(texts, generator.decoding, batch_size=batch)
-            latency_ms = generation.seconds * 1000  # every request of a batch waits for the whole batch
-            tokenizer = generator.lm.tokenizer
-            for i, (prompt, text, answer, new) in enumerate(zip(chunk, texts, generation.texts,
-                                                                 generation.new_tokens)):
-                log.record(InferenceRecord(
-                    # deterministic ids: simulating the same window twice adds nothing (replays are ignored)
-                    request_id=f"sim-{seed}-{end:%Y%m%dT%H%M%S}-{first + i}", endpoint="chat.completions",
-                    created_at=start + timedelta(seconds=float(offsets[first + i])),
-                    model_name=registry.name, model_version=str(champion.version), prompt=prompt, output=answer,
-                    status=200, latency_ms=latency_ms, completion_tokens=int(new),
-                    prompt_tokens=len(tokenizer(text, add_special_tokens=False)["input_ids"]),
-                    params={"simulated": True, "max_tokens": generator.decoding.max_new_tokens}))
+        texts = [generator.render(p) for p in prompts]
+        # Continuous batching as the service does it (16 rows): each record's latency is its own time
+        # from prefill to last token, not the duration of a whole static batch.
+        rows = generator.lm.decode_continuous(texts, generator.decoding, max_rows=16)
+        tokenizer = generator.lm.tokenizer
+        for i, (prompt, row) in enumerate(zip(prompts, rows)):
+            answer = tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
+            log.record(InferenceRecord(
+                # deterministic ids: simulating the same window twice adds nothing (replays are ignored)
+                request_id=f"sim-{seed}-{end:%Y%m%dT%H%M%S}-{i}", endpoint="chat.completions",
+                created_at=start + timedelta(seconds=float(offsets[i])),
+                model_name=registry.name, model_version=str(champion.version), prompt=prompt, output=answer,
+                status=200, latency_ms=row.seconds * 1000, completion_tokens=len(row.tokens),
+                prompt_tokens=len(row.prompt_ids),
+                params={"simulated": True, "max_tokens": generator.decoding.max_new_tokens}))
         if not log.flush(120):
             raise LLMOpsError(f"the inference log at {log_url(params)} did not take the records; they "
                               f"wait in {params.inference_log.spool_dir}")
