@@ -199,6 +199,26 @@ def _insert_ignoring_duplicates(engine: sa.Engine, kind: str) -> Any:
     return insert(_TABLES[kind]).on_conflict_do_nothing(index_elements=[_KEYS[kind]])
 
 
+class SchemaMismatch(sa.exc.SQLAlchemyError):
+    """The store's tables lack columns this version writes (made by an older version). Treated
+    like an outage: records wait in the spool and go in once the columns exist."""
+
+
+def _check_columns(engine: sa.Engine) -> None:
+    # `create_all` creates missing tables but never alters existing ones; without this check an
+    # old table refuses every insert with a driver error that does not say what to do.
+    inspector = sa.inspect(engine)
+    gaps = []
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing = [column.name for column in table.columns if column.name not in present]
+        if missing:
+            gaps.append(f"{table.name} lacks {', '.join(missing)}")
+    if gaps:
+        raise SchemaMismatch(f"tables made by an older version: {'; '.join(gaps)}; add the columns (ALTER TABLE "
+                             "... ADD COLUMN) or set inference_log.url to a new database")
+
+
 def _is_bad_row(error: BaseException) -> bool:
     """The store refused the data (constraint, type), as opposed to being unreachable."""
     if isinstance(error, sa.exc.IntegrityError | sa.exc.DataError):
@@ -489,6 +509,7 @@ class InferenceLog:
         with self._tables_lock:
             if not self._tables_ready:
                 metadata.create_all(self.engine)
+                _check_columns(self.engine)
                 self._tables_ready = True
 
     def _mark_down(self, error: BaseException) -> None:

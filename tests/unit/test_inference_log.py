@@ -199,6 +199,32 @@ def test_a_replaced_database_file_is_an_outage_and_the_original_comes_back(tmp_p
         log.close()
 
 
+def test_a_table_from_an_older_version_is_named_with_the_fix_and_records_wait_for_the_columns(tmp_path, caplog):
+    db = tmp_path / "inference.db"
+    with sqlite3.connect(db) as connection:  # the requests table as a version without `params` made it
+        connection.execute("CREATE TABLE inference_requests (request_id VARCHAR(64) PRIMARY KEY, created_at DATETIME "
+                           "NOT NULL, endpoint VARCHAR(32) NOT NULL, model_name VARCHAR(200) NOT NULL, model_version "
+                           "VARCHAR(200) NOT NULL, prompt TEXT NOT NULL, output TEXT NOT NULL, status INTEGER NOT "
+                           "NULL, latency_ms FLOAT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens "
+                           "INTEGER NOT NULL, error TEXT)")
+    log = make_log(f"sqlite:///{db}", tmp_path / "spool")
+    with caplog.at_level(logging.WARNING, logger="pipelines.inference_log"):
+        log.start()
+        try:
+            for n in range(3):
+                log.record(rec(n))
+            assert not log.flush(1.0) and log.pending == 3 and not log.store_available
+            assert len(spooled_lines(tmp_path / "spool")) == 3
+            message = next(r.getMessage() for r in caplog.records if "unavailable" in r.getMessage())
+            assert "inference_requests lacks params" in message and "ADD COLUMN" in message
+            with sqlite3.connect(db) as connection:  # the operator adds the column: the records go in
+                connection.execute("ALTER TABLE inference_requests ADD COLUMN params TEXT")
+            assert log.flush(20)
+            assert count_rows(db) == 3
+        finally:
+            log.close()
+
+
 def test_a_crashed_spool_is_flushed_at_start_and_corrupt_lines_are_counted(tmp_path, caplog):
     spool = tmp_path / "spool"
     spool.mkdir()
