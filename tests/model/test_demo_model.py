@@ -10,12 +10,14 @@ new-domain slice of the test split.
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.support import make_project
+from tests.support import BIN, TEST_TOKEN, free_port, make_project, stop_process_group, wait_http
 
 # The module fixture runs the demo pipeline (about 5 minutes on 2 idle cores).
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
@@ -64,6 +66,42 @@ def test_candidate_beats_the_base_model_on_the_test_split(demo):
     assert candidate["perplexity"] < base["perplexity"]
     assert results["comparisons"]["base"]["perplexity"]["low"] > 0  # the whole CI is an improvement
     assert candidate["rouge_l"] > base["rouge_l"]
+
+
+def test_llmops_serve_answers_with_the_demo_champion_and_logs_the_request(demo):
+    """What a user does after `make demo`: `llmops serve` with the project's own settings (the
+    SQLite registry, the default inference log) answers with the champion and logs the request."""
+    import requests
+
+    from pipelines.inference_log import read_records
+
+    url = f"http://127.0.0.1:{free_port()}"
+    body = {"messages": [{"role": "user", "content": 'What does the noun "harbour" mean?'}], "max_tokens": 32}
+    with open(demo.root / "serve.log", "wb") as output:
+        process = subprocess.Popen([str(BIN / "llmops"), "serve", "--set", f"serve.port={url.rsplit(':', 1)[1]}"],
+                                   cwd=demo.root, env={**demo.env, "LLMOPS_API_TOKEN": TEST_TOKEN},
+                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(f"{url}/ready", 300, process)
+            assert requests.get(f"{url}/ready", timeout=10).json()["model_version"] == "1"
+            assert requests.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 401
+            response = requests.post(f"{url}/v1/chat/completions", json=body, timeout=120,
+                                     headers={"Authorization": f"Bearer {TEST_TOKEN}"})
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            assert answer["model_version"] == "1" and answer["id"] == response.headers["X-Request-Id"]
+            assert len(answer["choices"][0]["message"]["content"].split()) >= 2, answer
+            deadline = time.monotonic() + 30
+            while True:  # the log writer is asynchronous: the record arrives shortly after the answer
+                frame = read_records(f"sqlite:///{demo.root / 'data/inference/inference.db'}")
+                logged = frame[frame["request_id"] == answer["id"]]
+                if len(logged) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+            assert len(logged) == 1 and logged.iloc[0]["status"] == 200
+            assert logged.iloc[0]["model_version"] == "1" and "harbour" in logged.iloc[0]["prompt"]
+        finally:
+            stop_process_group(process, 30)
 
 
 def test_retrained_on_the_new_domain_beats_the_champion_there(retrained):
