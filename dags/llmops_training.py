@@ -35,7 +35,7 @@ sections), each `dvc repro --single-item <stage>` in the project checkout (Varia
 * **experiment_start** sets params.yaml to the committed version plus this run's
   overrides (the trigger form below, as `dvc exp run -S` overrides) and validates them;
   **experiment_save** records the run as the DVC experiment `airflow-<run id>`
-  (`dvc exp show`, `dvc exp apply`).
+  (`dvc exp show`, `dvc exp apply`); **push** sends its outputs to the DVC remote.
 * **validate** failing stops the run here: the Great Expectations report is linked in its log
   and nothing is trained or registered.
 * **promote** is the gate. A candidate that does not pass is *not promoted* and the run still
@@ -157,4 +157,8 @@ with DAG(
              "LLMOPS_REASON": "{{ params.reason or dag_run.run_type }} (airflow run {{ run_id }})"},
         append_env=True,
     )
-    tasks["deploy"] >> save
+    # The run's outputs (data, adapter, reports) to the DVC remote, so that the team gets them with
+    # `dvc pull` / `dvc exp apply` and the worker's disk is not their only copy.
+    push = BashOperator(task_id="push", bash_command=shell("dvc --wait-for-lock push"),
+                        execution_timeout=timedelta(hours=1))
+    tasks["deploy"] >> save >> push

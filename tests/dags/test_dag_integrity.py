@@ -98,6 +98,7 @@ def test_training_tasks_follow_dvc_stage_graph(dagbag):
     for name in expected:
         assert "experiment_start" in {t.task_id for t in dag.get_task(name).get_flat_relatives(upstream=True)}
         assert "experiment_save" in {t.task_id for t in dag.get_task(name).get_flat_relatives(upstream=False)}
+    assert dag.get_task("push").upstream_task_ids == {"experiment_save"}  # the saved run's outputs
 
 
 def test_validation_is_not_retried(dagbag):
