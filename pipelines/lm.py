@@ -107,6 +107,12 @@ class CausalLM:
         if adapter_dir is not None:
             model = _attach_adapter(model, Path(adapter_dir), base_dir)
         model.eval()
+        # Measured with torch 2.13 on this CPU: in bfloat16, a forward whose output layer's weight
+        # does not require grad (peft leaves the merged model frozen) runs that layer as a bmm over
+        # a copy of the weight (49k x 576 for SmolLM2, every forward): 96 vs 43 ms for a 14-token
+        # prefill (benchmarks/RESULTS.md, Serving). Every forward here runs under
+        # torch.inference_mode, where a weight that requires grad records nothing.
+        model.requires_grad_(True)
         return cls(model, tokenizer, name)
 
     @property

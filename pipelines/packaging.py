@@ -36,8 +36,12 @@ class LoraTextGenerator(PythonModel):
 
         config = json.loads(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
         self.config = config
+        # A consumer may ask for another dtype (`llmops serve`: serve.dtype) with
+        # `mlflow.pyfunc.load_model(uri, model_config={"dtype": ...})`: loading in that dtype keeps
+        # the rotary embedding's inv_freq in float32, which converting a loaded model does not.
+        dtype = (getattr(context, "model_config", None) or {}).get("dtype") or config.get("dtype", "float32")
         self.lm = CausalLM.load(context.artifacts[BASE_ARTIFACT], context.artifacts[ADAPTER_ARTIFACT],
-                                dtype=config.get("dtype", "float32"), name="registered")
+                                dtype=dtype, name="registered")
         self.decoding = Decoding(**config["decoding"])
 
     def render(self, prompt: str) -> str:

@@ -122,12 +122,16 @@ class ModelSource:
         uri = self.fixed_uri or f"models:/{self.registry.name}/{version}"
         mlflow.set_tracking_uri(self.registry.uri)
         started = time.perf_counter()
-        model = self.registry.call(mlflow.pyfunc.load_model, uri)
+        dtype = self.params.serve.dtype
+        model = self.registry.call(mlflow.pyfunc.load_model, uri, model_config={"dtype": dtype})
         generator = model.unwrap_python_model()
         lm = generator.lm
-        dtype = self.params.serve.dtype
         if str(lm.model.dtype).removeprefix("torch.") != dtype:
-            lm.model.to(getattr(torch, dtype))
+            # A model whose loader ignores model_config: convert the weights only. `model.to(dtype)`
+            # would also round the rotary embedding's float32 inv_freq buffer (wrong positions in
+            # bfloat16, and prefills measured 2-3x slower).
+            for parameter in lm.model.parameters():
+                parameter.data = parameter.data.to(getattr(torch, dtype))
         config = generator.config
         logger.info("loaded %s (v%s) in %.1f s", uri, version, time.perf_counter() - started)
         return ModelHandle(name=self.registry.name, version=version, lm=lm, template=config["template"],
