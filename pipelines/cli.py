@@ -43,7 +43,10 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
     "deploy": ("pipelines.deploy", [
         (("--strict",), {"action": "store_true", "help": "exit non-zero when verification fails"}),
     ]),
-    "serve": ("pipelines.serve", []),
+    "serve": ("pipelines.serve", [
+        (("--wait",), {"action": "store_true", "help": "start even when no version holds the alias yet, and serve "
+                                                      "it once one does (make demo starts the gateway first)"}),
+    ]),
     "simulate-traffic": ("pipelines.simulate_traffic", [
         (("--requests",), {"type": int, "default": 200, "help": "how many requests (default 200)"}),
         (("--drift-share",), {"type": float, "default": 0.5, "help": "share of FOLDOC prompts, 0..1 (default 0.5)"}),

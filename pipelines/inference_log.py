@@ -246,8 +246,9 @@ def _to_row(item: InferenceRecord | Feedback, redact_pii: bool) -> Row:
         row["params"] = json.dumps(row["params"], sort_keys=True, default=str)
     for name, value in row.items():
         if isinstance(value, str):
-            # A lone surrogate (JSON allows "\ud800") can be neither encoded for the store nor spooled.
-            row[name] = value.encode("utf-8", "replace").decode("utf-8")
+            # A lone surrogate (JSON allows "\ud800") can be neither encoded for the store nor spooled,
+            # and PostgreSQL refuses NUL in text (the whole batch would fail, again and again).
+            row[name] = value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
     if redact_pii:
         for name in _REDACTED[kind]:
             if isinstance(row[name], str):

@@ -7,6 +7,7 @@ what was wrong, and the allowed range or keys.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -281,6 +282,47 @@ class ServeLimits(Section):
     max_temperature: float = Field(2.0, ge=0.0)  # larger values are clamped to this
 
 
+class EngineParams(Section):
+    """The vLLM engine `llmops serve` starts and supervises (pipelines/engine.py)."""
+
+    # The engine's interpreter (vLLM's own virtualenv): null: env LLMOPS_VLLM_PYTHON, else
+    # .venv-vllm/bin/python in the project (made by `make install`).
+    python: str | None = None
+    # An engine started elsewhere (compose, Kubernetes): the gateway forwards to it and starts,
+    # supervises and swaps nothing. null: env LLMOPS_VLLM_URL, else start one per version.
+    url: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when nvidia-smi lists a GPU
+    kv_cache_gib: float = Field(1.0, gt=0.0)  # KV-cache memory (CPU RAM or GPU memory)
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)  # cuda: instead of kv_cache_gib
+    max_model_len: int | None = Field(None, ge=16)  # null: serve.limits (prompt + answer), within the model's
+    max_num_seqs: int = Field(16, ge=1, le=1024)  # requests decoding together
+    enforce_eager: bool = True  # no torch.compile: start-up 20-25 s instead of 60-90 s (benchmarks/RESULTS.md)
+    omp_threads_bind: str = "all"  # CPU: all (every core this process may use) | auto | a vLLM core list "0-7"
+    startup_timeout_seconds: float = Field(600.0, gt=0.0)
+    # A new champion: blue_green starts its engine beside the old one and switches when it is
+    # ready (memory for two engines); stop_first stops the old one first (503 until the new one
+    # is ready).
+    swap: Literal["blue_green", "stop_first"] = "blue_green"
+    restart_backoff_seconds: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0])
+    cache_dir: Path = Path("models/serving")  # the versions' merged weights, downloaded from the registry
+    extra_args: list[str] = Field(default_factory=list)  # more `vllm serve` arguments, e.g. ["--seed", "1"]
+
+    @field_validator("omp_threads_bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        if value not in ("all", "auto", "nobind") and not re.fullmatch(r"[0-9,\-|]+", value):
+            raise ValueError(f"serve.engine.omp_threads_bind={value!r}: use all, auto, nobind or a core list "
+                             "such as 0-7")
+        return value
+
+    @field_validator("restart_backoff_seconds")
+    @classmethod
+    def _backoff(cls, value: list[float]) -> list[float]:
+        if not value or any(v < 0 for v in value):
+            raise ValueError("serve.engine.restart_backoff_seconds: give one or more waits >= 0 (seconds)")
+        return value
+
+
 class ServeParams(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -291,14 +333,13 @@ class ServeParams(Section):
     # Bearer token: read from this environment variable, else from token_file; never from the repo.
     token_env: str = "LLMOPS_API_TOKEN"
     token_file: Path | None = None
-    # Dynamic batching: one generate() for at most max_batch_size requests; a batch waits up to
-    # max_wait_ms for requests to join while fewer are in it than arrive during one batch's run.
-    max_batch_size: int = Field(16, ge=1, le=256)
-    max_wait_ms: float = Field(100.0, ge=0.0, le=5000.0)
-    queue_size: int = Field(64, ge=1)  # waiting requests beyond this get 429 with Retry-After
+    # Admission: up to engine.max_num_seqs requests decode, queue_size more wait in the engine;
+    # beyond that 429 with Retry-After.
+    queue_size: int = Field(64, ge=0)
     request_timeout_seconds: float = Field(120.0, gt=0.0)  # 504 after this
     poll_interval_seconds: float = Field(30.0, gt=0.0)  # how often the alias is checked for a new version
     limits: ServeLimits = ServeLimits()
+    engine: EngineParams = EngineParams()
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ServeParams:

@@ -5,7 +5,8 @@ Reads   the base model folder and its source.json (licence, hash), the trained a
         reports/validate/metrics.json, dvc.lock (data hashes), params.yaml, params
         `registry`.
 Writes  a new version of `registry.model_name` in the MLflow Model Registry: the pyfunc
-        model (base + adapter + prompt format, see pipelines/packaging.py) logged to the
+        model (merged weights + adapter + prompt format, see pipelines/packaging.py; the
+        serving engine loads the merged weights) logged to the
         training run, with a signature and an input example; version tags holding the
         evidence; a markdown model card as its description; alias `challenger`.
         Locally: `paths.reports_dir`/register/version.json (version, run id, model URI).
@@ -142,10 +143,11 @@ def register(params: Params) -> dict[str, Any]:
     from pipelines import tracking
     from pipelines.packaging import (
         ADAPTER_ARTIFACT,
-        BASE_ARTIFACT,
         CONFIG_ARTIFACT,
+        MERGED_ARTIFACT,
         LoraTextGenerator,
         signature_and_example,
+        write_merged,
     )
     from pipelines.registry import CHALLENGER, Registry
 
@@ -163,11 +165,12 @@ def register(params: Params) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "llmops_config.json"
         config_path.write_text(json.dumps(config, indent=2))
+        merged_dir = write_merged(params.base_model.output_dir, adapter_dir, Path(tmp) / "merged")
         run_id = tracking.start_run(params.tracking, "register", run_id=facts["train.run_id"] or None)
         try:
             info = registry.call(
                 mlflow.pyfunc.log_model, name="model", python_model=LoraTextGenerator(),
-                artifacts={BASE_ARTIFACT: str(params.base_model.output_dir), ADAPTER_ARTIFACT: str(adapter_dir),
+                artifacts={MERGED_ARTIFACT: str(merged_dir), ADAPTER_ARTIFACT: str(adapter_dir),
                            CONFIG_ARTIFACT: str(config_path)},
                 code_paths=[str(Path(__file__).parent)], signature=signature, input_example=example,
                 pip_requirements=_requirements(),

@@ -1,144 +1,60 @@
-"""`llmops serve`: the registry's champion behind an OpenAI-compatible HTTP API.
+"""`llmops serve`: the gateway in front of the vLLM engine that serves the registry's champion.
 
-    LLMOPS_API_TOKEN=... llmops serve                       # models:/<registry.model_name>@champion
-    llmops serve --set serve.port=8080 --set serve.max_batch_size=8
+    LLMOPS_API_TOKEN=... llmops serve                      # models:/<registry.model_name>@champion
+    llmops serve --set serve.port=8080 --set serve.engine.max_num_seqs=32
+    llmops serve --wait                                    # no champion yet: serve it once there is one
 
 Reads `serve`, `registry`, `tracking` and `inference_log` from params.yaml; writes every
-request and response to the inference log (`pipelines/inference_log.py`).
+request, the refused ones included, to the inference log (`pipelines/inference_log.py`).
 
-Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `"stream": true`
-as server-sent events), `POST /v1/feedback`, `GET /health` (liveness), `GET /ready` (model
-loaded, and which version), `GET /metrics` (Prometheus), `POST /admin/reload` (check the
-alias now; used by `llmops deploy`). Every endpoint but `/health` and `/ready` needs
-`Authorization: Bearer <token>`; the two probes stay open because orchestrators' liveness
-and readiness probes do not carry credentials, and they reveal nothing but the version.
-
-How a request flows: the handler validates and clamps the decoding parameters, puts a job
-on a bounded queue (full: 429 with Retry-After), and awaits it. One worker thread runs a
-continuous batch (`pipelines.lm.ContinuousBatch`): up to `max_batch_size` requests decode
-together, a new request joins at the next decoding step (its prompt prefilled with the other
-newcomers) and a finished one leaves at the step after its last token, whatever the sampling
-settings of its neighbours. A hot swap replaces the model reference atomically; requests
-already decoding finish on the version they started with, and newcomers join the new version
-once those are done. Docs: docs/serving.md.
-
-No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at
-run time, and the request models are local to `create_app`.
+The engine is vLLM (pipelines/engine.py): one OpenAI-compatible server process per served
+version, on loopback, behind an API key only the gateway knows. The gateway is what users and
+`llmops deploy` talk to, and what vLLM does not do:
+- bearer auth, body / prompt / max_tokens limits, bounded admission (429 + Retry-After);
+- the prompt format the version was trained with (the registered config: chat template or a
+  plain/alpaca template, the system prompt when the client sends none) and its decoding defaults;
+- the inference log, `/v1/feedback`, `/metrics` (its own and the engine's), `/health`, `/ready`;
+- the engine's life: started before serving, restarted with backoff when it dies (503 meanwhile),
+  swapped blue/green when the alias moves (the new version's engine starts beside the old one,
+  traffic switches once it is ready, the old one drains and stops), `POST /admin/reload`;
+- a client that goes away cancels its engine request (streaming or not).
+Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (both with `"stream": true`),
+`GET /v1/models`, `POST /v1/feedback`, `GET /health`, `GET /ready`, `GET /metrics`,
+`POST /admin/reload`, `GET /openapi.json`. Every endpoint but the two probes needs
+`Authorization: Bearer <token>`. Docs: docs/serving.md.
 """
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time,
+# and `Request` is imported inside create_app.
 
 import asyncio
 import contextlib
 import json
 import logging
-import queue
+import math
 import secrets
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from pipelines.engine import EngineConfig, EngineProcess, ServedVersion, fetch_version
 from pipelines.errors import LLMOpsError
 from pipelines.params import Params, ServeParams
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
 
     from pipelines.inference_log import InferenceLog
-    from pipelines.lm import CausalLM, Decoding
 
 logger = logging.getLogger(__name__)
 
-
-# --- the model being served --------------------------------------------------------------
-
-
-@dataclass
-class ModelHandle:
-    """One loaded model version: the LM and the prompt format it was trained with."""
-
-    name: str
-    version: str
-    lm: "CausalLM"
-    template: str
-    system_prompt: str | None
-    default_decoding: "Decoding"
-    loaded_at: float = field(default_factory=time.time)
-
-    def render(self, prompt: str) -> str:
-        from pipelines.templates import render_prompt
-
-        return render_prompt(prompt, self.template, self.system_prompt, self.lm.tokenizer)  # type: ignore[arg-type]
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """Chat messages as model text: the tokenizer's chat template when the model was trained
-        with it, else the single user turn in the training template."""
-        tokenizer = self.lm.tokenizer
-        if self.template == "chat":
-            if self.system_prompt and not any(m["role"] == "system" for m in messages):
-                messages = [{"role": "system", "content": self.system_prompt}, *messages]
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        users = [m for m in messages if m["role"] == "user"]
-        systems = [m["content"] for m in messages if m["role"] == "system"]
-        if len(users) != 1 or any(m["role"] == "assistant" for m in messages):
-            raise RequestError(422, f"this model was trained with the '{self.template}' prompt template, which has "
-                                    "one turn: send exactly one user message (and at most one system message)",
-                               param="messages")
-        from pipelines.templates import render_prompt
-
-        system = systems[0] if systems else self.system_prompt
-        return render_prompt(users[0]["content"], self.template, system, tokenizer)  # type: ignore[arg-type]
-
-
-class ModelSource:
-    """Where versions come from: an alias in the registry (hot-swappable) or a fixed MLflow URI."""
-
-    def __init__(self, params: Params) -> None:
-        from pipelines.registry import Registry
-
-        self.params = params
-        self.registry = Registry(params)
-        self.fixed_uri = params.serve.model_uri
-
-    def current_version(self) -> str:
-        """The version the alias points at now (RegistryUnavailable when the server is down)."""
-        if self.fixed_uri:
-            return self.fixed_uri
-        version = self.registry.alias(self.params.serve.alias)
-        if version is None:
-            raise LLMOpsError(f"no version of '{self.registry.name}' has the alias '{self.params.serve.alias}' in "
-                              f"{self.registry.uri}; run the pipeline (`make demo`) or `llmops promote` first, "
-                              "or set serve.model_uri")
-        return str(version.version)
-
-    def load(self, version: str) -> "ModelHandle":
-        import mlflow
-        import torch
-
-        from pipelines.lm import Decoding
-
-        uri = self.fixed_uri or f"models:/{self.registry.name}/{version}"
-        mlflow.set_tracking_uri(self.registry.uri)
-        started = time.perf_counter()
-        dtype = self.params.serve.dtype
-        model = self.registry.call(mlflow.pyfunc.load_model, uri, model_config={"dtype": dtype})
-        generator = model.unwrap_python_model()
-        lm = generator.lm
-        if str(lm.model.dtype).removeprefix("torch.") != dtype:
-            # A model whose loader ignores model_config: convert the weights only. `model.to(dtype)`
-            # would also round the rotary embedding's float32 inv_freq buffer to bfloat16 (less
-            # precise positions). (The 2x slower bfloat16 forwards were frozen weights: CausalLM.load.)
-            for parameter in lm.model.parameters():
-                parameter.data = parameter.data.to(getattr(torch, dtype))
-        config = generator.config
-        logger.info("loaded %s (v%s) in %.1f s", uri, version, time.perf_counter() - started)
-        return ModelHandle(name=self.registry.name, version=version, lm=lm, template=config["template"],
-                           system_prompt=config.get("system_prompt"), default_decoding=Decoding(**config["decoding"]))
-
-
-# --- requests, errors and jobs -----------------------------------------------------------
+INFERENCE_PATHS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+ROLES = {"system", "user", "assistant"}
+MAX_MESSAGES = 256
 
 
 class RequestError(Exception):
@@ -150,280 +66,295 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+            422: "invalid_request_error", 429: "rate_limit_error", 499: "client_closed_request",
+            503: "service_unavailable", 504: "timeout"}.get(status, "server_error" if status >= 500
+                                                             else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# --- what is served --------------------------------------------------------------------------
+
+
 @dataclass
-class Job:
-    """One request waiting for, or inside, the batch. Written by the worker thread, read by the
-    request's event loop through thread-safe callbacks."""
+class Served:
+    """One model version on one running engine, with the prompt format it was trained with."""
 
-    prompt_text: str
-    prompt_tokens: int
-    decoding: "Decoding"
-    max_tokens: int
-    stop: list[str]
-    loop: asyncio.AbstractEventLoop
-    done: asyncio.Future
-    stream: asyncio.Queue | None = None
-    cancelled: bool = False
-    enqueued_at: float = field(default_factory=time.perf_counter)
-    admitted_at: float | None = None
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    version: str | None = None
-    batcher: Any = None  # set when queued; told when the job is answered
+    version: ServedVersion
+    engine: EngineProcess
+    tokenizer: Any
+    ready_at: float = field(default_factory=time.time)
+
+    @property
+    def template(self) -> str:
+        return self.version.config.get("template", "chat")
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.version.config.get("system_prompt")
+
+    @property
+    def decoding(self) -> dict[str, Any]:
+        return self.version.config.get("decoding") or {}
+
+    def chat_messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The messages as the engine's chat template gets them: the configured system prompt
+        first when the client sends none (as in training)."""
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            return [{"role": "system", "content": self.system_prompt}, *messages]
+        return messages
+
+    def render_single_turn(self, messages: list[dict[str, str]]) -> str:
+        """A one-turn chat for a model trained with the plain or alpaca template."""
+        from pipelines.templates import render_prompt
+
+        users = [m for m in messages if m["role"] == "user"]
+        systems = [m["content"] for m in messages if m["role"] == "system"]
+        if len(users) != 1 or any(m["role"] == "assistant" for m in messages) or len(systems) > 1:
+            raise RequestError(422, f"this model was trained with the '{self.template}' prompt template, which has "
+                                    "one turn: send exactly one user message (and at most one system message)",
+                               param="messages")
+        return render_prompt(users[0]["content"], self.template, systems[0] if systems else self.system_prompt,
+                             self.tokenizer)
+
+    def render_prompt(self, prompt: str) -> str:
+        from pipelines.templates import render_prompt
+
+        return render_prompt(prompt, self.template, self.system_prompt, self.tokenizer)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def chat_text(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-class Batcher:
-    """Continuous batching on one worker thread (a decoding step is compute- and memory-bound;
-    torch already uses every core inside one forward, so more threads would only contend).
+def _load_tokenizer(model_dir: Any) -> Any:
+    from transformers import AutoTokenizer
 
-    The loop, step by step: admit waiting requests into free rows (prefilled together, then
-    merged into the running KV cache), run one decoding step for every row, hand each row its
-    token (streaming, stop sequences, per-request `max_tokens`, cancellation), and answer the
-    rows that finished; they leave the cache at the next step. The model side is
-    `pipelines.lm.ContinuousBatch` (why it is a loop of our own is written there).
+    return AutoTokenizer.from_pretrained(model_dir)
 
-    Written here because no maintained library batches an in-process transformers model on a
-    CPU with per-request limits and streaming; vLLM and TGI do it, but as separate GPU-first
-    servers (docs/serving.md shows how to put one in front).
-    """
 
-    def __init__(self, service: "Service") -> None:
-        self.service = service
-        self.settings = service.settings
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=self.settings.queue_size)
-        self.waiting: list[Job] = []  # taken off the queue, not admitted yet (a hot swap is draining the batch)
+class EngineManager:
+    """Starts, supervises and swaps the engines, all on one thread of its own.
+
+    One thread because every engine process is started from it: the engines ask the kernel to
+    stop them when the thread that started them ends (pipelines/engine.py), which must be the
+    gateway's lifetime, not a short-lived worker's. Requests read `current` (one reference,
+    swapped atomically) and count themselves in `engine.inflight`."""
+
+    def __init__(self, params: Params, metrics: "Metrics", *, wait_for_model: bool = False) -> None:
+        from pipelines.registry import Registry
+        from pipelines.settings import vllm_url
+
+        self.params = params
+        self.settings: ServeParams = params.serve
+        self.metrics = metrics
+        self.registry = Registry(params)
+        self.config = EngineConfig.from_params(params.serve)
+        self.external_url = vllm_url(params.serve).value
+        self.wait_for_model = wait_for_model
+        self.current: Served | None = None
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.last_check: dict[str, Any] = {}
+        self.restarts = 0
+        self.swaps: list[dict[str, Any]] = []  # how long each swap took (start of the new engine to switch)
+        self.reload_now = threading.Event()
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="llmops-batcher", daemon=True)
-        self.request_seconds = 0.5  # running mean of a request's time in the batch (Retry-After, wait window)
-        self.outstanding = 0  # requests submitted and not answered yet
-        self.count_lock = threading.Lock()
-        self.load_samples: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, outstanding) at each arrival
-        self.batch: Any = None  # the ContinuousBatch of the version in `handle`
-        self.handle: ModelHandle | None = None  # the version the rows in the batch decode on
+        self.thread = threading.Thread(target=self._run, name="llmops-engines", daemon=True)
+        self._initial: ServedVersion | None = None
+        self._log_dir = params.serve.engine.cache_dir / "logs"
+
+    # --- called by the entry point and the app ------------------------------------------------
+
+    def prepare(self) -> None:
+        """Everything that can fail clearly before the port opens: the registry, the alias, the
+        version's merged weights, vLLM's interpreter."""
+        from pipelines.engine import check_python
+
+        if self.external_url is None:
+            check_python(self.config.python)
+        version = self.alias_version()
+        if version is None:
+            if not self.wait_for_model:
+                raise LLMOpsError(f"no version of '{self.registry.name}' has the alias '{self.settings.alias}' in "
+                                  f"{self.registry.uri}; run the pipeline (`make demo`) or `llmops promote` first, "
+                                  "set serve.model_uri, or start with --wait")
+            self.state = "waiting-for-model"
+            logger.info("no version has the alias '%s' yet; serving it once one does", self.settings.alias)
+            return
+        self._initial = fetch_version(self.params, version)
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
         self.stopping.set()
-        self.thread.join(timeout=30)
+        self.reload_now.set()
+        self.thread.join(timeout=60)
+        served, self.current = self.current, None
+        if served is not None:
+            served.engine.stop()
+        self.state = "stopped"
 
-    @property
-    def depth(self) -> int:
-        return self.jobs.qsize() + len(self.waiting)
+    def alias_version(self) -> str | None:
+        if self.settings.model_uri:
+            return self.settings.model_uri.rstrip("/").rsplit("/", 1)[-1]
+        version = self.registry.alias(self.settings.alias)
+        return None if version is None else str(version.version)
 
-    def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-            with self.count_lock:
-                self.outstanding += 1
-                self.load_samples.append((time.monotonic(), self.outstanding))
-            job.batcher = self
-        except queue.Full:
-            # a row frees every request_seconds / max_batch_size on average
-            rounds_ahead = self.depth / self.settings.max_batch_size + 1
-            retry_after = max(1, round(rounds_ahead * self.request_seconds))
-            raise RequestError(429, f"the server is at capacity ({self.settings.queue_size} requests waiting); "
-                                    f"retry after {retry_after} s", code="overloaded",
-                               headers={"Retry-After": str(retry_after)}) from None
-        self.service.metrics.queue_depth.set(self.depth)
-
-    def finished(self) -> None:
-        with self.count_lock:
-            self.outstanding -= 1
+    # --- the thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._initial is not None:
+            self._bring_up(self._initial)
+        next_check = time.monotonic() + self.settings.poll_interval_seconds
+        while not self.stopping.is_set():
+            woken = self.reload_now.wait(1.0)
+            self.reload_now.clear()
+            if self.stopping.is_set():
+                break
+            served = self.current
+            if served is not None and not served.engine.alive():
+                self._restart(served)
+                continue
+            if self.current is None and self._initial is not None and self.state == "failed":
+                self._bring_up(self._initial)
+            if (woken or time.monotonic() >= next_check) and not self.settings.model_uri:
+                self._check_alias()
+                next_check = time.monotonic() + self.settings.poll_interval_seconds
+
+    def _new_engine(self, version: ServedVersion) -> EngineProcess:
+        from pipelines.engine import external_engine
+
+        if self.external_url:
+            return external_engine(self.config, self.external_url, version.name, version.version)
+        log = self._log_dir / f"engine-v{version.version}-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
+        return EngineProcess(self.config, version.model_dir, version.name, version.version, log)
+
+    def _launch(self, version: ServedVersion) -> "Served":
+        """Start an engine for `version` and wait until it answers (EngineError if it does not)."""
+        engine = self._new_engine(version)
+        try:
+            if not engine.external:
+                engine.start()
+                engine.wait_ready(cancelled=self.stopping.is_set)
+            tokenizer = _load_tokenizer(version.model_dir)
+        except BaseException:
+            engine.stop()
+            raise
+        if engine.ready_seconds is not None:
+            self.metrics.engine_start_seconds.observe(engine.ready_seconds)
+        return Served(version, engine, tokenizer)
+
+    def _install(self, served: Served) -> None:
+        self.current = served  # one reference assignment: atomic for the request handlers
+        self.state, self.last_error = "ready", None
+        self.metrics.model.info({"name": served.version.name, "version": served.version.version})
+
+    def _bring_up(self, version: ServedVersion) -> None:
+        """Start the first engine, retrying with backoff until it runs or the gateway stops."""
+        backoff = self.settings.engine.restart_backoff_seconds
+        attempt = 0
         while not self.stopping.is_set():
             try:
-                self._admit()
-                self._step()
-            except Exception as error:  # noqa: BLE001 - the worker must outlive any one failure
-                logger.exception("the batch failed; answering its requests with an error")
-                self._fail_rows(RequestError(500, f"generation failed: {str(error).splitlines()[0][:200]}"))
-            self.service.metrics.queue_depth.set(self.depth)
-        shutting = RequestError(503, "the server is shutting down; retry on another replica or later",
-                                headers={"Retry-After": "5"})
-        self._fail_rows(shutting)
-        for job in [*self.waiting, *self._drain_queue()]:
-            _resolve(job, shutting)
-        self.waiting = []
-
-    def _admit(self) -> None:
-        """Move waiting requests into free rows of the batch (prefill + merge)."""
-        from pipelines.lm import ContinuousBatch, Sequence
-
-        running = self.batch is not None and self.batch.free < self.batch.max_rows
-        if not running:
-            handle = self.service.handle
-            if handle is None:
-                time.sleep(0.2)
+                self._install(self._launch(version))
+                self._initial = version
                 return
-            if self.batch is None or self.batch.lm is not handle.lm:
-                self.batch = ContinuousBatch(handle.lm, self.settings.max_batch_size)
-            self.handle = handle
-        elif self.service.handle is not self.handle:
-            return  # a new version: newcomers wait until the rows on the old one have finished
-        newcomers = self._take(self.batch.free, idle=not running)
-        if not newcomers:
-            return
-        tokenizer = self.handle.lm.tokenizer
-        rows = []
+            except Exception as error:  # noqa: BLE001 - the gateway keeps trying; /ready says why
+                self.last_error = str(error).splitlines()[0][:500]
+                self.state = "failed"
+                wait = backoff[min(attempt, len(backoff) - 1)]
+                logger.error("the engine for v%s did not start (%s); retrying in %g s", version.version,
+                             self.last_error, wait)
+                attempt += 1
+                self._initial = version
+                if self.stopping.wait(wait):
+                    return
+
+    def _restart(self, served: Served) -> None:
+        code = served.engine.process.returncode if served.engine.process else None
+        self.last_error = f"the engine for v{served.version.version} exited (code {code}): {served.engine.last_error()}"
+        logger.error("%s; restarting it", self.last_error)
+        self.current, self.state = None, "restarting"
+        self.restarts += 1
+        self.metrics.engine_restarts.inc()
+        served.engine.stop(grace=5)  # its worker processes may outlive the server
+        self._bring_up(served.version)
+
+    def _check_alias(self) -> None:
+        """Swap to the alias's version if it moved; keep serving the old one on any failure."""
         try:
-            for job in newcomers:
-                job.version, job.admitted_at = self.handle.version, time.perf_counter()
-                ids = tokenizer(job.prompt_text, add_special_tokens=False)["input_ids"]
-                rows.append(Sequence(ids, job.max_tokens, job.decoding, tag=job))
-            started, reused = time.perf_counter(), self.batch.prefix_tokens_reused
-            events = self.batch.add(rows)
-            self.service.metrics.prefill_seconds.observe(time.perf_counter() - started)
-            self.service.metrics.prefix_reused.inc(self.batch.prefix_tokens_reused - reused)
-        except Exception as error:  # noqa: BLE001 - the newcomers fail, the running rows go on
-            logger.exception("prefill failed for %d new requests", len(rows))
-            for job in newcomers:
-                _resolve(job, RequestError(500, f"generation failed: {str(error).splitlines()[0][:200]}"))
-            return
-        for row in rows:
-            if row.error is not None:  # refused by the batch (prompt + max_tokens past the context)
-                _resolve(row.tag, RequestError(413, str(row.error), param="prompt"))
-        self._deliver(events)
-
-    def _take(self, free: int, idle: bool) -> list[Job]:
-        """Up to `free` waiting jobs, or none yet. The wait for more adapts to the load: newcomers
-        are held back until the batch would hold as many requests as were in the server at once
-        in the last few seconds (clients whose answers just went out are sending their next ones),
-        or until the oldest has waited max_wait_ms. Newcomers then share one prefill, whose cost
-        is mostly reading the weights once, instead of each paying a forward pass of its own; a
-        lone request at low load is not held back. When the batch is idle the worker blocks here
-        for the first request."""
-        if idle and not self.waiting:
-            try:
-                self.waiting.append(self.jobs.get(timeout=0.2))
-            except queue.Empty:
-                return []
-        target = self._expected_batch()
-        running = self.settings.max_batch_size - free
-        deadline = self.waiting[0].enqueued_at + self.settings.max_wait_ms / 1000 if self.waiting else 0.0
-        while len(self.waiting) < free:
-            if self.waiting and running + len(self.waiting) >= target:
-                break
-            # idle: block until the deadline (the decoding rows are not held up); else take what is here
-            remaining = deadline - time.perf_counter() if idle else 0.0
-            try:
-                job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            self.waiting.append(job)
-            deadline = deadline or job.enqueued_at + self.settings.max_wait_ms / 1000
-        ready = (len(self.waiting) >= free or running + len(self.waiting) >= target
-                 or time.perf_counter() >= deadline)
-        if not self.waiting or not ready:
-            return []
-        jobs, self.waiting = self.waiting[:free], self.waiting[free:]
-        for job in [j for j in jobs if j.cancelled]:  # timed out or disconnected while waiting: answer nobody
-            _resolve(job, RequestError(499, "cancelled before generation"))
-        return [job for job in jobs if not job.cancelled]
-
-    def _expected_batch(self) -> int:
-        now = time.monotonic()
-        window = max(10.0, 3 * self.request_seconds)
-        recent = [count for at, count in self.load_samples if now - at <= window]
-        return max(1, min(self.settings.max_batch_size, max(recent, default=1)))
-
-    def _step(self) -> None:
-        if self.batch is None or not self.batch.rows:
-            return
-        started = time.perf_counter()
-        events = self.batch.step()
-        if events:
-            self.service.metrics.step_seconds.observe(time.perf_counter() - started)
-            self.service.metrics.batch_size.observe(len(events))
-        self._deliver(events)
-
-    def _deliver(self, events: list) -> None:
-        """Hand each row its new token; answer the rows that finished. A failure while handling one
-        row (decoding its text, reaching its client) ends that row only."""
-        for row, token in events:
-            job: Job = row.tag
-            try:
-                self._on_token(job, row, token)
-            except Exception as error:  # noqa: BLE001 - one request's failure must not end the others
-                logger.exception("answering a request failed")
-                row.finish("error")
-                _resolve(job, RequestError(500, f"generation failed: {str(error).splitlines()[0][:200]}"))
-                continue
-            if row.finished:
-                job.finish_reason = job.finish_reason or ("length" if row.finish_reason == "length" else "stop")
-                job.text = job.text.strip() if job.stream is None else job.text
-                if job.admitted_at is not None:
-                    elapsed = time.perf_counter() - job.admitted_at
-                    self.request_seconds = 0.8 * self.request_seconds + 0.2 * elapsed
-                _resolve(job, None)
-
-    def _on_token(self, job: Job, row: Any, token: int) -> None:
-        if job.cancelled:  # the client went away or timed out: free the row at the next step
-            row.finish("cancelled")
-            return
-        if token == self.batch.eos:
-            job.finish_reason = "stop"
-            return
-        job.token_ids.append(token)
-        text = self.handle.lm.tokenizer.decode(job.token_ids, skip_special_tokens=True)
-        stopped = False
-        for stop in job.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text, job.finish_reason, stopped = text[:at], "stop", True
-                row.finish("stop")
-        if text.endswith("\ufffd") and not stopped:
-            return  # half of a multi-byte character: wait for the rest
-        if job.stream is not None and len(text) > len(job.text):
-            job.loop.call_soon_threadsafe(job.stream.put_nowait, text[len(job.text):])
-        job.text = text
-
-    def _fail_rows(self, error: RequestError) -> None:
-        """Answer every request decoding in the batch with `error`; the next ones start afresh."""
-        if self.batch is not None:
-            for row in self.batch.rows:
-                if not row.finished:
-                    row.finish("error")
-                    _resolve(row.tag, error)
-        self.batch = None
-
-    def _drain_queue(self) -> list[Job]:
-        jobs = []
-        while True:
-            try:
-                jobs.append(self.jobs.get_nowait())
-            except queue.Empty:
-                return jobs
-
-
-def _resolve(job: Job, error: RequestError | None) -> None:
-    if job.batcher is not None:
-        job.batcher.finished()
-        job.batcher = None
-
-    def finish() -> None:
-        if job.stream is not None:
-            job.stream.put_nowait(error if error is not None else None)  # None ends the stream
-        if not job.done.done():
-            if error is not None:
-                job.done.set_exception(error)
+            version = self.alias_version()
+            self.last_check = {"at": time.time(), "version": version, "error": None}
+            current = self.current.version.version if self.current else None
+            if version is None or version == current:
+                return
+            logger.info("alias '%s' moved to v%s (serving v%s); fetching it", self.settings.alias, version, current)
+            fetched = fetch_version(self.params, version)
+            if self.current is None and self.state in ("waiting-for-model", "failed"):
+                self._bring_up(fetched)
+            elif self.settings.engine.swap == "stop_first" or self.external_url:
+                self._swap_stop_first(fetched)
             else:
-                job.done.set_result(job)
+                self._swap_blue_green(fetched)
+        except Exception as error:  # noqa: BLE001 - the old version keeps serving whatever went wrong
+            self.metrics.swap_failures.inc()
+            self.last_check = {"at": time.time(), "version": None, "error": str(error).splitlines()[0][:300]}
+            logger.warning("hot swap failed, still serving v%s: %s",
+                           self.current.version.version if self.current else "-", self.last_check["error"])
 
-    try:
-        job.loop.call_soon_threadsafe(finish)
-    except RuntimeError:  # the request's event loop is closed: nobody is left to answer
-        logger.warning("request answered after its event loop closed; dropped")
+    def _swap_blue_green(self, version: ServedVersion) -> None:
+        started = time.monotonic()
+        new = self._launch(version)  # beside the old engine, which keeps serving
+        old = self.current
+        self._install(new)
+        switched = time.monotonic()
+        self.metrics.swaps.inc()
+        logger.info("now serving v%s (was v%s); draining the old engine", version.version,
+                    old.version.version if old else "-")
+        if old is not None:
+            self._drain(old)
+            old.engine.stop()
+        self.swaps.append({"version": version.version, "mode": "blue_green",
+                           "engine_start_seconds": round(switched - started, 2),
+                           "drain_seconds": round(time.monotonic() - switched, 2)})
+
+    def _swap_stop_first(self, version: ServedVersion) -> None:
+        """For a machine too small for two engines: stop the old one (draining what it is
+        answering), then start the new one; requests meanwhile get 503 with Retry-After."""
+        started = time.monotonic()
+        old, self.current, self.state = self.current, None, "swapping"
+        if old is not None:
+            self._drain(old)
+            old.engine.stop()
+        try:
+            self._install(self._launch(version))
+        except Exception:
+            logger.exception("the new version did not start; going back to v%s",
+                             old.version.version if old else "-")
+            if old is not None:
+                self._bring_up(old.version)
+            raise
+        self.metrics.swaps.inc()
+        self.swaps.append({"version": version.version, "mode": "stop_first",
+                           "unavailable_seconds": round(time.monotonic() - started, 2)})
+
+    def _drain(self, served: Served) -> None:
+        deadline = time.monotonic() + self.settings.request_timeout_seconds + 5
+        while served.engine.inflight > 0 and time.monotonic() < deadline and not self.stopping.is_set():
+            time.sleep(0.1)
 
 
 # --- metrics -------------------------------------------------------------------------------
 
 
 class Metrics:
-    """Prometheus metrics in a registry of this service's own (tests run several apps)."""
+    """The gateway's Prometheus metrics, in a registry of its own (tests run several apps); the
+    engine's own (`vllm:*`) are appended to /metrics."""
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -431,97 +362,52 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("llmops_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
                                 registry=self.registry)
-        self.latency = Histogram("llmops_request_latency_seconds", "Request latency (queue + generation)",
+        self.latency = Histogram("llmops_request_latency_seconds", "Request latency through the gateway",
                                  ["endpoint"], registry=self.registry,
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128))
         self.tokens = Counter("llmops_generated_tokens", "Tokens generated", registry=self.registry)
         self.prompt_tokens = Counter("llmops_prompt_tokens", "Prompt tokens processed", registry=self.registry)
-        self.queue_depth = Gauge("llmops_queue_depth", "Requests waiting for a batch", registry=self.registry)
-        self.batch_size = Histogram("llmops_batch_size", "Requests in each decoding step", registry=self.registry,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.step_seconds = Histogram("llmops_decode_step_seconds", "Duration of one decoding step of the batch",
-                                      registry=self.registry, buckets=(0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2))
-        self.prefix_reused = Counter("llmops_prefix_tokens_reused", "Prompt tokens whose keys/values came from the "
-                                     "remembered prompt prefix instead of a prefill", registry=self.registry)
-        self.prefill_seconds = Histogram("llmops_prefill_seconds", "Duration of one prefill of joining requests",
-                                         registry=self.registry, buckets=(0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2))
+        self.outstanding = Gauge("llmops_requests_in_flight", "Requests admitted and not answered yet",
+                                 registry=self.registry)
         self.model = Info("llmops_model", "The model version being served", registry=self.registry)
         self.swaps = Counter("llmops_model_swaps", "Hot swaps to a new model version", registry=self.registry)
-        self.swap_failures = Counter("llmops_model_swap_failures", "Failed checks or loads of a new version",
-                                     registry=self.registry)
+        self.swap_failures = Counter("llmops_model_swap_failures", "Failed checks, fetches or engine starts of a "
+                                     "new version", registry=self.registry)
+        self.engine_restarts = Counter("llmops_engine_restarts", "Engines restarted after they died",
+                                       registry=self.registry)
+        self.engine_start_seconds = Histogram("llmops_engine_start_seconds", "Engine start-up time",
+                                              registry=self.registry, buckets=(5, 10, 20, 30, 60, 90, 120, 300, 600))
         self.log_pending = Gauge("llmops_inference_log_pending", "Log records not yet in the store",
                                  registry=self.registry)
 
 
-# --- the service -----------------------------------------------------------------------------
+# --- the service -------------------------------------------------------------------------------
 
 
 class Service:
-    """Model, batcher, hot swap and inference log; the FastAPI app is built around one."""
+    """Engines, admission, the HTTP client to the engine and the inference log."""
 
-    def __init__(self, params: Params, token: str, source: "ModelSource | None" = None,
-                 inference_log: "InferenceLog | None" = None) -> None:
+    def __init__(self, params: Params, token: str, inference_log: "InferenceLog | None" = None, *,
+                 wait_for_model: bool = False) -> None:
         self.params = params
         self.settings: ServeParams = params.serve
         self.token = token
-        self.source = source or ModelSource(params)
         self.metrics = Metrics()
+        self.engines = EngineManager(params, self.metrics, wait_for_model=wait_for_model)
         self.inference_log = inference_log
-        self.batcher = Batcher(self)
-        self.handle: ModelHandle | None = None
-        self.reload_now = threading.Event()
-        self.stopping = threading.Event()
-        self.swap_thread = threading.Thread(target=self._watch, name="llmops-hot-swap", daemon=True)
+        self.outstanding = 0  # admitted requests not answered yet (the event loop's thread only)
+        self.capacity = self.settings.engine.max_num_seqs + self.settings.queue_size
+        self.request_seconds = 1.0  # running mean of an answered request's time (Retry-After)
         self.recent_ids: OrderedDict[str, None] = OrderedDict()  # for /v1/feedback before the log is flushed
-        self.last_check: dict[str, Any] = {}
-
-    def load_initial(self) -> None:
-        version = self.source.current_version()
-        self._install(_load_on_own_thread(self.source, version))
-
-    def _install(self, handle: ModelHandle) -> None:
-        self.handle = handle  # one reference assignment: atomic for the batcher thread
-        self.metrics.model.info({"name": handle.name, "version": handle.version})
+        self.client: Any = None  # httpx.AsyncClient, made on the app's event loop
 
     def start(self) -> None:
-        self.batcher.start()
-        if not self.settings.model_uri:
-            self.swap_thread.start()
+        self.engines.start()
 
     def stop(self) -> None:
-        self.stopping.set()
-        self.reload_now.set()
-        self.batcher.stop()
+        self.engines.stop()
         if self.inference_log is not None:
             self.inference_log.close()
-
-    def check_for_new_version(self) -> bool:
-        """Load and switch to the alias's version if it changed; keep serving on any failure."""
-        try:
-            version = self.source.current_version()
-            self.last_check = {"at": time.time(), "version": version, "error": None}
-            if self.handle is not None and version == self.handle.version:
-                return False
-            logger.info("alias '%s' moved to v%s; loading it in the background", self.settings.alias, version)
-            handle = _load_on_own_thread(self.source, version)
-        except Exception as error:  # noqa: BLE001 - the old version keeps serving whatever went wrong
-            self.metrics.swap_failures.inc()
-            self.last_check = {"at": time.time(), "version": None, "error": str(error).splitlines()[0][:300]}
-            logger.warning("hot swap check failed, still serving v%s: %s",
-                           self.handle.version if self.handle else "?", self.last_check["error"])
-            return False
-        old = self.handle.version if self.handle else None
-        self._install(handle)
-        self.metrics.swaps.inc()
-        logger.info("now serving v%s (was v%s)", handle.version, old)
-        return True
-
-    def _watch(self) -> None:
-        while not self.stopping.is_set():
-            self.reload_now.wait(self.settings.poll_interval_seconds)
-            self.reload_now.clear()
-            if not self.stopping.is_set():
-                self.check_for_new_version()
 
     def remember(self, request_id: str) -> None:
         self.recent_ids[request_id] = None
@@ -536,45 +422,107 @@ class Service:
         self.inference_log.record(InferenceRecord(**record))
         self.metrics.log_pending.set(self.inference_log.pending)
 
+    def admit(self) -> None:
+        if self.outstanding >= self.capacity:
+            seqs = self.settings.engine.max_num_seqs
+            rounds = max(1.0, (self.outstanding - seqs) / seqs)  # answers ahead of a newcomer, in batches
+            retry_after = max(1, math.ceil(rounds * self.request_seconds))
+            raise RequestError(429, f"the server is at capacity ({self.outstanding} requests in flight, "
+                                    f"serve.engine.max_num_seqs + serve.queue_size = {self.capacity}); retry after "
+                                    f"{retry_after} s", code="overloaded", headers={"Retry-After": str(retry_after)})
+        self.outstanding += 1
+        self.metrics.outstanding.set(self.outstanding)
 
-def _load_on_own_thread(source: ModelSource, version: str) -> ModelHandle:
-    """Load a version on a thread that ends with the load, so that only the batcher thread keeps
-    torch's OpenMP workers. libgomp keeps a pool of workers for every thread that ran parallel
-    work; with more pooled threads than cores it stops spinning between parallel regions and
-    puts them to sleep, and each decoding step then pays tens of thousands of wake-ups (measured
-    on 2 cores: 116 instead of 96 ms per step when the model had been loaded on the main thread).
-    A thread that ends releases its pool: the executor's one worker ends when the `with` exits."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmops-model-load") as pool:
-        return pool.submit(source.load, version).result()
+    def release(self, seconds: float | None) -> None:
+        self.outstanding -= 1
+        self.metrics.outstanding.set(self.outstanding)
+        if seconds is not None:
+            self.request_seconds = 0.9 * self.request_seconds + 0.1 * seconds
 
 
-def _pydantic_models() -> dict[str, Any]:
-    """Request bodies (built lazily: pydantic models for FastAPI's validation and docs)."""
+# --- request bodies --------------------------------------------------------------------------
+
+
+def _bad_text(value: Any) -> bool:
+    """A string a tokenizer or a store would refuse: NUL, or a lone UTF-16 surrogate."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return True
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_bad_text(k) or _bad_text(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_bad_text(v) for v in value)
+    return False
+
+
+def _body_models() -> dict[str, Any]:
+    """The fields the gateway reads or passes on, validated (pydantic): anything else a client
+    sends is ignored, so the engine only ever gets values checked here."""
+    from typing import Literal
+
     from pydantic import BaseModel, ConfigDict, Field
 
-    class Body(BaseModel):
-        # OpenAI clients send fields this server does not use (user, logprobs=None, ...): ignore them.
+    class TextPart(BaseModel):
         model_config = ConfigDict(extra="ignore")
-        model: str | None = None
-        max_tokens: int | None = Field(None, ge=1)
-        temperature: float | None = Field(None, ge=0.0)
-        top_p: float | None = Field(None, gt=0.0, le=1.0)
-        n: int = Field(1, ge=1)
-        stream: bool = False
-        stop: str | list[str] | None = None
-        seed: int | None = None
-
-    class CompletionBody(Body):
-        prompt: str | list[str] = Field(min_length=1)
+        type: Literal["text"]
+        text: str = Field(max_length=1_000_000)
 
     class Message(BaseModel):
-        role: Literal["system", "user", "assistant"]
-        content: str
+        model_config = ConfigDict(extra="ignore")
+        role: str
+        content: str | list[TextPart] | None = None
+        name: str | None = Field(None, max_length=64)
+
+    class JsonSchema(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str = Field("response", min_length=1, max_length=64)
+        schema_: dict[str, Any] = Field(alias="schema")
+        strict: bool | None = None
+        description: str | None = Field(None, max_length=1000)
+
+    class ResponseFormat(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        type: Literal["text", "json_object", "json_schema"]
+        json_schema: JsonSchema | None = None
+
+    class StreamOptions(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        include_usage: bool = False
+
+    class Body(BaseModel):
+        model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+        model: str | None = Field(None, max_length=256)
+        max_tokens: int | None = Field(None, ge=1, le=2 ** 31)
+        max_completion_tokens: int | None = Field(None, ge=1, le=2 ** 31)
+        temperature: float | None = Field(None, ge=0.0, le=1e6)
+        top_p: float | None = Field(None, gt=0.0, le=1.0)
+        top_k: int | None = Field(None, ge=-1, le=100_000)
+        min_p: float | None = Field(None, ge=0.0, le=1.0)
+        presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+        frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+        repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+        n: int = Field(1, ge=1, le=2 ** 31)
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        stop: str | list[str] | None = None
+        seed: int | None = Field(None, ge=0, le=2 ** 63 - 1)
+        ignore_eos: bool | None = None
+        min_tokens: int | None = Field(None, ge=0, le=2 ** 31)
+        response_format: ResponseFormat | None = None
 
     class ChatBody(Body):
-        messages: list[Message] = Field(min_length=1)
+        messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+        logprobs: bool | None = None
+        top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    class CompletionBody(Body):
+        prompt: str | list[str]
+        logprobs: int | None = Field(None, ge=0, le=5)
 
     class FeedbackBody(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -583,24 +531,36 @@ def _pydantic_models() -> dict[str, Any]:
         score: float | None = Field(None, ge=-1e6, le=1e6)
         comment: str | None = Field(None, max_length=4000)
 
-    return {"completion": CompletionBody, "chat": ChatBody, "feedback": FeedbackBody}
+    return {"chat.completions": ChatBody, "completions": CompletionBody, "feedback": FeedbackBody}
+
+
+def _validation_message(error: Any) -> str:
+    problems = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"] if p != "body")
+        problems.append(f"{where or 'body'}: {item['msg']}")
+    return "invalid request: " + "; ".join(problems)
+
+
+# --- the HTTP app --------------------------------------------------------------------------------
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 for bodies over the limit, counted as they arrive (Content-Length
-    can be absent or lie). Starlette and uvicorn have no such setting, hence this."""
+    """ASGI middleware: 413 for bodies over the limit, counted as they arrive (Content-Length can
+    be absent or lie, e.g. chunked bodies). Starlette and uvicorn have no such setting."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, on_refused: Any = None) -> None:
+        self.app, self.max_bytes, self.on_refused = app, max_bytes, on_refused
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _send_error(send, 413, f"request body of {int(declared)} bytes is over the limit of "
-                                                f"{self.max_bytes} bytes (serve.limits.max_body_bytes)")
+            return await self._refuse(scope, send, f"request body of {int(declared)} bytes is over the limit of "
+                                                   f"{self.max_bytes} bytes (serve.limits.max_body_bytes)")
         seen = 0
+        started = False
 
         async def limited_receive() -> dict:
             nonlocal seen
@@ -610,67 +570,148 @@ class BodySizeLimit:
                 raise _BodyTooLarge()
             return message
 
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
-            await _send_error(send, 413, f"request body is over the limit of {self.max_bytes} bytes "
-                                         "(serve.limits.max_body_bytes)")
+            if not started:
+                await self._refuse(scope, send, f"request body is over the limit of {self.max_bytes} bytes "
+                                                "(serve.limits.max_body_bytes)")
+
+    async def _refuse(self, scope: dict, send: Any, message: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(scope, 413, message)
+        body = json.dumps(_error_body(413, message)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-async def _send_error(send: Any, status: int, message: str) -> None:
-    body = json.dumps(_error_body(status, message)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+async def _wait_for_disconnect(request: "Request") -> None:
+    """Returns when the client goes away (the body has been read: the next ASGI message is the
+    disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
-def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-            422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
-            504: "timeout"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+@dataclass
+class Exchange:
+    """One inference request as the log records it."""
+
+    endpoint: str
+    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex}")
+    created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: float = field(default_factory=time.perf_counter)
+    prompt: str = ""
+    output: str = ""
+    version: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    params: dict[str, Any] | None = None
+    logged: bool = False
 
 
 def create_app(service: Service) -> "FastAPI":
-    """The HTTP API around a Service (which the caller has loaded and started)."""
+    """The HTTP API around a Service (which the caller has prepared and started)."""
+    import httpx
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-    from fastapi.sse import EventSourceResponse, format_sse_event
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from pydantic import ValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from pipelines.lm import ContextTooLong, Decoding
-
-    models = _pydantic_models()
-    CompletionBody, ChatBody, FeedbackBody = models["completion"], models["chat"], models["feedback"]
+    bodies = _body_models()
     settings, limits = service.settings, service.settings.limits
-    app = FastAPI(title="llmops serve", version="1", summary="OpenAI-compatible API for the registry champion")
+    name = service.engines.registry.name
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: "FastAPI") -> Any:
+        pool = service.capacity + 16
+        service.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.request_timeout_seconds + 10, connect=10),
+                                           limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))
+        yield
+        await service.client.aclose()
+
+    # The OpenAPI pages are served behind the token (GET /openapi.json), not open to anyone.
+    app = FastAPI(title="llmops serve", version="2", summary="OpenAI-compatible gateway for the registry champion",
+                  docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    def finish(exchange: Exchange, status: int, error: str | None = None) -> None:
+        if exchange.logged:
+            return
+        exchange.logged = True
+        latency = time.perf_counter() - exchange.started
+        service.metrics.latency.labels(exchange.endpoint).observe(latency)
+        service.metrics.tokens.inc(exchange.completion_tokens)
+        service.metrics.prompt_tokens.inc(exchange.prompt_tokens)
+        served = service.engines.current
+        service.log(request_id=exchange.request_id, created_at=exchange.created, endpoint=exchange.endpoint,
+                    model_name=name, model_version=exchange.version or (served.version.version if served else ""),
+                    prompt=exchange.prompt, output=exchange.output, status=status, latency_ms=latency * 1000,
+                    prompt_tokens=exchange.prompt_tokens, completion_tokens=exchange.completion_tokens,
+                    error=error[:1000] if error else None, params=exchange.params)
+
+    def refused(scope: dict, status: int, message: str) -> None:
+        endpoint = INFERENCE_PATHS.get(scope.get("path", ""))
+        if endpoint is not None and scope.get("method") == "POST":
+            finish(Exchange(endpoint), status, message)
+
+    def error_response(error: RequestError, exchange: Exchange | None = None) -> JSONResponse:
+        headers = dict(error.headers or {})
+        if exchange is not None:
+            headers["X-Request-Id"] = exchange.request_id
+        return JSONResponse(_error_body(error.status, error.message, error.param, error.code),
+                            status_code=error.status, headers=headers)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
-        return JSONResponse(_error_body(error.status, error.message, error.param, error.code),
-                            status_code=error.status, headers=error.headers)
+        return error_response(error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = []
-        for item in error.errors():
-            where = ".".join(str(p) for p in item["loc"] if p != "body")
-            problems.append(f"{where or 'body'}: {item['msg']}")
-        return JSONResponse(_error_body(422, "invalid request: " + "; ".join(problems)), status_code=422)
+        return JSONResponse(_error_body(422, _validation_message(error)), status_code=422)
 
-    def authorised(request: Request) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code,
+                                                                                     str(error.detail))
+        return JSONResponse(_error_body(error.status_code, message), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    def check_token(request: Request) -> None:
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        matches = secrets.compare_digest(given.encode(), service.token.encode())
+        matches = secrets.compare_digest(given.strip().encode(), service.token.encode())
         if scheme.lower() != "bearer" or not given or not matches:
             raise RequestError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the "
                                     f"token the server was started with (env {settings.token_env})",
                                headers={"WWW-Authenticate": "Bearer"})
+
+    def authorised(request: Request) -> None:
+        check_token(request)
+
+    def current() -> Served:
+        served = service.engines.current
+        if served is None:
+            state = service.engines.state
+            why = {"waiting-for-model": f"no version has the alias '{settings.alias}' yet",
+                   "restarting": "the engine is restarting", "swapping": "a new version is starting",
+                   "failed": f"the engine is not running ({service.engines.last_error})"}.get(state, "the engine "
+                                                                                              "is starting")
+            raise RequestError(503, f"{why}; retry shortly", headers={"Retry-After": "5"})
+        return served
 
     @app.get("/health")
     def health() -> dict:
@@ -678,179 +719,373 @@ def create_app(service: Service) -> "FastAPI":
 
     @app.get("/ready")
     def ready() -> JSONResponse:
-        handle = service.handle
-        if handle is None:
-            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
-        return JSONResponse({"status": "ready", "model": handle.name, "model_version": handle.version,
-                             "loaded_at": datetime.fromtimestamp(handle.loaded_at, UTC).isoformat(),
-                             "last_check": service.last_check})
+        engines = service.engines
+        served = engines.current
+        engine = {"state": engines.state, "restarts": engines.restarts, "last_error": engines.last_error,
+                  "swaps": engines.swaps[-5:]}
+        if served is None:
+            return JSONResponse({"status": engines.state, "engine": engine, "last_check": engines.last_check},
+                                status_code=503, headers={"Retry-After": "5"})
+        engine.update(start_seconds=served.engine.ready_seconds, external=served.engine.external,
+                      pid=served.engine.process.pid if served.engine.process else None)
+        return JSONResponse({"status": "ready", "model": name, "model_version": served.version.version,
+                             "loaded_at": datetime.fromtimestamp(served.ready_at, UTC).isoformat(),
+                             "engine": engine, "last_check": engines.last_check})
+
+    @app.get("/openapi.json", dependencies=[Depends(authorised)], include_in_schema=False)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.get("/metrics", dependencies=[Depends(authorised)])
-    def metrics() -> Response:
+    async def metrics() -> Response:
         if service.inference_log is not None:
             service.metrics.log_pending.set(service.inference_log.pending)
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(service.metrics.registry).decode()
+        served = service.engines.current
+        if served is not None:
+            with contextlib.suppress(httpx.HTTPError):
+                engine = await service.client.get(f"{served.engine.url}/metrics", headers=served.engine.headers(),
+                                                  timeout=5)
+                if engine.status_code == 200:
+                    text += engine.text
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload", dependencies=[Depends(authorised)], status_code=202)
     def reload() -> dict:
-        service.reload_now.set()
-        return {"status": "checking", "model_version": service.handle.version if service.handle else None}
+        service.engines.reload_now.set()
+        served = service.engines.current
+        return {"status": "checking", "model_version": served.version.version if served else None}
 
-    def decoding_for(body: Any, handle: ModelHandle) -> tuple["Decoding", int, list[str]]:
+    @app.get("/v1/models", dependencies=[Depends(authorised)])
+    def list_models() -> dict:
+        return {"object": "list", "data": [model_card(current())]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorised)])
+    def get_model(model_id: str) -> dict:
+        if model_id != name:
+            raise RequestError(404, f"model '{model_id}' is not served here; this server serves '{name}'",
+                               param="model", code="model_not_found")
+        return model_card(current())
+
+    def model_card(served: Served) -> dict:
+        return {"id": name, "object": "model", "created": int(served.ready_at), "owned_by": "llmops",
+                "model_version": served.version.version}
+
+    # --- inference ------------------------------------------------------------------------------
+
+    async def read_body(request: Request, kind: str) -> Any:
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError(422, "the body is not valid JSON (UTF-8); send a JSON object") from None
+        if not isinstance(data, dict):
+            raise RequestError(422, f"the body must be a JSON object, got {type(data).__name__}")
+        if _bad_text(data):
+            raise RequestError(422, "the request holds text with a NUL character or an unpaired UTF-16 surrogate; "
+                                    "send valid Unicode text")
+        try:
+            return bodies[kind].model_validate(data)
+        except ValidationError as error:
+            raise RequestError(422, _validation_message(error)) from None
+
+    def decoding(body: Any, served: Served, exchange: Exchange) -> dict[str, Any]:
+        """The sampling fields sent to the engine: the client's, checked against the limits, over
+        the registered decoding defaults (greedy unless temperature > 0)."""
         if body.n != 1:
-            raise RequestError(422, f"n={body.n}: this server returns one choice per request; send n=1",
-                               param="n")
-        max_tokens = body.max_tokens if body.max_tokens is not None else limits.default_max_tokens
+            raise RequestError(422, f"n={body.n}: this server returns one choice per request; send n=1", param="n")
+        if body.model is not None and body.model != name:
+            raise RequestError(404, f"model '{body.model}' is not served here; use '{name}' (GET /v1/models)",
+                               param="model", code="model_not_found")
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = asked if asked is not None else limits.default_max_tokens
         if max_tokens > limits.max_tokens:
             raise RequestError(422, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens} "
                                     "(serve.limits.max_tokens)", param="max_tokens")
-        base = handle.default_decoding
-        temperature = min(body.temperature, limits.max_temperature) if body.temperature is not None else None
-        sample = temperature is not None and temperature > 0
-        decoding = Decoding(max_new_tokens=max_tokens, do_sample=sample,
-                            temperature=temperature if sample else 1.0,
-                            top_p=body.top_p if (sample and body.top_p is not None) else 1.0,
-                            repetition_penalty=base.repetition_penalty,
-                            seed=body.seed if body.seed is not None else base.seed)
+        if body.min_tokens is not None and body.min_tokens > max_tokens:
+            raise RequestError(422, f"min_tokens={body.min_tokens} is over max_tokens={max_tokens}",
+                               param="min_tokens")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise RequestError(422, "stop: give at most 4 non-empty stop sequences", param="stop")
-        return decoding, max_tokens, stops
+        if len(stops) > 4 or any(not s or len(s) > 200 for s in stops):
+            raise RequestError(422, "stop: give at most 4 non-empty stop sequences of at most 200 characters",
+                               param="stop")
+        temperature = min(body.temperature, limits.max_temperature) if body.temperature is not None else 0.0
+        defaults = served.decoding
+        fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature,
+                                  "repetition_penalty": body.repetition_penalty
+                                  or defaults.get("repetition_penalty", 1.0)}
+        if temperature > 0:
+            fields["top_p"] = body.top_p if body.top_p is not None else defaults.get("top_p", 1.0)
+        if stops:
+            fields["stop"] = stops
+        for key in ("top_k", "min_p", "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "min_tokens"):
+            value = getattr(body, key)
+            if value is not None:
+                fields[key] = value
+        if body.response_format is not None:
+            fields["response_format"] = body.response_format.model_dump(by_alias=True, exclude_none=True)
+        exchange.params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": fields.get("top_p", 1.0),
+                           "stop": stops, "stream": bool(body.stream)}
+        return fields
 
-    async def run(endpoint: str, prompt: str, prompt_text: str, body: Any, handle: ModelHandle) -> Any:
-        request_id = f"req-{uuid.uuid4().hex}"
-        started = time.perf_counter()
-        created = datetime.now(UTC)
-        decoding, max_tokens, stops = decoding_for(body, handle)
-        prompt_tokens = len(handle.lm.tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-        if prompt_tokens > limits.max_prompt_tokens:
-            raise RequestError(413, f"the prompt is {prompt_tokens} tokens long, over this server's limit of "
-                                    f"{limits.max_prompt_tokens} (serve.limits.max_prompt_tokens); shorten it",
+    def check_length(served: Served, text: str, max_tokens: int, exchange: Exchange) -> None:
+        exchange.prompt_tokens = served.count_tokens(text)
+        if exchange.prompt_tokens > limits.max_prompt_tokens:
+            raise RequestError(413, f"the prompt is {exchange.prompt_tokens} tokens long, over this server's limit "
+                                    f"of {limits.max_prompt_tokens} (serve.limits.max_prompt_tokens); shorten it",
                                param="prompt")
+        context = service.engines.config.max_model_len
+        if context and exchange.prompt_tokens + max_tokens > context:
+            raise RequestError(413, f"the prompt is {exchange.prompt_tokens} tokens and {max_tokens} new tokens "
+                                    f"were asked for: {exchange.prompt_tokens + max_tokens} in all, over the "
+                                    f"engine's context of {context} tokens; shorten the prompt or ask for fewer "
+                                    "tokens", param="prompt")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        exchange = Exchange("chat.completions")
+
+        async def prepare() -> tuple[Served, str, dict[str, Any], bool]:
+            check_token(request)
+            body = await read_body(request, "chat.completions")
+            served = current()
+            messages = []
+            for index, message in enumerate(body.messages):
+                if message.role not in ROLES:
+                    raise RequestError(422, f"messages[{index}].role={message.role!r}: this model takes system, user "
+                                            "and assistant messages", param="messages")
+                content = message.content
+                if isinstance(content, list):
+                    content = "\n".join(part.text for part in content)
+                messages.append({"role": message.role, "content": content or ""})
+            if messages[-1]["role"] != "user":
+                raise RequestError(422, "messages: the last message must come from the user", param="messages")
+            exchange.prompt = messages[-1]["content"]
+            if not exchange.prompt.strip():
+                raise RequestError(422, "messages: the user message must not be blank", param="messages")
+            fields = decoding(body, served, exchange)
+            if served.template == "chat":
+                messages = served.chat_messages(messages)
+                check_length(served, served.chat_text(messages), fields["max_tokens"], exchange)
+                payload = {"messages": messages, **fields}
+                if body.logprobs:
+                    payload.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
+                return served, "/v1/chat/completions", payload, False
+            if body.logprobs:
+                raise RequestError(422, f"logprobs: not offered for a model trained with the '{served.template}' "
+                                        "template on /v1/chat/completions; use /v1/completions", param="logprobs")
+            text = served.render_single_turn(messages)
+            check_length(served, text, fields["max_tokens"], exchange)
+            return served, "/v1/completions", {"prompt": text, "add_special_tokens": False, **fields}, True
+
+        return await run(request, exchange, prepare)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        exchange = Exchange("completions")
+
+        async def prepare() -> tuple[Served, str, dict[str, Any], bool]:
+            check_token(request)
+            body = await read_body(request, "completions")
+            served = current()
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if len(prompts) != 1:
+                raise RequestError(422, f"prompt: got {len(prompts)} prompts; send one prompt per request "
+                                        "(concurrent requests are batched by the engine)", param="prompt")
+            exchange.prompt = prompts[0]
+            if not exchange.prompt.strip():
+                raise RequestError(422, "prompt: must not be blank", param="prompt")
+            fields = decoding(body, served, exchange)
+            text = served.render_prompt(exchange.prompt)  # the training template, as evaluation does
+            check_length(served, text, fields["max_tokens"], exchange)
+            payload = {"prompt": text, "add_special_tokens": False, **fields}
+            if body.logprobs is not None:
+                payload["logprobs"] = body.logprobs
+            return served, "/v1/completions", payload, False
+
+        return await run(request, exchange, prepare)
+
+    async def run(request: Request, exchange: Exchange, prepare: Any) -> Any:
+        """Validate, admit, forward; log the outcome whatever it is."""
         try:
-            handle.lm.check_fits(prompt_tokens, max_tokens)
-        except ContextTooLong as error:
-            raise RequestError(413, str(error), param="prompt") from None
-        loop = asyncio.get_running_loop()
-        job = Job(prompt_text, prompt_tokens, decoding, max_tokens, stops, loop, loop.create_future(),
-                  stream=asyncio.Queue() if body.stream else None)
-        service.batcher.submit(job)
-        service.remember(request_id)
-        kind = "chat.completion" if endpoint == "chat.completions" else "text_completion"
-        headers = {"X-Request-Id": request_id}
-
-        def finish(status: int, error: str | None = None) -> None:
-            latency = time.perf_counter() - started
-            service.metrics.latency.labels(endpoint).observe(latency)
-            service.metrics.tokens.inc(len(job.token_ids))
-            service.metrics.prompt_tokens.inc(prompt_tokens)
-            service.log(request_id=request_id, created_at=created, endpoint=endpoint, model_name=handle.name,
-                        model_version=job.version or handle.version, prompt=prompt, output=job.text, status=status,
-                        latency_ms=latency * 1000, prompt_tokens=prompt_tokens,
-                        completion_tokens=len(job.token_ids), error=error,
-                        params={"max_tokens": max_tokens, "temperature": decoding.temperature if decoding.do_sample
-                                else 0.0, "top_p": decoding.top_p, "stop": stops, "stream": bool(body.stream)})
-
-        def usage() -> dict:
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": len(job.token_ids),
-                    "total_tokens": prompt_tokens + len(job.token_ids)}
-
-        def choice(text: str, finish_reason: str | None, delta: bool = False) -> dict:
-            if endpoint == "completions":
-                return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-            key = "delta" if delta else "message"
-            content = {"role": "assistant", "content": text} if not delta or text else {}
-            return {"index": 0, key: content, "finish_reason": finish_reason}
-
-        def envelope(choices: list[dict], chunk: bool = False) -> dict:
-            return {"id": request_id, "object": kind + (".chunk" if chunk and endpoint != "completions" else ""),
-                    "created": int(created.timestamp()), "model": handle.name,
-                    "model_version": job.version or handle.version, "choices": choices}
-
-        if not body.stream:
+            served, path, payload, as_chat = await prepare()
+            exchange.version = served.version.version
+            service.admit()
+        except RequestError as error:
+            finish(exchange, error.status, error.message)
+            return error_response(error, exchange)
+        payload["model"] = served.version.name
+        stream = bool(exchange.params and exchange.params.get("stream"))
+        include_usage = False
+        if stream:
+            raw = await request.json()
+            include_usage = bool((raw.get("stream_options") or {}).get("include_usage"))
+            payload.update(stream=True, stream_options={"include_usage": True})
+        engine = served.engine
+        engine.inflight += 1
+        service.remember(exchange.request_id)
+        headers = {"X-Request-Id": exchange.request_id, "X-Model-Version": served.version.version}
+        if not stream:
             try:
-                await asyncio.wait_for(asyncio.shield(job.done), settings.request_timeout_seconds)
-            except TimeoutError:
-                job.cancelled = True
-                finish(504, "timeout")
-                raise RequestError(504, f"no answer within {settings.request_timeout_seconds:g} s "
-                                        "(serve.request_timeout_seconds); the server is busy, retry later",
-                                   headers={"Retry-After": "5"}) from None
-            except RequestError as error:
-                finish(error.status, error.message)
-                raise
-            except asyncio.CancelledError:  # the client went away
-                job.cancelled = True
-                finish(499, "client disconnected")
-                raise
-            finish(200)
-            payload = envelope([choice(job.text, job.finish_reason)])
-            payload["usage"] = usage()
-            return JSONResponse(payload, headers={**headers, "X-Model-Version": str(job.version)})
-
-        async def events() -> Any:
-            deadline = loop.time() + settings.request_timeout_seconds
-            status, error_text = 200, None
-            try:
-                while True:
-                    try:
-                        piece = await asyncio.wait_for(job.stream.get(), max(0.0, deadline - loop.time()))
-                    except TimeoutError:
-                        job.cancelled = True
-                        status, error_text = 504, "timeout"
-                        yield format_sse_event(data_str=json.dumps(_error_body(504, "timed out")))
-                        break
-                    if piece is None:
-                        final = envelope([choice("", job.finish_reason, delta=True)], chunk=True)
-                        final["usage"] = usage()
-                        yield format_sse_event(data_str=json.dumps(final))
-                        break
-                    if isinstance(piece, RequestError):
-                        status, error_text = piece.status, piece.message
-                        yield format_sse_event(data_str=json.dumps(_error_body(piece.status, piece.message)))
-                        break
-                    yield format_sse_event(data_str=json.dumps(envelope([choice(piece, None, delta=True)],
-                                                                        chunk=True)))
-                yield format_sse_event(data_str="[DONE]")
-            except asyncio.CancelledError:
-                job.cancelled = True
-                status, error_text = 499, "client disconnected"
-                raise
+                return await forward(request, exchange, engine, path, payload, as_chat, headers)
             finally:
-                finish(status, error_text)
+                engine.inflight -= 1
+                service.release(time.perf_counter() - exchange.started)
+        try:
+            response = await open_stream(engine, path, payload)
+        except RequestError as error:
+            engine.inflight -= 1
+            service.release(None)
+            finish(exchange, error.status, error.message)
+            return error_response(error, exchange)
+        return StreamingResponse(relay(exchange, engine, response, as_chat, include_usage),
+                                 media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
 
-        return EventSourceResponse(events(), headers={**headers, "X-Model-Version": str(handle.version)})
+    def engine_failure(error: Exception) -> RequestError:
+        if isinstance(error, httpx.TimeoutException):
+            return RequestError(504, f"no answer within {settings.request_timeout_seconds:g} s "
+                                     "(serve.request_timeout_seconds); the server is busy, retry later",
+                                headers={"Retry-After": "5"})
+        service.engines.reload_now.set()  # the engine thread looks at the engine now
+        return RequestError(503, f"the engine did not answer ({type(error).__name__}); retry shortly",
+                            headers={"Retry-After": "5"})
 
-    def current_handle() -> ModelHandle:
-        if service.handle is None:
-            raise RequestError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
-        return service.handle
+    def relayed_error(status: int, text: str) -> RequestError:
+        """An engine's error answer, in this server's shape (5xx: the engine failed, not the client)."""
+        try:
+            detail = json.loads(text).get("error") or {}
+            message, param = str(detail.get("message") or text)[:2000], detail.get("param")
+        except (ValueError, AttributeError):
+            message, param = text[:2000], None
+        if status >= 500:
+            return RequestError(502, f"the engine failed to answer: {message}")
+        return RequestError(status if status in (400, 404, 413, 422) else 400, message,
+                            param=param if isinstance(param, str) else None)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorised)])
-    async def completions(body: CompletionBody) -> Any:  # type: ignore[valid-type]
-        handle = current_handle()
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise RequestError(422, f"prompt: got {len(prompts)} prompts; send one prompt per request "
-                                    "(concurrent requests are batched by the server)", param="prompt")
-        prompt = prompts[0]
-        if not prompt.strip():
-            raise RequestError(422, "prompt: must not be blank", param="prompt")
-        return await run("completions", prompt, handle.render(prompt), body, handle)
+    async def forward(request: Request, exchange: Exchange, engine: EngineProcess, path: str,
+                      payload: dict[str, Any], as_chat: bool, headers: dict[str, str]) -> Any:
+        upstream = asyncio.ensure_future(service.client.post(f"{engine.url}{path}", json=payload,
+                                                             headers=engine.headers()))
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({upstream, gone}, timeout=settings.request_timeout_seconds,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if upstream not in done:
+            upstream.cancel()  # closes the engine connection: vLLM aborts the request
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await upstream
+            if gone in done:
+                finish(exchange, 499, "client disconnected")
+                return Response(status_code=499)
+            error = engine_failure(httpx.ReadTimeout("gateway timeout"))
+            finish(exchange, error.status, error.message)
+            return error_response(error, exchange)
+        try:
+            response = upstream.result()
+        except httpx.HTTPError as failure:
+            error = engine_failure(failure)
+            finish(exchange, error.status, error.message)
+            return error_response(error, exchange)
+        if response.status_code != 200:
+            error = relayed_error(response.status_code, response.text)
+            finish(exchange, error.status, error.message)
+            return error_response(error, exchange)
+        answer = response.json()
+        choice = (answer.get("choices") or [{}])[0]
+        text = choice.get("text") if "text" in choice else (choice.get("message") or {}).get("content")
+        exchange.output = text or ""
+        usage = answer.get("usage") or {}
+        exchange.completion_tokens = int(usage.get("completion_tokens") or 0)
+        exchange.prompt_tokens = int(usage.get("prompt_tokens") or exchange.prompt_tokens)
+        if as_chat:
+            answer = {"object": "chat.completion", "created": answer.get("created", int(time.time())),
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": exchange.output},
+                                   "finish_reason": choice.get("finish_reason"), "logprobs": None}],
+                      "usage": usage}
+        answer.update(id=exchange.request_id, model=name, model_version=exchange.version)
+        finish(exchange, 200)
+        return JSONResponse(answer, headers=headers)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
-    async def chat_completions(body: ChatBody) -> Any:  # type: ignore[valid-type]
-        handle = current_handle()
-        messages = [m.model_dump() for m in body.messages]
-        if messages[-1]["role"] != "user":
-            raise RequestError(422, "messages: the last message must come from the user", param="messages")
-        prompt = messages[-1]["content"]
-        if not prompt.strip():
-            raise RequestError(422, "messages: the user message must not be blank", param="messages")
-        return await run("chat.completions", prompt, handle.render_chat(messages), body, handle)
+    async def open_stream(engine: EngineProcess, path: str, payload: dict[str, Any]) -> Any:
+        try:
+            response = await service.client.send(
+                service.client.build_request("POST", f"{engine.url}{path}", json=payload, headers=engine.headers()),
+                stream=True)
+        except httpx.HTTPError as failure:
+            raise engine_failure(failure) from None
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")
+            await response.aclose()
+            raise relayed_error(response.status_code, text)
+        return response
+
+    async def relay(exchange: Exchange, engine: EngineProcess, response: Any, as_chat: bool,
+                    include_usage: bool) -> Any:
+        """The engine's server-sent events, re-labelled (request id, model, version); the usage
+        chunk goes to the log (and to the client when it asked for it)."""
+        status, error_text = 200, None
+        deadline = time.monotonic() + settings.request_timeout_seconds
+        pieces: list[str] = []
+        try:
+            async for line in response.aiter_lines():
+                if time.monotonic() > deadline:
+                    status, error_text = 504, "timeout"
+                    yield _event(_error_body(504, f"no answer within {settings.request_timeout_seconds:g} s"))
+                    break
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data.strip() == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    status, error_text = 502, str(chunk["error"].get("message", chunk["error"]))[:500]
+                    yield _event(_error_body(502, f"the engine failed while answering: {error_text}"))
+                    break
+                usage = chunk.get("usage")
+                if usage:
+                    exchange.completion_tokens = int(usage.get("completion_tokens") or 0)
+                    exchange.prompt_tokens = int(usage.get("prompt_tokens") or exchange.prompt_tokens)
+                if not chunk.get("choices"):
+                    if include_usage:
+                        yield _event({**chunk, "id": exchange.request_id, "model": name,
+                                      "model_version": exchange.version})
+                    continue
+                choice = chunk["choices"][0]
+                piece = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+                pieces.append(piece or "")
+                if as_chat:
+                    delta = {"content": piece} if piece else {}
+                    chunk = {"object": "chat.completion.chunk", "created": chunk.get("created"),
+                             "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason"),
+                                          "logprobs": None}]}
+                if not include_usage:
+                    chunk.pop("usage", None)
+                yield _event({**chunk, "id": exchange.request_id, "model": name, "model_version": exchange.version})
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            status, error_text = 499, "client disconnected"
+            raise
+        except httpx.HTTPError as failure:
+            status, error_text = 502, f"the engine connection failed ({type(failure).__name__})"
+            yield _event(_error_body(502, error_text))
+            yield "data: [DONE]\n\n"
+        except GeneratorExit:
+            status, error_text = 499, "client disconnected"
+            raise
+        finally:
+            # the bookkeeping first: the close below may be interrupted by the task's cancellation
+            exchange.output = "".join(pieces)
+            engine.inflight -= 1
+            service.release(time.perf_counter() - exchange.started if status == 200 else None)
+            finish(exchange, status, error_text)
+            await _close_quietly(response)  # an unfinished stream: vLLM aborts the request
 
     @app.post("/v1/feedback", dependencies=[Depends(authorised)], status_code=202)
-    def feedback(body: FeedbackBody) -> dict:  # type: ignore[valid-type]
+    async def feedback(request: Request) -> dict:
+        body = await read_body(request, "feedback")
         if body.thumbs is None and body.score is None:
             raise RequestError(422, "give 'thumbs' ('up' or 'down') or a numeric 'score'", param="thumbs")
         known = body.request_id in service.recent_ids
@@ -873,13 +1108,22 @@ def create_app(service: Service) -> "FastAPI":
         service.metrics.requests.labels(path, str(response.status_code)).inc()
         return response
 
-    known_paths = {route.path for route in app.routes}
-
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    known_paths = {getattr(route, "path", "") for route in app.routes}
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, on_refused=refused)
     return app
 
 
-# --- entry point -----------------------------------------------------------------------------
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _close_quietly(response: Any) -> None:
+    """Close the engine's stream; if this task is being cancelled, the close goes on without it."""
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.shield(response.aclose())
+
+
+# --- entry point -------------------------------------------------------------------------------
 
 
 def read_token(settings: ServeParams) -> str:
@@ -895,24 +1139,25 @@ def read_token(settings: ServeParams) -> str:
     return token
 
 
-def build_service(params: Params) -> Service:
+def build_service(params: Params, wait_for_model: bool = False) -> Service:
     from pipelines.inference_log import InferenceLog
 
     token = read_token(params.serve)
     log = InferenceLog.from_params(params.inference_log)
-    service = Service(params, token, inference_log=log)
-    service.load_initial()  # fails clearly (registry down, no champion) before the port opens
+    service = Service(params, token, inference_log=log, wait_for_model=wait_for_model)
+    service.engines.prepare()  # fails clearly (registry down, no champion, no vLLM) before the port opens
     log.start()
     service.start()
     return service
 
 
-def main(params: Params) -> None:
+def main(params: Params, wait: bool = False) -> None:
     import uvicorn
-    service = build_service(params)
+
+    service = build_service(params, wait_for_model=wait)
     app = create_app(service)
-    logger.info("serving %s v%s on http://%s:%d", service.handle.name, service.handle.version,
-                params.serve.host, params.serve.port)
+    logger.info("gateway on http://%s:%d for %s (%s)", params.serve.host, params.serve.port,
+                service.engines.registry.name, service.engines.state)
     config = uvicorn.Config(app, host=params.serve.host, port=params.serve.port, log_level="info",
                             timeout_graceful_shutdown=int(params.serve.request_timeout_seconds))
     server = uvicorn.Server(config)

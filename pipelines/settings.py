@@ -20,6 +20,8 @@ the same rule, here and nowhere else:
     deploy target      deploy.service_url       LLMOPS_SERVICE_URL            none: `deploy` records the intent
     serving token      serve.token_file         $<serve.token_env>            none: `serve` refuses to start
                                                 (LLMOPS_API_TOKEN)
+    engine Python      serve.engine.python      LLMOPS_VLLM_PYTHON            .venv-vllm/bin/python (make install)
+    engine URL         serve.engine.url         LLMOPS_VLLM_URL               none: `serve` starts its engines
 
 The Model Registry is the tracking server's (MLflow's own default: the registry URI is the
 tracking URI), so `tracking` names both. The committed params.yaml leaves every one of these
@@ -55,6 +57,10 @@ INFERENCE_LOG_ENV = "LLMOPS_INFERENCE_LOG_URL"
 DVC_REMOTE_ENV = "LLMOPS_DVC_REMOTE"
 DVC_ENDPOINT_ENV = "LLMOPS_DVC_REMOTE_ENDPOINT"
 SERVICE_URL_ENV = "LLMOPS_SERVICE_URL"
+VLLM_PYTHON_ENV = "LLMOPS_VLLM_PYTHON"
+VLLM_URL_ENV = "LLMOPS_VLLM_URL"
+# vLLM's own virtualenv, next to the project's (scripts/install.sh)
+DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 
 DEFAULT_TRACKING_DB = "mlflow.db"
 DEFAULT_INFERENCE_LOG = "sqlite:///data/inference/inference.db"
@@ -140,11 +146,22 @@ def api_token(params: ServeParams, environ: Mapping[str, str] | None = None) -> 
                    when_unset="`llmops serve` refuses to start")
 
 
+def vllm_python(params: ServeParams, environ: Mapping[str, str] | None = None) -> Setting:
+    return resolve("engine Python", "serve.engine.python", params.engine.python, VLLM_PYTHON_ENV,
+                   str(DEFAULT_VLLM_PYTHON), environ)
+
+
+def vllm_url(params: ServeParams, environ: Mapping[str, str] | None = None) -> Setting:
+    return resolve("engine URL", "serve.engine.url", params.engine.url, VLLM_URL_ENV, None, environ,
+                   when_unset="`llmops serve` starts and supervises its own engines")
+
+
 def all_settings(params: Params, root: Path | None = None,
                  environ: Mapping[str, str] | None = None) -> list[Setting]:
     return [tracking_uri(params.tracking, root, environ), inference_log_url(params.inference_log, environ),
             dvc_remote(params.dvc_remote, environ), dvc_remote_endpoint(params.dvc_remote, environ),
-            service_url(params.deploy, environ), api_token(params.serve, environ)]
+            service_url(params.deploy, environ), api_token(params.serve, environ),
+            vllm_python(params.serve, environ), vllm_url(params.serve, environ)]
 
 
 # --- the DVC remote --------------------------------------------------------------------------

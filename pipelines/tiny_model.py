@@ -2,6 +2,9 @@
 
     build_tiny_model(folder, tokenizer_dir)   # 2 layers, hidden 64: trains in seconds on CPU
 
+Two attention heads of 32: the smallest head size vLLM's CPU attention kernels take, so the
+serving tests run a real engine on it.
+
 The folder is a plain transformers model (config, safetensors, tokenizer, a model card
 with a licence), usable as `base_model.source` (a local folder).
 """
@@ -11,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_tiny_model(directory: Path, tokenizer_dir: Path, *, layers: int = 2, hidden: int = 64, heads: int = 4,
-                     kv_heads: int = 2, intermediate: int = 128, max_positions: int = 256, seed: int = 0) -> Path:
+def build_tiny_model(directory: Path, tokenizer_dir: Path, *, layers: int = 2, hidden: int = 64, heads: int = 2,
+                     kv_heads: int = 1, intermediate: int = 128, max_positions: int = 256, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

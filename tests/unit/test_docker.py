@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +29,49 @@ DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|FERNET|_KEY$")
+INSTALL_SH = REPO / "scripts" / "install.sh"
+
+
+def install_pin(name: str) -> str:
+    """The release scripts/install.sh installs by default (`NAME=${NAME:-1.2.3}`)."""
+    return re.search(rf"{name}=\$\{{{name}:-([\d.]+)\}}", INSTALL_SH.read_text()).group(1)
+
+
+def stages(dockerfile: Path) -> tuple[dict[str, str], list[list[tuple[str, str]]]]:
+    """The global ARG defaults (before the first FROM) and each stage's (INSTRUCTION, arguments),
+    comments dropped and continuation lines joined; each stage starts with its FROM."""
+    lines = [line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")]
+    args: dict[str, str] = {}
+    found: list[list[tuple[str, str]]] = []
+    for line in re.sub(r"\\\n", " ", "\n".join(lines)).splitlines():
+        if not line.strip():
+            continue
+        instruction, _, rest = line.strip().partition(" ")
+        instruction, rest = instruction.upper(), rest.strip()
+        if instruction == "FROM":
+            found.append([])
+        if found:
+            found[-1].append((instruction, rest))
+        elif instruction == "ARG" and "=" in rest:
+            name, value = rest.split("=", 1)
+            args[name] = value.strip('"')
+    return args, found
+
+
+def resolve(value: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), value)
+
+
+def engine_param(name: str, default):
+    """serve.engine.<name> in params.yaml (the gateway's engine settings)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    value = (params["serve"].get("engine") or {}).get(name)
+    return default if value is None else value
+
+
+def serving_cache_dir() -> str:
+    """serve.engine.cache_dir: where the gateway puts each version's merged weights for the engine."""
+    return engine_param("cache_dir", "models/serving")
 
 
 def docker_compose() -> str:
@@ -123,6 +168,22 @@ def test_services_are_pinned_persistent_local_and_healthy(resolved):
     assert set(config["volumes"]) >= {"postgres-data", "minio-data", "workspace", "redis-data"}
 
 
+def test_the_serve_service_gets_a_gpu_shared_memory_and_a_persistent_engine_cache(resolved):
+    config = resolved["config"]
+    serve = config["services"]["serve"]
+    assert serve["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    size = re.fullmatch(r"(\d+)([kmg]?)b?", str(serve["shm_size"]).lower())
+    assert size and int(size.group(1)) * 1024 ** " kmg".index(size.group(2) or " ") >= 1024 ** 3, \
+        "vLLM needs more shared memory than Docker's 64 MB default"
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in serve["volumes"]}
+    cache = str(PurePosixPath("/opt/llmops/src") / serving_cache_dir())
+    assert mounts.get(cache) in config["volumes"], f"{cache} (serve.engine.cache_dir) is not a named volume"
+    assert mounts.get("/opt/llmops/src/data/inference") in config["volumes"]
+    # the engines listen on loopback inside the container: only the gateway's port is published
+    assert [str(port).split(":")[-1].removesuffix("/tcp") for port in serve["ports"]] == ["8000"]
+
+
 def test_the_stack_configures_the_pipeline_only_through_the_settings_rule(resolved):
     """The services get the variables pipelines/settings.py reads, and MLflow runs with auth."""
     env = resolved["config"]["services"]["airflow-worker"]["environment"]
@@ -163,8 +224,10 @@ def test_hadolint_catches_what_it_should(tmp_path):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfiles_pin_their_bases_run_as_non_root_and_check_health(dockerfile):
     text = dockerfile.read_text()
+    args, _ = stages(dockerfile)  # `FROM ${IMAGE}` is pinned by the ARG's default
     for base in re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE):
-        assert re.search(r":\d[\w.\-]*$", base), f"{dockerfile.name}: base {base} is not pinned to a version"
+        base = resolve(base, args)
+        assert re.search(r":v?\d[\w.\-]*$", base), f"{dockerfile.name}: base {base} is not pinned to a version"
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
     assert users and users[-1] not in {"0", "root"}, f"{dockerfile.name} must end as a non-root user"
     assert re.search(r"^HEALTHCHECK ", text, flags=re.MULTILINE), f"{dockerfile.name} has no HEALTHCHECK"
@@ -177,10 +240,47 @@ def test_images_carry_the_versions_the_project_is_tested_with():
     assert f"mlflow[auth]=={importlib.metadata.version('mlflow')}" in (DOCKER / "mlflow.Dockerfile").read_text()
     trainer = (DOCKER / "trainer.Dockerfile").read_text()
     assert f"deepspeed=={importlib.metadata.version('deepspeed')}" in trainer
-    torch_version = re.search(r"TORCH_VERSION=\$\{TORCH_VERSION:-([\d.]+)\}",
-                              (REPO / "scripts" / "install.sh").read_text()).group(1)
+    torch_version = install_pin("TORCH_VERSION")
     assert f"torch=={torch_version}" in trainer
-    assert f"TORCH_VERSION={torch_version}" in (DOCKER / "serve.Dockerfile").read_text()
+    # the serving image: the project's torch in the gateway's venv, the workstation's vLLM release as the engine
+    serve = (DOCKER / "serve.Dockerfile").read_text()
+    assert f"TORCH_VERSION={torch_version}" in serve
+    assert f"VLLM_IMAGE=vllm/vllm-openai:v{install_pin('VLLM_VERSION')}" in serve
+
+
+def test_the_serve_image_runs_the_gateway_and_vllm_in_its_own_python():
+    """The gateway (`llmops serve`, project venv) starts vLLM from the base image's Python on the GPU."""
+    path = DOCKER / "serve.Dockerfile"
+    args, found = stages(path)
+    runtime = found[-1]
+    assert resolve(runtime[0][1], args).startswith("vllm/vllm-openai:")
+    stage_args = {**args, **dict(rest.split("=", 1) for kind, rest in runtime if kind == "ARG" and "=" in rest)}
+    env = {}
+    for kind, rest in runtime:
+        if kind == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(rest))
+    assert env["LLMOPS_VLLM_DEVICE"] == "cuda"
+    engine_python = resolve(env["LLMOPS_VLLM_PYTHON"], stage_args)
+    assert engine_python == "/usr/bin/python3"  # the vLLM image's interpreter (an assumption: docker/README.md)
+    assert env["PATH"].startswith("/opt/llmops/venv/bin:") and not engine_python.startswith("/opt/llmops/venv/")
+    # vLLM's pins clash with the project's: it is never pip-installed into the project's venv
+    pip_installs = [command for stage in found for kind, rest in stage if kind == "RUN"
+                    for command in rest.split("&&") if "pip install" in command]
+    assert pip_installs and not any(re.search(r"\bvllm", command) for command in pip_installs), pip_installs
+    last = dict(runtime)  # the last of each instruction
+    entrypoint = json.loads(last["ENTRYPOINT"])  # exec form, replacing the base image's `vllm serve`
+    assert entrypoint[entrypoint.index("llmops"):] == ["llmops", "serve", "--set", "serve.host=0.0.0.0"]
+    assert json.loads(last.get("CMD", "[]")) == []
+    assert last["EXPOSE"] == "8000" and "http://127.0.0.1:8000/ready" in last["HEALTHCHECK"]
+    start = re.search(r"--start-period=(\d+)s", last["HEALTHCHECK"])
+    assert start and int(start.group(1)) >= engine_param("startup_timeout_seconds", 600), \
+        "the start period must cover the first download and engine start (serve.engine.startup_timeout_seconds)"
+    # the engine cache is a folder the runtime user (10001, llmops) owns, under the working directory
+    assert last["USER"] == "10001" and last["WORKDIR"] == "/opt/llmops/src"
+    cache = serving_cache_dir()
+    assert any(kind == "RUN" and re.search(rf"mkdir -p [^&;]*\b{re.escape(cache)}\b", rest)
+               and re.search(rf"chown llmops:llmops [^&;]*\b{re.escape(cache)}\b", rest)
+               for kind, rest in runtime), f"{cache} is not created writable for the runtime user"
 
 
 def test_dockerignore_keeps_history_secrets_and_state_out_of_the_build_context():

@@ -1,13 +1,16 @@
-"""The registered pyfunc model loads in the dtype its consumer asks for (MLflow's model_config)."""
+"""The registered pyfunc model: merged weights that answer as base + adapter do, loaded in the dtype
+its consumer asks for (MLflow's model_config)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from mlflow.pyfunc import PythonModelContext
 
-from pipelines.packaging import ADAPTER_ARTIFACT, BASE_ARTIFACT, CONFIG_ARTIFACT, LoraTextGenerator
+from pipelines.lm import CausalLM, Decoding
+from pipelines.packaging import ADAPTER_ARTIFACT, CONFIG_ARTIFACT, MERGED_ARTIFACT, LoraTextGenerator, write_merged
 from tests.support import build_adapter, build_tiny_base
 
 
@@ -15,8 +18,9 @@ def test_the_registered_model_loads_in_the_dtype_the_consumer_asks_for(tmp_path,
     base = build_tiny_base(tmp_path / "base", tiny_tokenizer_dir)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"dtype": "float32", "decoding": {"max_new_tokens": 4}, "template": "plain"}))
-    artifacts = {CONFIG_ARTIFACT: str(config), BASE_ARTIFACT: str(base),
-                 ADAPTER_ARTIFACT: str(build_adapter(tmp_path / "adapter", base))}
+    adapter = build_adapter(tmp_path / "adapter", base)
+    artifacts = {CONFIG_ARTIFACT: str(config), MERGED_ARTIFACT: str(write_merged(base, adapter, tmp_path / "merged")),
+                 ADAPTER_ARTIFACT: str(adapter)}
 
     def loaded(model_config):
         model = LoraTextGenerator()
@@ -31,3 +35,23 @@ def test_the_registered_model_loads_in_the_dtype_the_consumer_asks_for(tmp_path,
     assert loaded(None) == ({torch.float32}, {torch.float32})  # the registered config's dtype
     # bfloat16 weights, and the rotary frequencies stay float32 (`model.to(bfloat16)` would round them)
     assert loaded({"dtype": "bfloat16"}) == ({torch.bfloat16}, {torch.float32})
+
+
+def test_merged_weights_answer_as_base_plus_adapter_and_load_without_peft(tmp_path, tiny_tokenizer_dir):
+    base = build_tiny_base(tmp_path / "base", tiny_tokenizer_dir)
+    adapter = build_adapter(tmp_path / "adapter", base)
+    merged = write_merged(base, adapter, tmp_path / "merged")
+    assert not (merged / "adapter_config.json").exists() and (merged / "config.json").exists()
+    assert (merged / "tokenizer.json").exists() and not (merged / "generation_config.json").exists()
+    prompts = ["What does the noun bank mean?", "Define: river"]
+    greedy = Decoding(max_new_tokens=6, repetition_penalty=3.0)
+    with_adapter = CausalLM.load(base, adapter, dtype="float32").generate_ids(prompts, greedy)
+    assert CausalLM.load(merged, dtype="float32").generate_ids(prompts, greedy) == with_adapter
+    assert CausalLM.load(base, dtype="float32").generate_ids(prompts, greedy) != with_adapter  # the adapter counts
+
+
+def test_a_version_without_merged_weights_is_named_with_the_fix(tmp_path, tiny_tokenizer_dir):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"dtype": "float32", "decoding": {"max_new_tokens": 4}, "template": "plain"}))
+    with pytest.raises(ValueError, match="llmops register"):
+        LoraTextGenerator().load_context(PythonModelContext({CONFIG_ARTIFACT: str(config)}, None))
