@@ -18,25 +18,34 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV) $(PYTHON)
 	touch $@
 
-# The demo's monitoring window: the day that ends at midnight UTC today (a scheduler passes its own).
-DEMO_WINDOW_END ?= $(shell date -u +%Y-%m-%dT00:00:00Z)
+# The demo's gateway (`llmops serve` in front of its vLLM engine); stopped when the demo ends.
+DEMO_PORT ?= 8000
+DEMO_URL := http://127.0.0.1:$(DEMO_PORT)
 
-## demo: run the whole pipeline on the embedded default (CPU, offline, local DVC remote),
-## then simulate a day of half-drifted traffic and write its drift report
+## demo: run the whole pipeline on the embedded default (CPU, offline, local DVC remote) with
+## the champion served on vLLM behind `llmops serve`: deploy verifies it through the gateway,
+## half-drifted traffic goes through it into the inference log, monitoring writes its report
 demo: install
-	dvc repro
-	dvc push -q || echo "note: dvc push to the local remote failed; outputs are still in the workspace"
-	llmops simulate-traffic --requests 120 --drift-share 0.5 --end $(DEMO_WINDOW_END)
-	llmops monitor --end $(DEMO_WINDOW_END)
-	@echo
-	@dvc metrics show
-	@echo
-	@echo "Done. Look at:"
-	@echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   runs, curves, the registered champion"
-	@echo "  reports/validate/data_docs/index.html                        Great Expectations Data Docs"
-	@echo "  dvc metrics show / dvc plots show / dvc dag                  metrics, loss curves, the stage graph"
-	@echo "  reports/monitor/latest.json and reports/monitor/<window>/report.html   the drift report and decision"
-	@echo "  LLMOPS_API_TOKEN=... llmops serve                            the champion over HTTP (docs/serving.md)"
+	@set -euo pipefail; \
+	export LLMOPS_API_TOKEN=$${LLMOPS_API_TOKEN:-$$(python -c 'import secrets; print(secrets.token_hex(32))')}; \
+	export LLMOPS_SERVICE_URL=$(DEMO_URL); \
+	mkdir -p models/serving/logs; \
+	echo "starting the gateway on $(DEMO_URL) (log: models/serving/logs/gateway.log)"; \
+	llmops serve --wait --set serve.port=$(DEMO_PORT) > models/serving/logs/gateway.log 2>&1 & gateway=$$!; \
+	trap 'echo "stopping the gateway and its engine"; kill $$gateway 2>/dev/null || true; wait $$gateway 2>/dev/null || true' EXIT; \
+	dvc repro; \
+	dvc push -q || echo "note: dvc push to the local remote failed; outputs are still in the workspace"; \
+	python scripts/wait_ready.py $(DEMO_URL) --timeout 900 --log models/serving/logs/gateway.log; \
+	llmops simulate-traffic --requests 120 --drift-share 0.5 --url $(DEMO_URL); \
+	llmops monitor --end $$(date -u +%Y-%m-%dT%H:%M:%SZ); \
+	echo; dvc metrics show; echo; \
+	echo "Done. Look at:"; \
+	echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   runs, curves, the registered champion"; \
+	echo "  reports/validate/data_docs/index.html                        Great Expectations Data Docs"; \
+	echo "  dvc metrics show / dvc plots show / dvc dag                  metrics, loss curves, the stage graph"; \
+	echo "  reports/deploy/deployment.json                               the rollout, verified through the gateway"; \
+	echo "  reports/monitor/latest.json and reports/monitor/<window>/report.html   the drift report and decision"; \
+	echo "  LLMOPS_API_TOKEN=... llmops serve                            the champion on vLLM over HTTP (docs/serving.md)"
 
 ## test: lint, then the whole test suite (slow and integration tests included)
 test: install

@@ -164,17 +164,21 @@ def engine_environment(config: EngineConfig, environ: dict[str, str] | None = No
     return env
 
 
-def _cpu_bind(setting: str) -> str:
-    """`all`: every core this process may run on, as vLLM's core list (measured ~25% faster than
-    vLLM's `auto` on a 2-core VM, which keeps a core back)."""
+def _cpu_bind(setting: str, cores: set[int] | None = None) -> str:
+    """`all`: every core this process may run on, as vLLM's core list ("0-3,6"); measured ~25%
+    faster than vLLM's `auto` on a 2-core VM, which keeps a core back for the server."""
     if setting != "all":
         return setting
-    cores = sorted(os.sched_getaffinity(0))
-    ranges, start = [], cores[0]
-    for previous, core in zip(cores, [*cores[1:], None]):
-        if core != previous + 1 if core is not None else True:
-            ranges.append(f"{start}-{previous}" if previous != start else str(start))
-            start = core
+    ordered = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    ranges: list[str] = []
+    start = previous = ordered[0]
+    for core in [*ordered[1:], None]:
+        if core is not None and core == previous + 1:
+            previous = core
+            continue
+        ranges.append(str(start) if start == previous else f"{start}-{previous}")
+        if core is not None:
+            start = previous = core
     return ",".join(ranges)
 
 

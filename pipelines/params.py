@@ -300,9 +300,10 @@ class EngineParams(Section):
     omp_threads_bind: str = "all"  # CPU: all (every core this process may use) | auto | a vLLM core list "0-7"
     startup_timeout_seconds: float = Field(600.0, gt=0.0)
     # A new champion: blue_green starts its engine beside the old one and switches when it is
-    # ready (memory for two engines); stop_first stops the old one first (503 until the new one
-    # is ready).
-    swap: Literal["blue_green", "stop_first"] = "blue_green"
+    # ready (memory and cores for two engines); stop_first drains and stops the old one, then
+    # starts the new one while requests wait in the gateway; auto: blue_green on a GPU,
+    # stop_first on a CPU, where a second engine bound to the same cores starved (docs/serving.md).
+    swap: Literal["auto", "blue_green", "stop_first"] = "auto"
     restart_backoff_seconds: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0])
     cache_dir: Path = Path("models/serving")  # the versions' merged weights, downloaded from the registry
     extra_args: list[str] = Field(default_factory=list)  # more `vllm serve` arguments, e.g. ["--seed", "1"]

@@ -86,6 +86,13 @@ class Served:
     engine: EngineProcess
     tokenizer: Any
     ready_at: float = field(default_factory=time.time)
+    suppressed: dict[str, float] = field(default_factory=dict)  # logit_bias that keeps control tokens out
+
+    def __post_init__(self) -> None:
+        from pipelines.lm import suppressed_tokens
+
+        # what evaluation's generate does (suppress_tokens): the served answers are the evaluated ones
+        self.suppressed = {str(token): -100.0 for token in suppressed_tokens(self.tokenizer)}
 
     @property
     def template(self) -> str:
@@ -200,6 +207,18 @@ class EngineManager:
             served.engine.stop()
         self.state = "stopped"
 
+    @property
+    def swap_mode(self) -> str:
+        """blue_green needs room for two engines: on a CPU both would be bound to the same cores,
+        and measured on 2 cores the new one did not finish starting in 10 minutes beside an engine
+        under load (unbinding costs 30% throughput instead), so auto means stop_first there."""
+        mode = self.settings.engine.swap
+        if self.external_url:
+            return "stop_first"  # nothing to start beside it
+        if mode == "auto":
+            return "blue_green" if self.config.device == "cuda" else "stop_first"
+        return mode
+
     def alias_version(self) -> str | None:
         if self.settings.model_uri:
             return self.settings.model_uri.rstrip("/").rsplit("/", 1)[-1]
@@ -297,7 +316,7 @@ class EngineManager:
             fetched = fetch_version(self.params, version)
             if self.current is None and self.state in ("waiting-for-model", "failed"):
                 self._bring_up(fetched)
-            elif self.settings.engine.swap == "stop_first" or self.external_url:
+            elif self.swap_mode == "stop_first":
                 self._swap_stop_first(fetched)
             else:
                 self._swap_blue_green(fetched)
@@ -316,16 +335,18 @@ class EngineManager:
         self.metrics.swaps.inc()
         logger.info("now serving v%s (was v%s); draining the old engine", version.version,
                     old.version.version if old else "-")
+        record = {"version": version.version, "mode": "blue_green",
+                  "engine_start_seconds": round(switched - started, 2), "drain_seconds": None}
+        self.swaps.append(record)
         if old is not None:
             self._drain(old)
             old.engine.stop()
-        self.swaps.append({"version": version.version, "mode": "blue_green",
-                           "engine_start_seconds": round(switched - started, 2),
-                           "drain_seconds": round(time.monotonic() - switched, 2)})
+        record["drain_seconds"] = round(time.monotonic() - switched, 2)
 
     def _swap_stop_first(self, version: ServedVersion) -> None:
         """For a machine too small for two engines: stop the old one (draining what it is
-        answering), then start the new one; requests meanwhile get 503 with Retry-After."""
+        answering), then start the new one; requests that arrive meanwhile wait in the gateway
+        (at most serve.request_timeout_seconds) and go to the new engine."""
         started = time.monotonic()
         old, self.current, self.state = self.current, None, "swapping"
         if old is not None:
@@ -702,8 +723,15 @@ def create_app(service: Service) -> "FastAPI":
     def authorised(request: Request) -> None:
         check_token(request)
 
-    def current() -> Served:
+    async def current() -> Served:
         served = service.engines.current
+        if served is None and service.engines.state == "swapping":
+            # a stop-first swap: wait for the new engine instead of failing the request
+            deadline = time.monotonic() + settings.request_timeout_seconds
+            while service.engines.current is None and service.engines.state == "swapping" \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            served = service.engines.current
         if served is None:
             state = service.engines.state
             why = {"waiting-for-model": f"no version has the alias '{settings.alias}' yet",
@@ -757,15 +785,15 @@ def create_app(service: Service) -> "FastAPI":
         return {"status": "checking", "model_version": served.version.version if served else None}
 
     @app.get("/v1/models", dependencies=[Depends(authorised)])
-    def list_models() -> dict:
-        return {"object": "list", "data": [model_card(current())]}
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card(await current())]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorised)])
-    def get_model(model_id: str) -> dict:
+    async def get_model(model_id: str) -> dict:
         if model_id != name:
             raise RequestError(404, f"model '{model_id}' is not served here; this server serves '{name}'",
                                param="model", code="model_not_found")
-        return model_card(current())
+        return model_card(await current())
 
     def model_card(served: Served) -> dict:
         return {"id": name, "object": "model", "created": int(served.ready_at), "owned_by": "llmops",
@@ -822,6 +850,8 @@ def create_app(service: Service) -> "FastAPI":
             value = getattr(body, key)
             if value is not None:
                 fields[key] = value
+        if served.suppressed:
+            fields["logit_bias"] = served.suppressed
         if body.response_format is not None:
             fields["response_format"] = body.response_format.model_dump(by_alias=True, exclude_none=True)
         exchange.params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": fields.get("top_p", 1.0),
@@ -848,7 +878,7 @@ def create_app(service: Service) -> "FastAPI":
         async def prepare() -> tuple[Served, str, dict[str, Any], bool]:
             check_token(request)
             body = await read_body(request, "chat.completions")
-            served = current()
+            served = await current()
             messages = []
             for index, message in enumerate(body.messages):
                 if message.role not in ROLES:
@@ -887,7 +917,7 @@ def create_app(service: Service) -> "FastAPI":
         async def prepare() -> tuple[Served, str, dict[str, Any], bool]:
             check_token(request)
             body = await read_body(request, "completions")
-            served = current()
+            served = await current()
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if len(prompts) != 1:
                 raise RequestError(422, f"prompt: got {len(prompts)} prompts; send one prompt per request "

@@ -3,10 +3,12 @@
     llmops simulate-traffic --requests 200 --drift-share 0.5 --url http://127.0.0.1:8000
     llmops simulate-traffic --requests 200 --drift-share 0.5 --end 2026-11-24 --hours 24
 
-With `--url` it sends chat requests to the running service (token from `serve.token_env` /
-`serve.token_file`), which logs them itself. Without it, it answers with the registry's
-champion in-process and writes the records straight into the inference log, spread over the
-window that ends at `--end` (so a past window can be filled for `llmops monitor`).
+With `--url` it sends chat requests to the running gateway (token from `serve.token_env` /
+`serve.token_file`), which answers on its vLLM engine and logs them itself: what `make demo`
+does. Without it, it answers with the registry's champion in-process, in static batches as
+`evaluate` generates, and writes the records straight into the inference log, spread over the
+window that ends at `--end` (so a past window can be filled for `llmops monitor`); each
+record's latency is then its batch's duration, not a served request's.
 
 Prompts: `--drift-share` of them come from the FOLDOC stream (computing terms: another
 domain), the rest from the test split (held out from training: the training distribution).
@@ -98,20 +100,22 @@ def write_directly(params: Params, prompts: list[str], start: datetime, end: dat
     log.start()
     try:
         texts = [generator.render(p) for p in prompts]
-        # Continuous batching as the service does it (16 rows): each record's latency is its own time
-        # from prefill to last token, not the duration of a whole static batch.
-        rows = generator.lm.decode_continuous(texts, generator.decoding, max_rows=16)
         tokenizer = generator.lm.tokenizer
-        for i, (prompt, row) in enumerate(zip(prompts, rows)):
-            answer = tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
-            log.record(InferenceRecord(
-                # deterministic ids: simulating the same window twice adds nothing (replays are ignored)
-                request_id=f"sim-{seed}-{end:%Y%m%dT%H%M%S}-{i}", endpoint="chat.completions",
-                created_at=start + timedelta(seconds=float(offsets[i])),
-                model_name=registry.name, model_version=str(champion.version), prompt=prompt, output=answer,
-                status=200, latency_ms=row.seconds * 1000, completion_tokens=len(row.tokens),
-                prompt_tokens=len(row.prompt_ids),
-                params={"simulated": True, "max_tokens": generator.decoding.max_new_tokens}))
+        size = 16
+        for offset in range(0, len(prompts), size):
+            started = time.perf_counter()
+            rows = generator.lm.generate_ids(texts[offset: offset + size], generator.decoding)
+            seconds = time.perf_counter() - started  # every request of the batch waited for all of it
+            for i, (prompt, text, row) in enumerate(zip(prompts[offset:], texts[offset:], rows), start=offset):
+                answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+                log.record(InferenceRecord(
+                    # deterministic ids: simulating the same window twice adds nothing (replays are ignored)
+                    request_id=f"sim-{seed}-{end:%Y%m%dT%H%M%S}-{i}", endpoint="chat.completions",
+                    created_at=start + timedelta(seconds=float(offsets[i])),
+                    model_name=registry.name, model_version=str(champion.version), prompt=prompt, output=answer,
+                    status=200, latency_ms=seconds * 1000, completion_tokens=len(row),
+                    prompt_tokens=len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                    params={"simulated": True, "max_tokens": generator.decoding.max_new_tokens}))
         if not log.flush(120):
             raise LLMOpsError(f"the inference log at {log_url(params)} did not take the records; they "
                               f"wait in {params.inference_log.spool_dir}")

@@ -74,7 +74,7 @@ def promote_new_version(ws: Workspace) -> str:
 
 
 def ready_version(service: ServeProcess) -> str:
-    return requests.get(f"{service.url}/ready", timeout=10).json()["model_version"]
+    return requests.get(f"{service.url}/ready", timeout=10).json().get("model_version")
 
 
 def wait_until_serving(service: ServeProcess, version: str, timeout: float = 120) -> None:
@@ -394,7 +394,9 @@ def test_a_dead_engine_answers_503_then_is_restarted(service):
     assert list(records["status"]) == [503]
 
 
-def test_load_with_a_blue_green_swap_drops_nothing_and_logs_everything(service, ws):
+def test_load_through_a_hot_swap_drops_nothing_and_logs_everything(service, ws):
+    """On a CPU the swap is stop-first (serve.engine.swap: auto): the old engine drains and stops,
+    the new one starts while arriving requests wait in the gateway: none fails."""
     stop = threading.Event()
     results: list[tuple[int, str, str, float]] = []
     lock = threading.Lock()
@@ -416,7 +418,7 @@ def test_load_with_a_blue_green_swap_drops_nothing_and_logs_everything(service, 
     time.sleep(3)
     stop.set()
     for thread in threads:
-        thread.join(timeout=120)
+        thread.join(timeout=180)
     statuses = [status for status, _, _, _ in results]
     assert statuses and set(statuses) == {200}, statuses
     assert {"1", version} <= {v for _, _, v, _ in results}
@@ -425,7 +427,7 @@ def test_load_with_a_blue_green_swap_drops_nothing_and_logs_everything(service, 
     records = served_records(service, ids)
     assert len(records) == len(ids) and records["request_id"].is_unique
     swap = requests.get(f"{service.url}/ready", timeout=10).json()["engine"]["swaps"][-1]
-    assert swap["mode"] == "blue_green" and swap["version"] == version and swap["engine_start_seconds"] > 0
+    assert swap["mode"] == "stop_first" and swap["version"] == version and swap["unavailable_seconds"] > 0
 
 
 # --- deploy ----------------------------------------------------------------------------------
@@ -514,18 +516,27 @@ def test_missing_token_is_a_clear_error(ws, tmp_path):
     assert done.returncode != 0 and "LLMOPS_API_TOKEN" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_log_store_down_keeps_serving_and_records_arrive_later(ws, tmp_path, mlflow_server):
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_log_store_down_keeps_serving_records_arrive_later_and_a_blue_green_swap(ws, tmp_path, mlflow_server):
     # mlflow_server may have been stopped by an earlier test: start a fresh one for this service
     mlflow = MlflowServer(tmp_path / "mlflow").start()
     try:
         from pipelines import promote
+        from pipelines.registry import Registry
 
         ws2 = Workspace(tmp_path / "ws", ws.root / "base", mlflow.uri, f"logdown-{uuid.uuid4().hex[:6]}")
         register(ws2, evaluation(0.02))
         promote.main(ws2.params())
         blocker = tmp_path / "store"
         blocker.write_text("not a folder")  # the SQLite file's parent is a file: the store cannot open
-        serve = ServeProcess(ws2, tmp_path / "serve", *SERVE,
+        serve = ServeProcess(ws2, tmp_path / "serve", *SERVE, "serve.engine.swap=blue_green",
                              f"inference_log.url=sqlite:///{blocker / 'inference.db'}").start()
         try:
             ids = set()
@@ -548,6 +559,21 @@ def test_log_store_down_keeps_serving_and_records_arrive_later(ws, tmp_path, mlf
                 time.sleep(0.5)
             frame = read_records(f"sqlite:///{blocker / 'inference.db'}")
             assert set(frame["request_id"]) == ids and frame["request_id"].is_unique
+
+            # blue/green (the GPU default): the new engine starts beside the old one, then the old stops
+            old_pid = requests.get(f"{serve.url}/ready", timeout=10).json()["engine"]["pid"]
+            champion = Registry(ws2.params()).alias("champion").version
+            new = register(ws2, evaluation(0.03, champion_version=str(champion)))
+            promote.main(ws2.params())
+            assert serve.post("/admin/reload", {}).status_code == 202
+            wait_until_serving(serve, new, timeout=300)
+            engine = requests.get(f"{serve.url}/ready", timeout=10).json()["engine"]
+            assert engine["swaps"][-1]["mode"] == "blue_green" and engine["pid"] != old_pid
+            assert serve.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).json()["model_version"] == new
+            deadline = time.monotonic() + 60
+            while _alive(old_pid) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not _alive(old_pid)  # drained and stopped
         finally:
             serve.stop()
     finally:

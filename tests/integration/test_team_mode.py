@@ -175,7 +175,7 @@ def test_train_register_and_serve_with_postgresql_behind_mlflow_and_the_inferenc
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as output:
         serve = subprocess.Popen(
-            [str(BIN / "llmops"), "serve", "--set", f"serve.port={port}", "--set", "serve.max_wait_ms=5",
+            [str(BIN / "llmops"), "serve", "--set", f"serve.port={port}", "--set", "serve.engine.kv_cache_gib=0.25",
              "--set", "inference_log.flush_interval_seconds=0.2"],
             cwd=project.root, env=project.env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:

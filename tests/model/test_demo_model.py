@@ -68,12 +68,15 @@ def test_candidate_beats_the_base_model_on_the_test_split(demo):
     assert candidate["rouge_l"] > base["rouge_l"]
 
 
-def test_llmops_serve_answers_with_the_demo_champion_and_logs_the_request(demo):
+def test_llmops_serve_answers_with_the_demo_champion_as_evaluated_and_logs_the_request(demo):
     """What a user does after `make demo`: `llmops serve` with the project's own settings (the
-    SQLite registry, the default inference log) answers with the champion and logs the request."""
+    SQLite registry, the default inference log, a vLLM engine on the registered merged weights)
+    answers with the champion and logs the request. The served greedy answers are the ones
+    `evaluate` scored (transformers' generate on the same weights): the gate judged what is served."""
     import requests
 
     from pipelines.inference_log import read_records
+    from pipelines.params import load_params
 
     url = f"http://127.0.0.1:{free_port()}"
     body = {"messages": [{"role": "user", "content": 'What does the noun "harbour" mean?'}], "max_tokens": 32}
@@ -100,6 +103,18 @@ def test_llmops_serve_answers_with_the_demo_champion_and_logs_the_request(demo):
                 time.sleep(0.3)
             assert len(logged) == 1 and logged.iloc[0]["status"] == 200
             assert logged.iloc[0]["model_version"] == "1" and "harbour" in logged.iloc[0]["prompt"]
+
+            samples = pd.read_csv(demo.root / "reports/evaluate/samples.csv")
+            max_tokens = load_params(demo.root / "params.yaml").evaluate.decoding.max_new_tokens
+            same = 0
+            for prompt, evaluated in zip(samples["prompt"], samples["candidate"]):
+                served = requests.post(f"{url}/v1/chat/completions", timeout=120,
+                                       headers={"Authorization": f"Bearer {TEST_TOKEN}"},
+                                       json={"messages": [{"role": "user", "content": prompt}],
+                                             "max_tokens": max_tokens, "temperature": 0})
+                same += served.json()["choices"][0]["message"]["content"].strip() == str(evaluated).strip()
+            # float32 on both sides; measured here: every sample answer identical
+            assert same == len(samples), f"{same} of {len(samples)} served answers are the evaluated ones"
         finally:
             stop_process_group(process, 30)
 

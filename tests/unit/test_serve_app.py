@@ -1,210 +1,130 @@
-"""The HTTP layer of `llmops serve` in-process, on the tiny model: paths that need a server in a
-given state (model loading, batcher stopped, queue full) or exact outputs (stop sequences).
-The served behaviour against real processes is in tests/integration/test_serve.py."""
+"""The gateway (`llmops serve`) and its engine launcher, in-process and without an engine: what
+holds before a request reaches vLLM (auth, body checks, 503 while no engine runs, admission)
+and how the engine is started. The served behaviour, against a real vLLM engine, is in
+tests/integration/test_serve.py."""
 
 from __future__ import annotations
 
-import threading
-import time
+import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from pipelines.params import load_params
 from tests.support import REPO, TEST_TOKEN
-from tests.unit.test_lm_continuous import sharpen_attention
 
-PROMPT = 'What does the noun "bank" mean?'
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+PROMPT = 'What does the noun "bank" mean?'
 
 
-class LocalSource:
-    """A model source that hands out one in-memory version (the registry path is tested in integration)."""
-
-    def __init__(self, handle) -> None:
-        self.handle = handle
-        self.fixed_uri = None
-
-    def current_version(self) -> str:
-        return self.handle.version
-
-    def load(self, version: str):
-        return self.handle
-
-
-@pytest.fixture(scope="module")
-def handle(tiny_base_model_dir):
-    from pipelines.lm import CausalLM, Decoding
-    from pipelines.serve import ModelHandle
-
-    lm = sharpen_attention(CausalLM.load(tiny_base_model_dir, dtype="float32"))  # cache mix-ups change answers
-    return ModelHandle(name="tiny", version="7", lm=lm, template="chat", system_prompt=None,
-                       default_decoding=Decoding(repetition_penalty=3.0))
-
-
-def make_client(handle, *overrides: str, start: bool = True, load: bool = True):
+@pytest.fixture
+def gateway(tmp_path):
+    """A gateway whose engine thread never started: no version is being served."""
     from fastapi.testclient import TestClient
 
     from pipelines.serve import Service, create_app
 
-    limits = ["serve.limits.max_tokens=32", "serve.limits.default_max_tokens=8"]
-    params = load_params(REPO / "params.yaml", [*limits, *overrides])
-    service = Service(params, TEST_TOKEN, source=LocalSource(handle))
-    if load:
-        service.load_initial()
-    if start:
-        service.batcher.start()
-    return service, TestClient(create_app(service))
+    params = load_params(REPO / "params.yaml", [f"serve.engine.cache_dir={tmp_path}",
+                                                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    service = Service(params, TEST_TOKEN)
+    with TestClient(create_app(service)) as client:
+        yield service, client
 
 
-def test_stop_sequences_cut_the_answer_and_say_so(handle):
-    service, client = make_client(handle)
-    try:
-        full = client.post("/v1/completions", headers=AUTH, json={"prompt": PROMPT, "max_tokens": 12}).json()
-        text = full["choices"][0]["text"]
-        assert len(text) > 4, text
-        start = next(i for i in range(1, len(text) - 1) if not text[i].isspace())  # a stop that is not blank
-        stop = text[start: start + 2]
-        cut = client.post("/v1/completions", headers=AUTH,
-                          json={"prompt": PROMPT, "max_tokens": 12, "stop": [stop]}).json()
-        assert cut["choices"][0]["finish_reason"] == "stop"
-        assert cut["choices"][0]["text"] == text[: text.index(stop)].strip()
-        assert full["model_version"] == "7"
-    finally:
-        service.batcher.stop()
+def test_without_an_engine_requests_get_503_with_retry_after_and_ready_says_why(gateway):
+    service, client = gateway
+    response = client.post("/v1/chat/completions", headers=AUTH, json={"messages": [{"role": "user",
+                                                                                      "content": PROMPT}]})
+    assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1
+    assert "engine is starting" in response.json()["error"]["message"]
+    ready = client.get("/ready")
+    assert ready.status_code == 503 and ready.json()["engine"]["state"] == "starting"
+    service.engines.state, service.engines.last_error = "failed", "vLLM for v3 exited with code 1"
+    assert "exited with code 1" in client.post("/v1/completions", headers=AUTH,
+                                               json={"prompt": PROMPT}).json()["error"]["message"]
+    assert client.get("/health").json() == {"status": "ok"}
 
 
-def test_a_request_that_waits_too_long_gets_504(handle):
-    service, client = make_client(handle, "serve.request_timeout_seconds=0.3", start=False)
-    started = time.perf_counter()
-    response = client.post("/v1/completions", headers=AUTH, json={"prompt": PROMPT, "max_tokens": 4})
-    assert response.status_code == 504 and "serve.request_timeout_seconds" in response.json()["error"]["message"]
-    assert time.perf_counter() - started < 10
+@pytest.mark.parametrize(("body", "message"), [
+    (b"{not json", "not valid json"),
+    (b"\xff\xfe", "not valid json"),
+    (b"42", "json object"),
+    (json.dumps({"prompt": "a\u0000b"}).encode(), "NUL"),
+    (b'{"prompt": "a \\udc00 b"}', "surrogate"),
+    (json.dumps({"prompt": PROMPT, "temperature": "hot"}).encode(), "temperature"),
+    (json.dumps({"prompt": PROMPT, "seed": 2 ** 64}).encode(), "seed"),
+    (json.dumps({"prompt": PROMPT, "top_p": 0}).encode(), "top_p"),
+    (json.dumps({"prompt": PROMPT, "response_format": {"type": "yaml"}}).encode(), "response_format"),
+])
+def test_bodies_are_checked_before_they_reach_an_engine(gateway, body, message):
+    _, client = gateway
+    response = client.post("/v1/completions", headers={**AUTH, "Content-Type": "application/json"}, content=body)
+    assert response.status_code == 422, response.text
+    assert message.lower() in response.json()["error"]["message"].lower()
 
 
-def test_a_full_queue_answers_429_with_retry_after(handle):
-    service, client = make_client(handle, "serve.queue_size=2", "serve.request_timeout_seconds=3", start=False)
-    waiting = [threading.Thread(target=client.post, args=("/v1/completions",),
-                                kwargs={"headers": AUTH, "json": {"prompt": PROMPT}}) for _ in range(2)]
-    for thread in waiting:
-        thread.start()
-    deadline = time.monotonic() + 10
-    while service.batcher.jobs.qsize() < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    response = client.post("/v1/completions", headers=AUTH, json={"prompt": PROMPT})
-    assert response.status_code == 429, response.text
-    assert int(response.headers["Retry-After"]) >= 1
-    assert client.get("/health").status_code == 200
-    for thread in waiting:
-        thread.join()
+def test_no_token_no_answer_and_no_open_api_pages(gateway):
+    _, client = gateway
+    assert client.post("/v1/completions", json={"prompt": PROMPT}).status_code == 401
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/openapi.json").status_code == 401 and client.get("/docs").status_code == 404
+    assert client.get("/openapi.json", headers=AUTH).status_code == 200
 
 
-def test_not_ready_while_the_model_loads(handle):
-    service, client = make_client(handle, start=False, load=False)
-    assert client.get("/ready").status_code == 503
-    response = client.post("/v1/completions", headers=AUTH, json={"prompt": PROMPT})
-    assert response.status_code == 503 and response.headers["Retry-After"]
+def test_admission_refuses_past_capacity_with_a_retry_after(gateway):
+    from pipelines.serve import RequestError
+
+    service, _ = gateway
+    for _ in range(service.capacity):
+        service.admit()
+    with pytest.raises(RequestError) as refused:
+        service.admit()
+    assert refused.value.status == 429 and int(refused.value.headers["Retry-After"]) >= 1
+    service.release(0.5)
+    service.admit()  # a freed slot admits again
 
 
-def test_chat_with_a_one_turn_template_rejects_a_conversation(handle):
-    from dataclasses import replace
+def test_engine_command_environment_and_core_list(tmp_path):
+    from pipelines.engine import EngineConfig, _cpu_bind, engine_command, engine_environment
 
-    service, client = make_client(replace(handle, template="alpaca"))
-    try:
-        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                    {"role": "user", "content": PROMPT}]
-        response = client.post("/v1/chat/completions", headers=AUTH, json={"messages": messages})
-        assert response.status_code == 422 and "'alpaca' prompt template" in response.json()["error"]["message"]
-        ok = client.post("/v1/chat/completions", headers=AUTH,
-                         json={"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2})
-        assert ok.status_code == 200
-    finally:
-        service.batcher.stop()
-
-
-# --- continuous batching in the worker ---------------------------------------------------------
-
-
-def answer_alone(handle, prompt: str, max_tokens: int) -> str:
-    """What `generate` answers for this prompt on its own, as the server would return it."""
-    from pipelines.lm import Decoding
-
-    decoding = Decoding(max_new_tokens=max_tokens, repetition_penalty=handle.default_decoding.repetition_penalty)
-    row = handle.lm.generate_ids([handle.render(prompt)], decoding)[0]
-    # an answer cut by max_tokens inside a multi-byte character ends before that character
-    return handle.lm.tokenizer.decode(row, skip_special_tokens=True).rstrip("\ufffd").strip()
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 256}))
+    params = load_params(REPO / "params.yaml", ["serve.engine.device=cpu", "serve.engine.kv_cache_gib=0.5"])
+    config = EngineConfig.from_params(params.serve)
+    command = engine_command(config, tmp_path, "dictionary", 8123, "secret-key")
+    joined = " ".join(command)
+    # the context is the model's when the limits ask for more (512 + 256 > 256)
+    assert "--max-model-len 256" in joined and "--enforce-eager" in joined and "--api-key secret-key" in joined
+    assert f"--kv-cache-memory-bytes {2 ** 29}" in joined and "--served-model-name dictionary" in joined
+    assert "--generation-config vllm" in joined and "--host 127.0.0.1" in joined
+    env = engine_environment(config, {"MLFLOW_TRACKING_PASSWORD": "p", "LLMOPS_API_TOKEN": "t", "PATH": "/bin"})
+    assert "MLFLOW_TRACKING_PASSWORD" not in env and "LLMOPS_API_TOKEN" not in env  # the engine holds no secret
+    assert env["VLLM_NO_USAGE_STATS"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"]
+    assert _cpu_bind("all", {0, 1, 2, 3, 6, 8, 9}) == "0-3,6,8-9" and _cpu_bind("all", {5}) == "5"
+    assert _cpu_bind("auto") == "auto"
 
 
-def test_concurrent_requests_answer_as_each_prompt_alone(handle):
-    """Requests with their own max_tokens join and leave one running batch; each answer is the
-    one `generate` gives for that prompt alone."""
-    service, client = make_client(handle, "serve.max_batch_size=3")
-    requests = [(f"{PROMPT} ({n})", max_tokens) for n, max_tokens in enumerate([3, 12, 1, 8, 12, 5, 2])]
-    answers: dict[int, dict] = {}
+def test_a_missing_vllm_interpreter_is_named_with_the_fix(tmp_path):
+    from pipelines.engine import EngineError, check_python
 
-    def send(index: int) -> None:
-        prompt, max_tokens = requests[index]
-        answers[index] = client.post("/v1/completions", headers=AUTH,
-                                     json={"prompt": prompt, "max_tokens": max_tokens}).json()
-
-    try:
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        service.batcher.stop()
-    for index, (prompt, max_tokens) in enumerate(requests):
-        assert answers[index]["choices"][0]["text"] == answer_alone(handle, prompt, max_tokens), prompt
-        assert answers[index]["usage"]["completion_tokens"] <= max_tokens
-    steps = service.metrics.registry.get_sample_value("llmops_batch_size_count")
-    rows = service.metrics.registry.get_sample_value("llmops_batch_size_sum")
-    assert rows > steps  # requests shared decoding steps
+    with pytest.raises(EngineError, match="make install"):
+        check_python(str(tmp_path / "no-such-python"))
+    with pytest.raises(EngineError, match="has no vllm package"):
+        check_python(sys.executable)  # the project's venv does not have vLLM, by design
 
 
-def test_a_bad_request_in_the_batch_does_not_take_the_others_down(handle):
-    """Jobs put straight on the worker's queue: one past the model's context (the HTTP handler
-    refuses those first) and one whose client's event loop is gone fail alone; the others decoding
-    beside them get their normal answers."""
-    import asyncio
+def test_a_one_turn_template_takes_one_user_message(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
 
-    from pipelines.lm import Decoding
-    from pipelines.serve import Job, RequestError
+    from pipelines.engine import ServedVersion
+    from pipelines.serve import RequestError, Served
 
-    service, client = make_client(handle)
-    decoding = Decoding(max_new_tokens=6, repetition_penalty=handle.default_decoding.repetition_penalty)
-    prompts = [PROMPT, "word " * 300, "Define run."]
-
-    async def scenario() -> list:
-        loop = asyncio.get_running_loop()
-        gone = asyncio.new_event_loop()
-        gone.close()
-        jobs = [Job(handle.render(p), 0, decoding, 6, [], loop, loop.create_future()) for p in prompts]
-        orphan = Job(handle.render(PROMPT), 0, decoding, 6, [], gone, loop.create_future(), stream=asyncio.Queue())
-        for job in [jobs[0], orphan, jobs[1], jobs[2]]:
-            service.batcher.submit(job)
-        return await asyncio.wait_for(asyncio.gather(*(job.done for job in jobs), return_exceptions=True), 60)
-
-    try:
-        first, refused, last = asyncio.run(scenario())
-        assert isinstance(refused, RequestError) and refused.status == 413, refused
-        assert "over the model's context of 256 tokens" in refused.message
-        assert first.text == answer_alone(handle, prompts[0], 6) and last.text == answer_alone(handle, prompts[2], 6)
-        ok = client.post("/v1/completions", headers=AUTH, json={"prompt": PROMPT, "max_tokens": 4})
-        assert ok.status_code == 200, ok.text
-    finally:
-        service.batcher.stop()
-
-
-def test_a_prompt_past_the_models_context_is_a_413(handle):
-    service, client = make_client(handle)
-    try:
-        prompt = "the " * 240
-        tokens = len(handle.lm.tokenizer(handle.render(prompt), add_special_tokens=False)["input_ids"])
-        assert 256 - 32 < tokens <= 512  # within serve.limits.max_prompt_tokens, past the tiny model's context
-        response = client.post("/v1/completions", headers=AUTH, json={"prompt": prompt, "max_tokens": 32})
-        assert response.status_code == 413, response.text
-        message = response.json()["error"]["message"]
-        assert f"the prompt is {tokens} tokens" in message and "context of 256 tokens" in message
-    finally:
-        service.batcher.stop()
+    version = ServedVersion("tiny", "1", Path("."), {"template": "alpaca", "system_prompt": "Be brief."})
+    served = Served(version, engine=None, tokenizer=AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+    text = served.render_single_turn([{"role": "user", "content": PROMPT}])
+    assert PROMPT in text and "Be brief." in text
+    with pytest.raises(RequestError, match="one turn"):
+        served.render_single_turn([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                   {"role": "user", "content": "c"}])
+    assert served.suppressed and all(v == -100.0 for v in served.suppressed.values())
+    assert str(served.tokenizer.eos_token_id) not in served.suppressed  # the answer may end
