@@ -59,6 +59,13 @@ def sequential(params, version: str, prompts: list[str], max_tokens: int, dtype:
     model = mlflow.pyfunc.load_model(f"models:/{registry.name}/{version}", model_config={"dtype": dtype})
     generator = model.unwrap_python_model()
     lm, config = generator.lm, generator.config
+    if str(lm.model.dtype).removeprefix("torch.") != dtype:
+        # MLflow hands model_config only to models logged to accept one: convert the weights (the
+        # rotary inv_freq buffer stays float32, as it would when loaded in that dtype)
+        import torch
+
+        for parameter in lm.model.parameters():
+            parameter.data = parameter.data.to(getattr(torch, dtype))
     texts = [lm.tokenizer.apply_chat_template([{"role": "system", "content": config["system_prompt"]},
                                                {"role": "user", "content": p}], tokenize=False,
                                               add_generation_prompt=True) for p in prompts]
@@ -210,14 +217,15 @@ def main() -> None:
     print("\n| dtype | server | clients | requests/s | tokens/s | p50 s | p95 s | vs sequential | gateway/direct |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for _, row in frame.iterrows():
-        base = frame[(frame.dtype == row.dtype) & (frame.clients == 1)
+        same = frame["dtype"] == row["dtype"]
+        base = frame[same & (frame.clients == 1)
                      & (frame.server.str.startswith("in-process"))].requests_per_second.iloc[0]
-        direct = frame[(frame.dtype == row.dtype) & (frame.clients == row.clients) & (frame.server == "vLLM direct")]
+        direct = frame[same & (frame.clients == row.clients) & (frame.server == "vLLM direct")]
         ratio = (f"{row.requests_per_second / direct.requests_per_second.iloc[0]:.2f}"
                  if row.server.startswith("gateway") and len(direct) else "")
         p50 = f"{row.p50:.2f}" if "p50" in row and row.p50 == row.p50 else ""
         p95 = f"{row.p95:.2f}" if "p95" in row and row.p95 == row.p95 else ""
-        print(f"| {row.dtype} | {row.server} | {row.clients} | {row.requests_per_second:.2f} | "
+        print(f"| {row['dtype']} | {row.server} | {row.clients} | {row.requests_per_second:.2f} | "
               f"{row.tokens_per_second:.0f} | {p50} | {p95} | {row.requests_per_second / base:.2f}x | {ratio} |")
     engines = frame[frame.server == "vLLM direct"].groupby("dtype")[["start_seconds", "rss_gib"]].first()
     print("\n| dtype | engine start-up s | engine RSS GiB (after the first load) |\n|---|---:|---:|")
