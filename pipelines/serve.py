@@ -871,14 +871,19 @@ def create_app(service: Service) -> "FastAPI":
                                     f"engine's context of {context} tokens; shorten the prompt or ask for fewer "
                                     "tokens", param="prompt")
 
+    async def accepted(request: Request, kind: str) -> tuple[Any, Served]:
+        """The token, then the body, then an engine to answer: in that order, so nothing about the
+        service is told to a client without the token."""
+        check_token(request)
+        body = await read_body(request, kind)
+        return body, await current()
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         exchange = Exchange("chat.completions")
 
         async def prepare() -> tuple[Served, str, dict[str, Any], bool]:
-            check_token(request)
-            body = await read_body(request, "chat.completions")
-            served = await current()
+            body, served = await accepted(request, "chat.completions")
             messages = []
             for index, message in enumerate(body.messages):
                 if message.role not in ROLES:
@@ -915,9 +920,7 @@ def create_app(service: Service) -> "FastAPI":
         exchange = Exchange("completions")
 
         async def prepare() -> tuple[Served, str, dict[str, Any], bool]:
-            check_token(request)
-            body = await read_body(request, "completions")
-            served = await current()
+            body, served = await accepted(request, "completions")
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if len(prompts) != 1:
                 raise RequestError(422, f"prompt: got {len(prompts)} prompts; send one prompt per request "

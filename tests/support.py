@@ -318,8 +318,8 @@ class ServeProcess:
         self.ws, self.token, self.log_dir = ws, token, log_dir
         self.overrides = [*ws.overrides, f"serve.port={self.port}",
                           f"inference_log.url=sqlite:///{log_dir / 'inference.db'}",
-                          f"inference_log.spool_dir={log_dir / 'spool'}", f"serve.engine.cache_dir={log_dir / 'models'}",
-                          *TINY_ENGINE, *overrides]
+                          f"inference_log.spool_dir={log_dir / 'spool'}",
+                          f"serve.engine.cache_dir={log_dir / 'models'}", *TINY_ENGINE, *overrides]
         self.process: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
