@@ -40,12 +40,9 @@ sys.path.insert(0, str(REPO))
 TOKEN = "benchmark-token-0123456789abcdef"
 
 
-def busy_seconds() -> tuple[float, float]:
-    """(CPU seconds of every process since boot, seconds the hypervisor gave to other guests)."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (
-        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
-    tick = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq) / tick, steal / tick
+def steal_seconds() -> float:
+    """Seconds the hypervisor has given to other guests since boot (/proc/stat)."""
+    return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def sequential(params, version: str, prompts: list[str], max_tokens: int, dtype: str) -> dict:
@@ -82,15 +79,13 @@ def closed_loop(url: str, headers: dict, model: str, prompts: list[str], clients
                 max_tokens: int, system: str | None) -> dict:
     import requests
 
-    session_local = threading.local()
     latencies: list[float] = []
     tokens = [0]
     failures = [0]
     lock = threading.Lock()
 
     def client(k: int) -> None:
-        session = getattr(session_local, "s", None) or requests.Session()
-        session_local.s = session
+        session = requests.Session()
         for i in range(per_client):
             prompt = prompts[(k * per_client + i) % len(prompts)]
             messages = ([{"role": "system", "content": system}] if system else []) + \
@@ -108,7 +103,7 @@ def closed_loop(url: str, headers: dict, model: str, prompts: list[str], clients
                 tokens[0] += response.json()["usage"]["completion_tokens"]
 
     closed_loop_warm(url, headers, model, prompts[0], max_tokens, system)
-    before = busy_seconds()
+    before = steal_seconds()
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for thread in threads:
@@ -116,11 +111,11 @@ def closed_loop(url: str, headers: dict, model: str, prompts: list[str], clients
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - started
-    after = busy_seconds()
+    steal = steal_seconds() - before
     return {"requests_per_second": len(latencies) / seconds, "tokens_per_second": tokens[0] / seconds,
             "p50": statistics.median(latencies) if latencies else float("nan"),
             "p95": sorted(latencies)[int(0.95 * (len(latencies) - 1))] if latencies else float("nan"),
-            "failures": failures[0], "steal_seconds": after[1] - before[1], "seconds": seconds}
+            "failures": failures[0], "steal_seconds": steal, "seconds": seconds}
 
 
 def closed_loop_warm(url: str, headers: dict, model: str, prompt: str, max_tokens: int, system: str | None) -> None:

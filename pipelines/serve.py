@@ -86,7 +86,7 @@ class Served:
     engine: EngineProcess
     tokenizer: Any
     ready_at: float = field(default_factory=time.time)
-    suppressed: dict[str, float] = field(default_factory=dict)  # logit_bias that keeps control tokens out
+    suppressed: dict[str, float] = field(init=False)  # logit_bias that keeps control tokens out
 
     def __post_init__(self) -> None:
         from pipelines.lm import suppressed_tokens
@@ -240,8 +240,6 @@ class EngineManager:
             if served is not None and not served.engine.alive():
                 self._restart(served)
                 continue
-            if self.current is None and self._initial is not None and self.state == "failed":
-                self._bring_up(self._initial)
             if (woken or time.monotonic() >= next_check) and not self.settings.model_uri:
                 self._check_alias()
                 next_check = time.monotonic() + self.settings.poll_interval_seconds
@@ -281,7 +279,6 @@ class EngineManager:
         while not self.stopping.is_set():
             try:
                 self._install(self._launch(version))
-                self._initial = version
                 return
             except Exception as error:  # noqa: BLE001 - the gateway keeps trying; /ready says why
                 self.last_error = str(error).splitlines()[0][:500]
@@ -290,7 +287,6 @@ class EngineManager:
                 logger.error("the engine for v%s did not start (%s); retrying in %g s", version.version,
                              self.last_error, wait)
                 attempt += 1
-                self._initial = version
                 if self.stopping.wait(wait):
                     return
 
@@ -314,7 +310,7 @@ class EngineManager:
                 return
             logger.info("alias '%s' moved to v%s (serving v%s); fetching it", self.settings.alias, version, current)
             fetched = fetch_version(self.params, version)
-            if self.current is None and self.state in ("waiting-for-model", "failed"):
+            if self.current is None:  # waiting for a first champion
                 self._bring_up(fetched)
             elif self.swap_mode == "stop_first":
                 self._swap_stop_first(fetched)
@@ -639,6 +635,8 @@ class Exchange:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     params: dict[str, Any] | None = None
+    stream: bool = False
+    include_usage: bool = False  # the client asked for OpenAI's usage chunk
     logged: bool = False
 
 
@@ -854,8 +852,10 @@ def create_app(service: Service) -> "FastAPI":
             fields["logit_bias"] = served.suppressed
         if body.response_format is not None:
             fields["response_format"] = body.response_format.model_dump(by_alias=True, exclude_none=True)
+        exchange.stream = bool(body.stream)
+        exchange.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         exchange.params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": fields.get("top_p", 1.0),
-                           "stop": stops, "stream": bool(body.stream)}
+                           "stop": stops, "stream": exchange.stream}
         return fields
 
     def check_length(served: Served, text: str, max_tokens: int, exchange: Exchange) -> None:
@@ -948,17 +948,13 @@ def create_app(service: Service) -> "FastAPI":
             finish(exchange, error.status, error.message)
             return error_response(error, exchange)
         payload["model"] = served.version.name
-        stream = bool(exchange.params and exchange.params.get("stream"))
-        include_usage = False
-        if stream:
-            raw = await request.json()
-            include_usage = bool((raw.get("stream_options") or {}).get("include_usage"))
+        if exchange.stream:  # the engine always reports usage: the log needs the token counts
             payload.update(stream=True, stream_options={"include_usage": True})
         engine = served.engine
         engine.inflight += 1
         service.remember(exchange.request_id)
         headers = {"X-Request-Id": exchange.request_id, "X-Model-Version": served.version.version}
-        if not stream:
+        if not exchange.stream:
             try:
                 return await forward(request, exchange, engine, path, payload, as_chat, headers)
             finally:
@@ -971,14 +967,17 @@ def create_app(service: Service) -> "FastAPI":
             service.release(None)
             finish(exchange, error.status, error.message)
             return error_response(error, exchange)
-        return StreamingResponse(relay(exchange, engine, response, as_chat, include_usage),
+        return StreamingResponse(relay(exchange, engine, response, as_chat),
                                  media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+
+    def timed_out() -> RequestError:
+        return RequestError(504, f"no answer within {settings.request_timeout_seconds:g} s "
+                                 "(serve.request_timeout_seconds); the server is busy, retry later",
+                            headers={"Retry-After": "5"})
 
     def engine_failure(error: Exception) -> RequestError:
         if isinstance(error, httpx.TimeoutException):
-            return RequestError(504, f"no answer within {settings.request_timeout_seconds:g} s "
-                                     "(serve.request_timeout_seconds); the server is busy, retry later",
-                                headers={"Retry-After": "5"})
+            return timed_out()
         service.engines.reload_now.set()  # the engine thread looks at the engine now
         return RequestError(503, f"the engine did not answer ({type(error).__name__}); retry shortly",
                             headers={"Retry-After": "5"})
@@ -1012,7 +1011,7 @@ def create_app(service: Service) -> "FastAPI":
             if gone in done:
                 finish(exchange, 499, "client disconnected")
                 return Response(status_code=499)
-            error = engine_failure(httpx.ReadTimeout("gateway timeout"))
+            error = timed_out()
             finish(exchange, error.status, error.message)
             return error_response(error, exchange)
         try:
@@ -1054,8 +1053,7 @@ def create_app(service: Service) -> "FastAPI":
             raise relayed_error(response.status_code, text)
         return response
 
-    async def relay(exchange: Exchange, engine: EngineProcess, response: Any, as_chat: bool,
-                    include_usage: bool) -> Any:
+    async def relay(exchange: Exchange, engine: EngineProcess, response: Any, as_chat: bool) -> Any:
         """The engine's server-sent events, re-labelled (request id, model, version); the usage
         chunk goes to the log (and to the client when it asked for it)."""
         status, error_text = 200, None
@@ -1082,7 +1080,7 @@ def create_app(service: Service) -> "FastAPI":
                     exchange.completion_tokens = int(usage.get("completion_tokens") or 0)
                     exchange.prompt_tokens = int(usage.get("prompt_tokens") or exchange.prompt_tokens)
                 if not chunk.get("choices"):
-                    if include_usage:
+                    if exchange.include_usage:
                         yield _event({**chunk, "id": exchange.request_id, "model": name,
                                       "model_version": exchange.version})
                     continue
@@ -1094,7 +1092,7 @@ def create_app(service: Service) -> "FastAPI":
                     chunk = {"object": "chat.completion.chunk", "created": chunk.get("created"),
                              "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason"),
                                           "logprobs": None}]}
-                if not include_usage:
+                if not exchange.include_usage:
                     chunk.pop("usage", None)
                 yield _event({**chunk, "id": exchange.request_id, "model": name, "model_version": exchange.version})
             yield "data: [DONE]\n\n"
