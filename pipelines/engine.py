@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipelines.errors import LLMOpsError
 from pipelines.params import Params, ServeParams
 
@@ -313,7 +311,7 @@ def fetch_version(params: Params, version: str) -> ServedVersion:
     (a temporary folder renamed into place: an interrupted download leaves nothing half-written)."""
     import mlflow
 
-    from pipelines.packaging import CONFIG_ARTIFACT, MERGED_ARTIFACT
+    from pipelines.packaging import CONFIG_ARTIFACT, MERGED_ARTIFACT, check_weights, model_artifacts
     from pipelines.registry import Registry
 
     registry = Registry(params)
@@ -330,10 +328,12 @@ def fetch_version(params: Params, version: str) -> ServedVersion:
             shutil.rmtree(target)
         tmp.rename(target)
         logger.info("fetched %s into %s in %.1f s", uri, target, time.perf_counter() - started)
-    flavor = (yaml.safe_load((target / "MLmodel").read_text()).get("flavors") or {}).get("python_function") or {}
-    artifacts = {key: target / value["path"] for key, value in (flavor.get("artifacts") or {}).items()}
+    # Data only: the MLmodel YAML, the llmops_config JSON and safetensors weights; no code stored in
+    # the version runs and no pickle is read (pipelines/packaging.py), whatever format it was logged in.
+    artifacts = model_artifacts(target)
     if MERGED_ARTIFACT not in artifacts or not (artifacts[MERGED_ARTIFACT] / "config.json").exists():
         raise EngineError(f"{uri} has no merged weights (registered by an older version of the project); "
                           "register the candidate again (`llmops register`) and promote it")
+    check_weights(artifacts[MERGED_ARTIFACT], uri)
     config = json.loads(artifacts[CONFIG_ARTIFACT].read_text()) if CONFIG_ARTIFACT in artifacts else {}
     return ServedVersion(registry.name, str(version), artifacts[MERGED_ARTIFACT], config)

@@ -448,10 +448,9 @@ def champion_reference(params: Params) -> tuple[str | None, list[str] | None]:
         cached = json.loads(cache.read_text())
         if cached.get("count") == count and cached.get("seed") == params.monitor.seed:
             return version, cached["answers"]
-    import mlflow
+    from pipelines.packaging import load_registered
 
-    mlflow.set_tracking_uri(registry.uri)
-    generator = registry.call(mlflow.pyfunc.load_model, f"models:/{registry.name}/{version}").unwrap_python_model()
+    generator = load_registered(registry, version)  # the version's data only: no pickle, no stored code
     prompts = reference_frame(params, None)[0]["prompt"].head(count).tolist()
     answers = generator.lm.generate([generator.render(p) for p in prompts], generator.decoding).texts
     cache.parent.mkdir(parents=True, exist_ok=True)

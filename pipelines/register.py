@@ -6,7 +6,7 @@ Reads   the base model folder and its source.json (licence, hash), the trained a
         `registry`.
 Writes  a new version of `registry.model_name` in the MLflow Model Registry: the pyfunc
         model (merged weights + adapter + prompt format, see pipelines/packaging.py; the
-        serving engine loads the merged weights) logged to the
+        serving engine loads the merged weights), logged from code with no pickle, to the
         training run, with a signature and an input example; version tags holding the
         evidence; a markdown model card as its description; alias `challenger`.
         Locally: `paths.reports_dir`/register/version.json (version, run id, model URI).
@@ -141,14 +141,7 @@ def register(params: Params) -> dict[str, Any]:
     import mlflow
 
     from pipelines import tracking
-    from pipelines.packaging import (
-        ADAPTER_ARTIFACT,
-        CONFIG_ARTIFACT,
-        MERGED_ARTIFACT,
-        LoraTextGenerator,
-        signature_and_example,
-        write_merged,
-    )
+    from pipelines.packaging import model_format, write_merged
     from pipelines.registry import CHALLENGER, Registry
 
     name = params.registry.model_name
@@ -158,7 +151,6 @@ def register(params: Params) -> dict[str, Any]:
     facts = evidence(params)
     registry = Registry(params)
     registry.check_reachable()
-    signature, example = signature_and_example()
     config = {"template": params.prepare.template, "system_prompt": params.prepare.system_prompt,
               "dtype": params.evaluate.dtype, "decoding": params.evaluate.decoding.model_dump()}
     tags = {k: str(v) for k, v in facts.items() if not k.startswith("_")}
@@ -168,13 +160,10 @@ def register(params: Params) -> dict[str, Any]:
         merged_dir = write_merged(params.base_model.output_dir, adapter_dir, Path(tmp) / "merged")
         run_id = tracking.start_run(params.tracking, "register", run_id=facts["train.run_id"] or None)
         try:
-            info = registry.call(
-                mlflow.pyfunc.log_model, name="model", python_model=LoraTextGenerator(),
-                artifacts={MERGED_ARTIFACT: str(merged_dir), ADAPTER_ARTIFACT: str(adapter_dir),
-                           CONFIG_ARTIFACT: str(config_path)},
-                code_paths=[str(Path(__file__).parent)], signature=signature, input_example=example,
-                pip_requirements=_requirements(),
-            )
+            # models from code: the version holds source and data, no pickle (pipelines/packaging.py)
+            info = registry.call(mlflow.pyfunc.log_model, name="model",
+                                 **model_format(merged_dir, adapter_dir, config_path),
+                                 pip_requirements=_requirements())
             version = registry.call(mlflow.register_model, info.model_uri, name, tags=tags)
         except LLMOpsError:
             tracking.end_run("FAILED")

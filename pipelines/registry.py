@@ -214,19 +214,17 @@ class Registry:
 def champion_model(params: Params, dtype: str) -> CausalLM | None:
     """The current champion as a CausalLM (None when no version holds the alias).
 
-    Loaded through MLflow's own pyfunc loader, so the artifacts are found exactly as
-    `mlflow models serve` finds them.
+    Loaded from the version's data alone (pipelines/packaging.py, `load_registered`): no code
+    stored in the registry runs and no pickle is read.
     """
-    import mlflow
+    from pipelines.packaging import load_registered
 
     registry = Registry(params)
     version = registry.alias(CHAMPION)
     if version is None:
         logger.info("no champion registered for '%s': comparing with the base model only", registry.name)
         return None
-    mlflow.set_tracking_uri(registry.uri)
-    model = registry.call(mlflow.pyfunc.load_model, f"models:/{registry.name}/{version.version}")
-    lm = model.unwrap_python_model().lm
+    lm = load_registered(registry, str(version.version)).lm
     if dtype != str(lm.model.dtype).removeprefix("torch."):
         import torch
 

@@ -81,9 +81,8 @@ def log_url(params: Params) -> str:
 
 def write_directly(params: Params, prompts: list[str], start: datetime, end: datetime, seed: int) -> int:
     """Answer with the champion in-process and log the records over [start, end)."""
-    import mlflow
-
     from pipelines.inference_log import InferenceLog, InferenceRecord
+    from pipelines.packaging import load_registered
     from pipelines.registry import CHAMPION, Registry
 
     registry = Registry(params)
@@ -91,9 +90,7 @@ def write_directly(params: Params, prompts: list[str], start: datetime, end: dat
     if champion is None:
         raise LLMOpsError(f"'{registry.name}' has no champion to answer the simulated traffic; run `make demo` "
                           "or `llmops promote` first")
-    mlflow.set_tracking_uri(registry.uri)
-    generator = registry.call(mlflow.pyfunc.load_model,
-                              f"models:/{registry.name}/{champion.version}").unwrap_python_model()
+    generator = load_registered(registry, str(champion.version))  # the version's data only: no pickle
     rng = np.random.default_rng(seed)
     offsets = np.sort(rng.random(len(prompts))) * (end - start).total_seconds()
     log = InferenceLog.from_params(params.inference_log)
