@@ -9,18 +9,32 @@ Two tables: `inference_requests` (one row per request, keyed by request_id) and
 `inference_feedback` (one row per feedback, keyed by a client-side feedback_id and joined to
 its request when read, so feedback that arrives later never updates a request row).
 
-Writes never block or fail the caller: `record()` and `feedback()` put the record on a queue,
-and one writer thread inserts batches in one transaction each. When an insert fails (store
-down, locked, disk full), the batch is appended to `spool_dir/pending.jsonl` and fsynced, and
-the writer retries every `flush_interval_seconds`: the spool is renamed to `pending.flushing`,
-inserted batch by batch and deleted. A failure part-way keeps the unwritten rest in
-`pending.flushing`, which is flushed before anything newer. Every insert ignores rows whose key
-is stored already, so replaying a spool after a partial failure or a crash writes nothing twice.
-A spool left by a stopped or crashed process is flushed when the next one starts; a line cut
-off by a crash is skipped, counted in a WARNING and kept in `rejected.jsonl`, as is a row the
-store refuses (e.g. a NOT NULL field given None), so that one bad row cannot block the others.
-Prompts, outputs, errors and feedback comments are redacted (`pipelines.pii.redact`) before
-they are stored or spooled. One spool_dir belongs to one process at a time.
+Acceptance is durable (write-ahead): `record()` and `feedback()` never block or raise; they put
+the record on a queue and return a future. A journal thread appends each batch it takes from
+the queue to `spool_dir/pending.jsonl` with one fsync and then settles the batch's futures, so
+records that arrive during an fsync share the next one (group commit). The gateway waits for
+its record's future before it answers, so an answered request is on disk whatever happens to
+the process next (kill -9, OOM kill, power cut); the cost is one local fsync per batch on the
+answer's path (measured in docs/monitoring.md). When the disk refuses the append, the batch goes
+straight to the store (a committed transaction is durable too), else it stays in memory and is
+retried. A second thread, the store writer, moves the spool into the store: it renames it to
+`pending.flushing` (appends go to a fresh `pending.jsonl` meanwhile), inserts it batch by batch
+in one transaction each, and deletes it; while the store is unreachable (down, locked, an old
+schema) it retries every `flush_interval_seconds`. A failure part-way keeps the unwritten rest
+in `pending.flushing`, which is flushed before anything newer. Every insert ignores rows whose
+key is stored already, so replaying a spool after a partial failure or a crash writes nothing
+twice. A spool left by a stopped or crashed process is flushed when the next one starts; a line
+cut off by a crash is skipped, counted in a WARNING and kept in `rejected.jsonl`, as is a row
+the store refuses (e.g. a NOT NULL field given None), so that one bad row cannot block the
+others. SQLite runs with `synchronous=FULL`, so a batch the store committed (whose spool lines
+are then deleted) survives a power cut too.
+
+Prompts, outputs, errors, feedback comments and the strings among the decoding parameters
+(`stop` sequences) are redacted (`pipelines.pii.redact`) before they are stored or spooled.
+
+One spool_dir belongs to one process at a time: it is locked (`spool.lock`, flock, released by
+the kernel when the process dies) from the moment an InferenceLog is made until close(); a
+second process on the same folder stops at start with a one-line error (SpoolInUse).
 
 Try it alone:
     python -c "from pipelines.inference_log import read_records; print(read_records('sqlite:///data/inference/inference.db'))"
@@ -41,6 +55,7 @@ import threading
 import time
 import uuid
 import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,8 +77,10 @@ logger = logging.getLogger(__name__)
 SPOOL_FILE = "pending.jsonl"  # records waiting for the store, oldest first
 FLUSHING_FILE = "pending.flushing"  # the spool while (or since) it is being flushed; older than SPOOL_FILE
 REJECTED_FILE = "rejected.jsonl"  # corrupt spool lines and rows the store refused, kept for a person to look at
-# The queue is bounded so that a store that stays down cannot exhaust memory; past the bound,
-# record() appends to the spool from the caller's thread (one fsync: slow, but nothing is dropped).
+LOCK_FILE = "spool.lock"  # flock'ed by the one process that owns the spool; says which one
+# The queue holds only what the journal has not fsynced yet (normally one batch: the gateway waits
+# for each record to be on disk before it answers). It is bounded so that a disk that stops cannot
+# exhaust memory; past the bound, record() appends to the spool from the caller's thread.
 MAX_QUEUED = 100_000
 
 metadata = sa.MetaData()
@@ -183,9 +200,15 @@ def make_engine(url: str, *, create_folder: bool = True) -> sa.Engine:
     if backend == "sqlite":
         @sa.event.listens_for(engine, "connect")
         def _wal(dbapi_connection: Any, _record: Any) -> None:
+            # synchronous=FULL, set here rather than left to how the SQLite library was built (some
+            # builds default to NORMAL in WAL mode): NORMAL survives a crash but may lose the last
+            # commits on a power cut, and the spool lines of a committed batch are deleted right
+            # after the commit, so the commit must be on disk first. FULL costs one fsync of the
+            # WAL per transaction, i.e. per batch, on the writer thread, not on an answer's path.
             cursor = dbapi_connection.cursor()
             try:
                 cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=FULL")
             finally:
                 cursor.close()
     return engine
@@ -243,7 +266,8 @@ def _to_row(item: InferenceRecord | Feedback, redact_pii: bool) -> Row:
     row = {f.name: getattr(item, f.name) for f in fields(item)}
     row["created_at"] = _utc(row["created_at"])
     if kind == "request" and row["params"] is not None:
-        row["params"] = json.dumps(row["params"], sort_keys=True, default=str)
+        params = _redact_values(row["params"]) if redact_pii else row["params"]  # e.g. the stop strings
+        row["params"] = json.dumps(params, sort_keys=True, default=str)
     for name, value in row.items():
         if isinstance(value, str):
             # A lone surrogate (JSON allows "\ud800") can be neither encoded for the store nor spooled,
@@ -254,6 +278,17 @@ def _to_row(item: InferenceRecord | Feedback, redact_pii: bool) -> Row:
             if isinstance(row[name], str):
                 row[name] = redact(row[name])
     return kind, row
+
+
+def _redact_values(value: Any) -> Any:
+    """`value` with every string in it redacted (dict keys are ours, not the client's: kept)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _redact_values(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_values(item) for item in value]
+    return value
 
 
 def _to_line(kind: str, row: dict[str, Any]) -> str:
@@ -293,8 +328,55 @@ def _fsync_dir(path: Path) -> None:
 # --- the log -------------------------------------------------------------------------------
 
 
+class SpoolInUse(LLMOpsError):
+    """Another process (or another InferenceLog) holds this spool folder."""
+
+
+def _lock_spool(folder: Path) -> int:
+    """An exclusive lock on `folder/spool.lock` (flock: released by the kernel when the process
+    dies, kill -9 included, so a crash never leaves a stale lock); its file descriptor."""
+    import fcntl
+    import socket
+
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise LLMOpsError(f"inference_log.spool_dir {folder}: cannot create the lock file {path} "
+                          f"({error.strerror}); choose a writable folder with --set inference_log.spool_dir=PATH") \
+            from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = ""
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        os.close(fd)
+        if isinstance(error, BlockingIOError):
+            holder = holder or f"see {path}"
+            raise SpoolInUse(f"inference_log.spool_dir {folder} is in use by another process ({holder}); a spool "
+                             "belongs to one gateway at a time: give each replica its own folder with --set "
+                             "inference_log.spool_dir=PATH, or stop the other one") from None
+        raise LLMOpsError(f"inference_log.spool_dir {folder}: cannot lock {path} ({error.strerror}); use a local "
+                          "folder that supports flock with --set inference_log.spool_dir=PATH") from None
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def _settle(done: Future[bool] | None, value: bool) -> None:
+    if done is not None and not done.done():
+        with contextlib.suppress(Exception):  # a caller may have cancelled it
+            done.set_result(value)
+
+
+Entry = tuple[Row, "Future[bool] | None"]  # a row, and the caller's future to settle once it is durable
+
+
 class InferenceLog:
-    """A background writer to the inference-log database with an on-disk spool (see the module docstring)."""
+    """A write-ahead journal and a background writer to the inference-log database (see the
+    module docstring)."""
 
     def __init__(self, url: str, spool_dir: Path | str, *, redact_pii: bool = True,
                  flush_interval_seconds: float = 1.0, batch_size: int = 256, max_queued: int = MAX_QUEUED) -> None:
@@ -308,21 +390,24 @@ class InferenceLog:
         except OSError as error:
             raise LLMOpsError(f"inference_log.spool_dir {self.spool_dir} cannot be created ({error.strerror}); "
                               "choose a writable folder with --set inference_log.spool_dir=PATH") from None
+        # Taken before the spool is read: two processes on one spool would flush, rename and delete
+        # each other's files.
+        self._lock_fd: int | None = _lock_spool(self.spool_dir)
         self.spool_path = self.spool_dir / SPOOL_FILE
         self.flushing_path = self.spool_dir / FLUSHING_FILE
         self.rejected_path = self.spool_dir / REJECTED_FILE
         self.redact_pii = redact_pii
         self.flush_interval = flush_interval_seconds
         self.batch_size = batch_size
-        self._queue: queue.Queue[InferenceRecord | Feedback] = queue.Queue(maxsize=max_queued)
+        self._queue: queue.Queue[tuple[InferenceRecord | Feedback, Future[bool]]] = queue.Queue(maxsize=max_queued)
         self._lock = threading.Lock()  # the counters and _closed
         self._changed = threading.Condition(self._lock)  # notified whenever `pending` goes down
-        self._spool_lock = threading.Lock()  # the spool files (the writer and, past the queue bound, callers)
+        self._spool_lock = threading.Lock()  # the spool files (the journal, the store writer, callers)
         self._tables_lock = threading.Lock()
-        # pending = _in_memory (queued, or held by the writer) + _spooled (lines in the spool files)
+        # pending = _in_memory (queued, or held by the journal) + _spooled (lines in the spool files)
         self._in_memory = 0
         self._spooled = _count_lines(self.flushing_path) + _count_lines(self.spool_path)
-        self._held: list[Row] = []  # the writer's rows that neither the store nor the spool took yet
+        self._held: list[Entry] = []  # the journal's rows that neither the disk nor the store took yet
         self._available = False
         self._tables_ready = False
         self._warned_down = False
@@ -330,9 +415,11 @@ class InferenceLog:
         self._last_drop_log = -1e9
         self.dropped = 0  # records that could go nowhere (store and spool disk both failed)
         self._closed = False
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # close(): the journal drains the queue and stops
+        self._journal_done = threading.Event()  # the journal stopped: the store writer's last flush, then it stops
         self._retry_now = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()  # the journal appended: the store writer flushes
+        self._threads: list[threading.Thread] = []
 
     @classmethod
     def from_params(cls, params: InferenceLogParams) -> InferenceLog:
@@ -345,38 +432,46 @@ class InferenceLog:
     # --- the caller's side ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the writer: it creates the tables, flushes any spool left behind, then writes batches."""
+        """Start the journal (queue -> fsynced spool) and the store writer (spool -> store), which
+        creates the tables and flushes any spool left behind first."""
         if self._closed:
             raise RuntimeError("this InferenceLog is closed; make a new one")
-        if self._thread is not None:
+        if self._threads:
             return
         _close_at_exit(self)
-        self._thread = threading.Thread(target=self._run, name="llmops-inference-log", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run_journal, name="llmops-inference-journal", daemon=True),
+                         threading.Thread(target=self._run_store, name="llmops-inference-log", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
-    def record(self, rec: InferenceRecord) -> None:
-        """Hand a request in; never blocks, never raises (the record is written later)."""
-        self._hand_in(rec)
+    def record(self, rec: InferenceRecord) -> Future[bool]:
+        """Hand a request in; never blocks, never raises. The future turns True once the record
+        is on disk (the fsynced spool, or committed to the store), False if it could go nowhere;
+        a caller that must not answer before that (the gateway) waits for it."""
+        return self._hand_in(rec)
 
-    def feedback(self, fb: Feedback) -> None:
-        """Hand a feedback in; never blocks, never raises."""
-        self._hand_in(fb)
+    def feedback(self, fb: Feedback) -> Future[bool]:
+        """Hand a feedback in; never blocks, never raises (the future: as for record())."""
+        return self._hand_in(fb)
 
-    def _hand_in(self, item: InferenceRecord | Feedback) -> None:
+    def _hand_in(self, item: InferenceRecord | Feedback) -> Future[bool]:
+        done: Future[bool] = Future()
         queued = False
         try:
             with self._lock:
                 self._in_memory += 1
                 if not self._closed:  # checked under the lock that close() sets it with: nothing is stranded
                     with contextlib.suppress(queue.Full):
-                        self._queue.put_nowait(item)
+                        self._queue.put_nowait((item, done))
                         queued = True
             if not queued:  # the queue is full (see MAX_QUEUED), or the log is closed: to the spool
-                self._spool_from_caller(self._prepare([item]))
+                self._spool_from_caller(self._prepare([(item, done)]))
         except Exception:  # noqa: BLE001 - logging must never fail a response
             logger.exception("inference log: could not hand in a record")
             if not queued:
                 self._count(in_memory=-1)
+                _settle(done, False)
+        return done
 
     @property
     def store_available(self) -> bool:
@@ -393,21 +488,26 @@ class InferenceLog:
         """Wait until everything handed in so far (and any older spool) is in the store: True; False if
         `timeout` passes first. Asks the writer to retry the spool at once. For tests and shut-down."""
         self._retry_now.set()
+        self._wake.set()
         with self._changed:
             return self._changed.wait_for(lambda: self._in_memory + self._spooled == 0, timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the writer: what is in memory goes to the store, or to the spool when the store is down."""
+        """Stop the writers: what is in memory goes to the spool, the spool to the store while it
+        answers (what it does not take waits in the spool for the next start); releases the spool."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                logger.warning("inference log: the writer did not stop within %.0f s (store slow?); the batch it "
-                               "holds is lost if the process exits before it finishes", timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            self._wake.set()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [thread.name for thread in self._threads if thread.is_alive()]
+        if stuck:
+            logger.warning("inference log: %s did not stop within %.0f s (store or disk slow?); what it holds is "
+                           "lost if the process exits before it finishes", ", ".join(stuck), timeout)
         leftover = []
         while True:  # the writer never started, or did not finish: the queue goes to the spool
             try:
@@ -421,6 +521,11 @@ class InferenceLog:
                         self.pending, self.spool_dir)
         self.engine.dispose()
         _open_logs.discard(self)
+        if not stuck:  # a thread still running keeps the spool: no other process may take it meanwhile
+            with self._spool_lock:
+                fd, self._lock_fd = self._lock_fd, None
+            if fd is not None:
+                os.close(fd)  # releases the flock
 
     def known_request(self, request_id: str) -> bool | None:
         """Whether the store holds `request_id`; None when the store cannot be asked."""
@@ -441,23 +546,40 @@ class InferenceLog:
             self._spooled = max(0, self._spooled + spooled)
             self._changed.notify_all()
 
-    def _prepare(self, items: list[InferenceRecord | Feedback]) -> list[Row]:
+    def _prepare(self, items: list[tuple[InferenceRecord | Feedback, Future[bool] | None]]) -> list[Entry]:
         """Rows to store (redacted); an item that cannot become a row is kept in rejected.jsonl."""
-        rows = []
-        for item in items:
+        entries = []
+        for item, done in items:
             try:
-                rows.append(_to_row(item, self.redact_pii))
+                entries.append((_to_row(item, self.redact_pii), done))
             except Exception as error:  # noqa: BLE001 - e.g. created_at is not a datetime
                 text = repr(item)
                 self._reject([{"reason": f"not a valid record: {error}",
                                "item": redact(text) if self.redact_pii else text}])
                 self._count(in_memory=-1)
-        return rows
+                _settle(done, True)  # on disk, in rejected.jsonl: nothing more will come of it
+        return entries
+
+    @contextlib.contextmanager
+    def _holding_spool(self) -> Any:
+        """The spool's flock for one write: held since __init__, or, after close(), taken for the
+        write alone (OSError when another process has the spool now)."""
+        if self._lock_fd is not None:
+            yield
+            return
+        try:
+            fd = _lock_spool(self.spool_dir)
+        except LLMOpsError as error:
+            raise OSError(str(error)) from None
+        try:
+            yield
+        finally:
+            os.close(fd)
 
     def _append_spool(self, rows: list[Row]) -> None:
         """Append rows (counted as in memory) to the spool and fsync; OSError leaves the file as it was."""
         data = "".join(_to_line(kind, row) for kind, row in rows).encode("utf-8")
-        with self._spool_lock:
+        with self._spool_lock, self._holding_spool():
             new = not self.spool_path.exists()
             with open(self.spool_path, "a+b") as handle:
                 size = handle.seek(0, os.SEEK_END)
@@ -476,20 +598,26 @@ class InferenceLog:
             if new:
                 _fsync_dir(self.spool_dir)
             self._count(in_memory=-len(rows), spooled=len(rows))
+        self._wake.set()
 
-    def _spool_from_caller(self, rows: list[Row]) -> None:
-        if not rows:
+    def _spool_from_caller(self, entries: list[Entry]) -> None:
+        if not entries:
             return
         try:
-            self._append_spool(rows)
+            self._append_spool([row for row, _ in entries])
         except OSError as error:
             with self._lock:
-                self.dropped += len(rows)
-            self._count(in_memory=-len(rows))
+                self.dropped += len(entries)
+            self._count(in_memory=-len(entries))
+            for _, done in entries:
+                _settle(done, False)
             if time.monotonic() - self._last_drop_log > 60:  # at most one line a minute in this disaster
                 self._last_drop_log = time.monotonic()
-                logger.error("inference log: the queue is full and the spool %s cannot be written (%s); "
-                             "%d record(s) lost so far", self.spool_path, error, self.dropped)
+                logger.error("inference log: the queue is full or the log closed, and the spool %s cannot be "
+                             "written (%s); %d record(s) lost so far", self.spool_path, error, self.dropped)
+            return
+        for _, done in entries:
+            _settle(done, True)
 
     def _reject(self, entries: list[dict[str, Any]]) -> None:
         """Keep what can never be inserted in rejected.jsonl, out of the way of the other records."""
@@ -558,46 +686,42 @@ class InferenceLog:
         self._mark_up()
         return len(rows)
 
-    # --- the writer thread -----------------------------------------------------------------
+    # --- the journal thread: queue -> spool (group commit) ------------------------------------
 
-    def _run(self) -> None:
-        next_retry = 0.0  # a spool left by an earlier process is flushed at once
+    def _run_journal(self) -> None:
+        """Every batch taken from the queue is appended to the spool with one fsync, then its
+        futures are settled: what waited during an fsync goes in the next one (group commit)."""
         try:
-            self._ensure_tables()
-            self._mark_up()
-        except (sa.exc.SQLAlchemyError, OSError) as error:
-            self._mark_down(error)
-        while True:
-            try:
-                if self._spooled and (self._retry_now.is_set() or time.monotonic() >= next_retry):
-                    self._retry_now.clear()
-                    self._flush_spool()
-                    next_retry = time.monotonic() + self.flush_interval
-                if self._held:
-                    self._deliver_held()
-                    if self._held:  # neither the store nor the disk takes them: wait, keep them
-                        if self._stopping.wait(self.flush_interval):
-                            break
-                        continue
-                items = self._take_batch()
-                if items:
-                    self._held.extend(self._prepare(items))
-                    self._deliver_held()
-                elif self._stopping.is_set():
-                    if self._spooled and self._available:
-                        self._flush_spool()  # a last try, only while the store answers (no hang at shut-down)
-                    break
-            except Exception:  # noqa: BLE001 - the writer must outlive any one failure; rows stay in _held
-                logger.exception("inference log writer: unexpected error; retrying in %g s", self.flush_interval)
-                if self._stopping.wait(self.flush_interval):
-                    break
-        if self._held:
-            self._deliver_held()  # a last try
-        if self._held:
-            logger.error("inference log: %d record(s) could be neither stored nor spooled before shut-down",
-                         len(self._held))
+            while True:
+                try:
+                    if self._held:
+                        self._deliver_held()
+                        if self._held:  # neither the disk nor the store takes them: wait, keep them
+                            if self._stopping.wait(self.flush_interval):
+                                break
+                            continue
+                    items = self._take_batch()
+                    if items:
+                        self._held.extend(self._prepare(items))
+                        self._deliver_held()
+                    elif self._stopping.is_set():
+                        break
+                except Exception:  # noqa: BLE001 - the journal must outlive any one failure; rows stay in _held
+                    logger.exception("inference log journal: unexpected error; retrying in %g s", self.flush_interval)
+                    if self._stopping.wait(self.flush_interval):
+                        break
+            if self._held:
+                self._deliver_held()  # a last try
+            if self._held:
+                logger.error("inference log: %d record(s) could be neither spooled nor stored before shut-down",
+                             len(self._held))
+                for _, done in self._held:
+                    _settle(done, False)
+        finally:
+            self._journal_done.set()
+            self._wake.set()
 
-    def _take_batch(self) -> list[InferenceRecord | Feedback]:
+    def _take_batch(self) -> list[tuple[InferenceRecord | Feedback, Future[bool]]]:
         try:
             items = [self._queue.get(timeout=0.1)]
         except queue.Empty:
@@ -610,24 +734,54 @@ class InferenceLog:
         return items
 
     def _deliver_held(self) -> None:
-        """The held rows go to the store, or (store down, or a spool to keep order behind) to the spool."""
-        rows = self._held
-        if not self._spooled:  # nothing overtakes what is already spooled
-            done = self._store(rows)
-            self._held = rows = rows[done:]
-            self._count(in_memory=-done)
-        if not rows:
-            return
+        """The held rows go to the spool (fsynced); when the disk refuses them, to the store directly
+        (its commit is durable too); else they stay held and are tried again."""
+        entries = self._held
         try:
-            self._append_spool(rows)
+            self._append_spool([row for row, _ in entries])
         except OSError as error:
             if not self._spool_failed:
                 self._spool_failed = True
-                logger.error("inference log: cannot write the spool %s (%s); keeping %d record(s) in memory "
-                             "and retrying", self.spool_path, error, len(rows))
+                logger.error("inference log: cannot write the spool %s (%s); writing %d record(s) straight to the "
+                             "store, or keeping them in memory and retrying", self.spool_path, error, len(entries))
+            done = self._store([row for row, _ in entries])
+            self._count(in_memory=-done)
+            for _, future in entries[:done]:
+                _settle(future, True)
+            self._held = entries[done:]
             return
         self._spool_failed = False
         self._held = []
+        for _, future in entries:
+            _settle(future, True)
+
+    # --- the store writer thread: spool -> store ----------------------------------------------
+
+    def _run_store(self) -> None:
+        """Flushes the spool into the store whenever the journal appended (at once while the
+        store answers, every flush_interval while it does not); flushes a spool left by an
+        earlier process first."""
+        try:
+            self._ensure_tables()
+            self._mark_up()
+        except (sa.exc.SQLAlchemyError, OSError) as error:
+            self._mark_down(error)
+        next_try = 0.0
+        while True:
+            finishing = self._journal_done.is_set()  # read first: all the journal wrote is in the spool now
+            due = self._retry_now.is_set() or time.monotonic() >= next_try or (finishing and self._available)
+            if self._spooled and due:
+                self._retry_now.clear()
+                try:
+                    flushed = self._flush_spool()
+                except Exception:  # noqa: BLE001 - the writer must outlive any one failure; the spool stays
+                    logger.exception("inference log writer: unexpected error; retrying in %g s", self.flush_interval)
+                    flushed = False
+                next_try = 0.0 if flushed else time.monotonic() + self.flush_interval
+            if finishing:  # the last try was made only while the store answers (no hang at shut-down)
+                break
+            self._wake.wait(self.flush_interval if not next_try else max(0.0, next_try - time.monotonic()))
+            self._wake.clear()  # `_spooled`, read after this, tells what to do
 
     def _flush_spool(self) -> bool:
         """Move the spool into the store, oldest first; False when the store failed (the rest stays)."""
@@ -637,7 +791,10 @@ class InferenceLog:
                     if not self.spool_path.exists():
                         return True
                     os.replace(self.spool_path, self.flushing_path)  # appends go to a fresh spool meanwhile
-                    _fsync_dir(self.spool_dir)
+            # The folder's fsync outside the lock, so the journal's appends do not wait for it: a
+            # rename or unlink lost in a power cut only replays lines, and the inserts ignore
+            # rows stored already.
+            _fsync_dir(self.spool_dir)
             if not self._flush_file(self.flushing_path):
                 return False
         return True
@@ -678,7 +835,7 @@ class InferenceLog:
                     owed = len(entries)
             with self._spool_lock:
                 path.unlink()
-                _fsync_dir(self.spool_dir)
+            _fsync_dir(self.spool_dir)
             self._count(spooled=-owed)
             if stored:
                 logger.info("inference log: flushed %d spooled record(s) to the store", stored)

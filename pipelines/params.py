@@ -260,11 +260,15 @@ class InferenceLogParams(Section):
     # for a team; `monitor` reads the same store. null: env LLMOPS_INFERENCE_LOG_URL, else
     # sqlite:///data/inference/inference.db (SQLite in WAL mode). See pipelines/settings.py.
     url: str | None = None
-    # Records wait here (JSONL, fsynced) while the store is unreachable, and are flushed later.
+    # The write-ahead journal (JSONL, fsynced before an answer goes out) and where records wait while
+    # the store is unreachable; one process at a time (locked: spool.lock), so one per gateway replica.
     spool_dir: Path = Path("data/inference/spool")
-    redact_pii: bool = True  # mask e-mails, phone numbers, card numbers and keys before storing
-    flush_interval_seconds: float = Field(1.0, gt=0.0, le=60.0)  # retry/flush period of the writer
-    batch_size: int = Field(256, ge=1, le=10000)  # records per database transaction
+    redact_pii: bool = True  # mask e-mails, phones, IBANs, IPs, SSNs, card numbers and keys before storing
+    flush_interval_seconds: float = Field(1.0, gt=0.0, le=60.0)  # retry period of the writer while the store is down
+    batch_size: int = Field(256, ge=1, le=10000)  # records per fsync of the journal and per database transaction
+    # How long an answer waits for its record to be on disk; past it (a hung disk) the answer goes
+    # out anyway, the record is written when it can, and llmops_inference_log_late_total counts it.
+    durable_wait_seconds: float = Field(5.0, gt=0.0, le=600.0)
 
 
 class DvcRemoteParams(Section):
@@ -338,6 +342,13 @@ class ServeParams(Section):
     # beyond that 429 with Retry-After.
     queue_size: int = Field(64, ge=0)
     request_timeout_seconds: float = Field(120.0, gt=0.0)  # 504 after this
+    # Client text holding the written-out form of a control token (<|im_start|>, <|endoftext|>, the
+    # tokenizer's special and markup-like added tokens), which vLLM would parse as the real token:
+    # reject (422) | escape (a zero-width space breaks it: plain text) | allow (the tokens act).
+    special_tokens_in_content: Literal["reject", "escape", "allow"] = "reject"
+    # A client `system` message: configured (refused with 422; the version's configured system prompt,
+    # or none, is what the model gets, as in training and evaluation) | allow (it replaces the configured one).
+    client_system_prompt: Literal["configured", "allow"] = "configured"
     poll_interval_seconds: float = Field(30.0, gt=0.0)  # how often the alias is checked for a new version
     limits: ServeLimits = ServeLimits()
     engine: EngineParams = EngineParams()

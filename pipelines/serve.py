@@ -46,6 +46,8 @@ from pipelines.errors import LLMOpsError
 from pipelines.params import Params, ServeParams
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from fastapi import FastAPI, Request
 
     from pipelines.inference_log import InferenceLog
@@ -396,6 +398,11 @@ class Metrics:
                                               registry=self.registry, buckets=(5, 10, 20, 30, 60, 90, 120, 300, 600))
         self.log_pending = Gauge("llmops_inference_log_pending", "Log records not yet in the store",
                                  registry=self.registry)
+        self.log_durable_seconds = Histogram("llmops_inference_log_durable_seconds", "Time an answer waited for "
+                                             "its log record to be on disk", registry=self.registry,
+                                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+        self.log_late = Counter("llmops_inference_log_late", "Answers sent before their log record was on disk "
+                                "(inference_log.durable_wait_seconds passed)", registry=self.registry)
 
 
 # --- the service -------------------------------------------------------------------------------
@@ -417,6 +424,7 @@ class Service:
         self.request_seconds = 1.0  # running mean of an answered request's time (Retry-After)
         self.recent_ids: OrderedDict[str, None] = OrderedDict()  # for /v1/feedback before the log is flushed
         self.client: Any = None  # httpx.AsyncClient, made on the app's event loop
+        self._last_late_warning = -1e9
 
     def start(self) -> None:
         self.engines.start()
@@ -431,13 +439,38 @@ class Service:
         while len(self.recent_ids) > 100_000:
             self.recent_ids.popitem(last=False)
 
-    def log(self, **record: Any) -> None:
+    def log(self, **record: Any) -> "Future[bool] | None":
+        """Hand the record to the inference log; the future turns True once it is on disk."""
         if self.inference_log is None:
-            return
+            return None
         from pipelines.inference_log import InferenceRecord
 
-        self.inference_log.record(InferenceRecord(**record))
+        durable = self.inference_log.record(InferenceRecord(**record))
         self.metrics.log_pending.set(self.inference_log.pending)
+        return durable
+
+    async def durable(self, future: "Future[bool] | None") -> None:
+        """Wait until the record is on disk (the log's journal fsyncs in batches: one fsync, shared
+        by the answers that finish meanwhile, is the latency this adds), at most
+        inference_log.durable_wait_seconds: past that (a disk that hangs) the answer goes out
+        anyway and the record, still held, is written when it can; counted in
+        llmops_inference_log_late_total and said in a WARNING, at most one a minute."""
+        if future is None:
+            return
+        started = time.perf_counter()
+        try:
+            written = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
+                                             self.params.inference_log.durable_wait_seconds)
+        except TimeoutError:
+            written = False
+        self.metrics.log_durable_seconds.observe(time.perf_counter() - started)
+        if not written:
+            self.metrics.log_late.inc()
+            if time.monotonic() - self._last_late_warning > 60:
+                self._last_late_warning = time.monotonic()
+                logger.warning("inference log: an answer went out before its record was on disk (the spool %s did "
+                               "not take it within inference_log.durable_wait_seconds=%g s); see the log's errors",
+                               self.params.inference_log.spool_dir, self.params.inference_log.durable_wait_seconds)
 
     def admit(self) -> None:
         if self.outstanding >= self.capacity:
@@ -601,7 +634,7 @@ class BodySizeLimit:
 
     async def _refuse(self, scope: dict, send: Any, message: str) -> None:
         if self.on_refused is not None:
-            self.on_refused(scope, 413, message)
+            await self.on_refused(scope, 413, message)  # logged (on disk) before the answer
         body = json.dumps(_error_body(413, message)).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -638,6 +671,7 @@ class Exchange:
     stream: bool = False
     include_usage: bool = False  # the client asked for OpenAI's usage chunk
     logged: bool = False
+    durable: Any = None  # the log's future: True once the record is on disk
 
 
 def create_app(service: Service) -> "FastAPI":
@@ -666,25 +700,33 @@ def create_app(service: Service) -> "FastAPI":
     app = FastAPI(title="llmops serve", version="2", summary="OpenAI-compatible gateway for the registry champion",
                   docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
-    def finish(exchange: Exchange, status: int, error: str | None = None) -> None:
+    def finish(exchange: Exchange, status: int, error: str | None = None) -> "Future[bool] | None":
+        """Log the exchange once (metrics, inference log); the log's future (see `finished`)."""
         if exchange.logged:
-            return
+            return exchange.durable
         exchange.logged = True
         latency = time.perf_counter() - exchange.started
         service.metrics.latency.labels(exchange.endpoint).observe(latency)
         service.metrics.tokens.inc(exchange.completion_tokens)
         service.metrics.prompt_tokens.inc(exchange.prompt_tokens)
         served = service.engines.current
-        service.log(request_id=exchange.request_id, created_at=exchange.created, endpoint=exchange.endpoint,
-                    model_name=name, model_version=exchange.version or (served.version.version if served else ""),
-                    prompt=exchange.prompt, output=exchange.output, status=status, latency_ms=latency * 1000,
-                    prompt_tokens=exchange.prompt_tokens, completion_tokens=exchange.completion_tokens,
-                    error=error[:1000] if error else None, params=exchange.params)
+        exchange.durable = service.log(
+            request_id=exchange.request_id, created_at=exchange.created, endpoint=exchange.endpoint, model_name=name,
+            model_version=exchange.version or (served.version.version if served else ""), prompt=exchange.prompt,
+            output=exchange.output, status=status, latency_ms=latency * 1000, prompt_tokens=exchange.prompt_tokens,
+            completion_tokens=exchange.completion_tokens, error=error[:1000] if error else None,
+            params=exchange.params)
+        return exchange.durable
 
-    def refused(scope: dict, status: int, message: str) -> None:
+    async def finished(exchange: Exchange, status: int, error: str | None = None) -> None:
+        """Log the exchange and wait until its record is on disk: called before every answer, so a
+        gateway killed right after answering has lost no answered record (docs/monitoring.md)."""
+        await service.durable(finish(exchange, status, error))
+
+    async def refused(scope: dict, status: int, message: str) -> None:
         endpoint = INFERENCE_PATHS.get(scope.get("path", ""))
         if endpoint is not None and scope.get("method") == "POST":
-            finish(Exchange(endpoint), status, message)
+            await finished(Exchange(endpoint), status, message)
 
     def error_response(error: RequestError, exchange: Exchange | None = None) -> JSONResponse:
         headers = dict(error.headers or {})
@@ -871,6 +913,15 @@ def create_app(service: Service) -> "FastAPI":
                                     f"engine's context of {context} tokens; shorten the prompt or ask for fewer "
                                     "tokens", param="prompt")
 
+    def guarded(served: Served, text: str, where: str, param: str) -> str:
+        """Client text under serve.special_tokens_in_content (pipelines/templates.py)."""
+        from pipelines.templates import ControlTokenInContent, guard_content
+
+        try:
+            return guard_content(text, served.tokenizer, settings.special_tokens_in_content, where)
+        except ControlTokenInContent as error:
+            raise RequestError(422, str(error), param=param, code="control_token_in_content") from None
+
     async def accepted(request: Request, kind: str) -> tuple[Any, Served]:
         """The token, then the body, then an engine to answer: in that order, so nothing about the
         service is told to a client without the token."""
@@ -895,9 +946,16 @@ def create_app(service: Service) -> "FastAPI":
                 messages.append({"role": message.role, "content": content or ""})
             if messages[-1]["role"] != "user":
                 raise RequestError(422, "messages: the last message must come from the user", param="messages")
-            exchange.prompt = messages[-1]["content"]
+            exchange.prompt = messages[-1]["content"]  # the log keeps what the client wrote
             if not exchange.prompt.strip():
                 raise RequestError(422, "messages: the user message must not be blank", param="messages")
+            for index, message in enumerate(messages):
+                if message["role"] == "system" and settings.client_system_prompt == "configured":
+                    raise RequestError(422, f"messages[{index}]: this server sets the system prompt itself "
+                                            "(serve.client_system_prompt: configured) and takes none from clients; "
+                                            "put your instructions in the user message", param="messages",
+                                       code="system_prompt_not_allowed")
+                message["content"] = guarded(served, message["content"], f"messages[{index}].content", "messages")
             fields = decoding(body, served, exchange)
             if served.template == "chat":
                 messages = served.chat_messages(messages)
@@ -929,7 +987,7 @@ def create_app(service: Service) -> "FastAPI":
             if not exchange.prompt.strip():
                 raise RequestError(422, "prompt: must not be blank", param="prompt")
             fields = decoding(body, served, exchange)
-            text = served.render_prompt(exchange.prompt)  # the training template, as evaluation does
+            text = served.render_prompt(guarded(served, exchange.prompt, "prompt", "prompt"))  # as evaluation does
             check_length(served, text, fields["max_tokens"], exchange)
             payload = {"prompt": text, "add_special_tokens": False, **fields}
             if body.logprobs is not None:
@@ -945,7 +1003,7 @@ def create_app(service: Service) -> "FastAPI":
             exchange.version = served.version.version
             service.admit()
         except RequestError as error:
-            finish(exchange, error.status, error.message)
+            await finished(exchange, error.status, error.message)
             return error_response(error, exchange)
         payload["model"] = served.version.name
         if exchange.stream:  # the engine always reports usage: the log needs the token counts
@@ -965,7 +1023,7 @@ def create_app(service: Service) -> "FastAPI":
         except RequestError as error:
             engine.inflight -= 1
             service.release(None)
-            finish(exchange, error.status, error.message)
+            await finished(exchange, error.status, error.message)
             return error_response(error, exchange)
         return StreamingResponse(relay(exchange, engine, response, as_chat),
                                  media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
@@ -1009,20 +1067,20 @@ def create_app(service: Service) -> "FastAPI":
             with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
                 await upstream
             if gone in done:
-                finish(exchange, 499, "client disconnected")
+                await finished(exchange, 499, "client disconnected")
                 return Response(status_code=499)
             error = timed_out()
-            finish(exchange, error.status, error.message)
+            await finished(exchange, error.status, error.message)
             return error_response(error, exchange)
         try:
             response = upstream.result()
         except httpx.HTTPError as failure:
             error = engine_failure(failure)
-            finish(exchange, error.status, error.message)
+            await finished(exchange, error.status, error.message)
             return error_response(error, exchange)
         if response.status_code != 200:
             error = relayed_error(response.status_code, response.text)
-            finish(exchange, error.status, error.message)
+            await finished(exchange, error.status, error.message)
             return error_response(error, exchange)
         answer = response.json()
         choice = (answer.get("choices") or [{}])[0]
@@ -1037,7 +1095,7 @@ def create_app(service: Service) -> "FastAPI":
                                    "finish_reason": choice.get("finish_reason"), "logprobs": None}],
                       "usage": usage}
         answer.update(id=exchange.request_id, model=name, model_version=exchange.version)
-        finish(exchange, 200)
+        await finished(exchange, 200)
         return JSONResponse(answer, headers=headers)
 
     async def open_stream(engine: EngineProcess, path: str, payload: dict[str, Any]) -> Any:
@@ -1055,10 +1113,23 @@ def create_app(service: Service) -> "FastAPI":
 
     async def relay(exchange: Exchange, engine: EngineProcess, response: Any, as_chat: bool) -> Any:
         """The engine's server-sent events, re-labelled (request id, model, version); the usage
-        chunk goes to the log (and to the client when it asked for it)."""
+        chunk goes to the log (and to the client when it asked for it). The record is on disk
+        before the closing `[DONE]`: a stream the client saw complete is never lost."""
         status, error_text = 200, None
         deadline = time.monotonic() + settings.request_timeout_seconds
         pieces: list[str] = []
+        settled = False
+
+        def wrap_up() -> "Future[bool] | None":
+            """The bookkeeping, once: the engine's and the admission's counts, then the log."""
+            nonlocal settled
+            if not settled:
+                settled = True
+                exchange.output = "".join(pieces)
+                engine.inflight -= 1
+                service.release(time.perf_counter() - exchange.started if status == 200 else None)
+            return finish(exchange, status, error_text)
+
         try:
             async for line in response.aiter_lines():
                 if time.monotonic() > deadline:
@@ -1095,6 +1166,7 @@ def create_app(service: Service) -> "FastAPI":
                 if not exchange.include_usage:
                     chunk.pop("usage", None)
                 yield _event({**chunk, "id": exchange.request_id, "model": name, "model_version": exchange.version})
+            await service.durable(wrap_up())
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
             status, error_text = 499, "client disconnected"
@@ -1102,16 +1174,14 @@ def create_app(service: Service) -> "FastAPI":
         except httpx.HTTPError as failure:
             status, error_text = 502, f"the engine connection failed ({type(failure).__name__})"
             yield _event(_error_body(502, error_text))
+            await service.durable(wrap_up())
             yield "data: [DONE]\n\n"
         except GeneratorExit:
             status, error_text = 499, "client disconnected"
             raise
         finally:
             # the bookkeeping first: the close below may be interrupted by the task's cancellation
-            exchange.output = "".join(pieces)
-            engine.inflight -= 1
-            service.release(time.perf_counter() - exchange.started if status == 200 else None)
-            finish(exchange, status, error_text)
+            wrap_up()
             await _close_quietly(response)  # an unfinished stream: vLLM aborts the request
 
     @app.post("/v1/feedback", dependencies=[Depends(authorised)], status_code=202)
@@ -1128,8 +1198,8 @@ def create_app(service: Service) -> "FastAPI":
         if service.inference_log is not None:
             from pipelines.inference_log import Feedback
 
-            service.inference_log.feedback(Feedback(request_id=body.request_id, created_at=datetime.now(UTC),
-                                                    score=score, comment=body.comment))
+            await service.durable(service.inference_log.feedback(Feedback(
+                request_id=body.request_id, created_at=datetime.now(UTC), score=score, comment=body.comment)))
         return {"status": "accepted", "request_id": body.request_id, "score": score}
 
     @app.middleware("http")

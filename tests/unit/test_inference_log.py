@@ -317,6 +317,7 @@ def test_when_neither_store_nor_spool_can_be_written_records_wait_in_memory(tmp_
     url, up = down
     spool = tmp_path / "spool"
     log = make_log(url, spool)
+    (spool / "spool.lock").unlink()
     spool.rmdir()
     spool.write_text("a file where the spool folder should be")  # every append fails (like a full disk)
     with caplog.at_level(logging.ERROR, logger="pipelines.inference_log"):
@@ -460,3 +461,116 @@ def test_an_unwritable_spool_dir_is_a_clear_error(tmp_path):
     with pytest.raises(LLMOpsError, match="spool_dir"):
         InferenceLog(f"sqlite:///{tmp_path / 'x.db'}", tmp_path / "file" / "spool")
 
+
+
+# --- durable acceptance, the store's sync mode, the spool's lock, redacted parameters (issue 15) ---
+
+
+def test_a_record_is_in_the_fsynced_spool_when_its_future_says_so_even_with_the_store_stuck(tmp_path):
+    db = tmp_path / "inference.db"
+    log = make_log(f"sqlite:///{db}?timeout=5", tmp_path / "spool")
+    log.start()
+    try:
+        assert log.record(rec(0)).result(10) is True and log.flush(10)
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # the store takes nothing for 5 s: only the journal can make it durable
+        try:
+            futures = [log.record(rec(n)) for n in range(1, 6)] + [log.feedback(Feedback("req-1", T0, score=1.0))]
+            assert all(future.result(2) is True for future in futures)
+            on_disk = [json.loads(line) for line in spooled_lines(tmp_path / "spool")]
+            assert {line.get("request_id") for line in on_disk} >= {f"req-{n}" for n in range(1, 6)}
+            assert [line["kind"] for line in on_disk].count("feedback") == 1
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert log.flush(20) and count_rows(db) == 6
+    finally:
+        log.close()
+
+
+def test_sqlite_runs_with_synchronous_full_whatever_the_library_default(tmp_path, monkeypatch):
+    # A library built with NORMAL as its WAL default (e.g. SQLITE_DEFAULT_WAL_SYNCHRONOUS=1) may lose the
+    # last commits on a power cut, after their spool lines were deleted: the log sets FULL itself.
+    real_connect = sqlite3.connect
+
+    def connect_with_normal_default(*args, **kwargs):
+        connection = real_connect(*args, **kwargs)
+        connection.execute("PRAGMA synchronous=NORMAL")
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", connect_with_normal_default)
+    log = make_log(f"sqlite:///{tmp_path / 'inference.db'}", tmp_path / "spool")
+    try:
+        with log.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        log.close()
+
+
+def test_a_second_log_on_the_same_spool_is_refused_in_one_line_until_the_first_is_closed(tmp_path):
+    from pipelines.inference_log import SpoolInUse
+
+    url, spool = f"sqlite:///{tmp_path / 'inference.db'}", tmp_path / "spool"
+    first = make_log(url, spool)
+    with pytest.raises(SpoolInUse, match="in use by another process") as refused:
+        make_log(url, spool)
+    message = str(refused.value)
+    assert f"pid {os.getpid()}" in message and "inference_log.spool_dir" in message and "\n" not in message
+    first.close()
+    second = make_log(url, spool)  # closed: released
+    second.close()
+
+
+# Holds the spool of argv[1] until killed.
+HOLDER = """
+import sys, time
+from pipelines.inference_log import InferenceLog
+log = InferenceLog(sys.argv[2], sys.argv[1])
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_gateway_on_a_spool_another_process_holds_stops_at_start_with_one_line(tmp_path):
+    import signal
+    import subprocess
+
+    from tests.support import REPO, TEST_TOKEN
+
+    url, spool = f"sqlite:///{tmp_path / 'inference.db'}", tmp_path / "spool"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(spool), url], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        done = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", "--params", str(REPO / "params.yaml"),
+                               "--set", f"inference_log.url={url}", "--set", f"inference_log.spool_dir={spool}",
+                               "--set", f"serve.engine.cache_dir={tmp_path / 'models'}",
+                               "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+                              cwd=REPO, env={**os.environ, "LLMOPS_API_TOKEN": TEST_TOKEN}, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert done.returncode != 0
+    assert "in use by another process" in done.stderr and f"pid {holder.pid}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    # the holder was killed: the kernel released its lock, nothing stale is left behind
+    make_log(url, spool).close()
+
+
+def test_strings_in_the_decoding_parameters_such_as_stop_are_redacted(tmp_path, down):
+    url, up = down
+    log = make_log(url, tmp_path / "spool")
+    log.start()
+    try:
+        log.record(rec(1, params={"max_tokens": 8, "stop": [f"write to {EMAIL}", "###"], "note": "555-123-4567"}))
+        assert not log.flush(0.5)
+        spooled = spooled_lines(tmp_path / "spool")
+        assert len(spooled) == 1 and EMAIL not in spooled[0] and "555-123-4567" not in spooled[0]
+        up()
+        assert log.flush(20)
+    finally:
+        log.close()
+    params = read_records(url).iloc[0]["params"]
+    assert params == {"max_tokens": 8, "stop": ["write to [EMAIL]", "###"], "note": "[PHONE]"}
