@@ -62,3 +62,55 @@ def test_a_killed_process_loses_nothing_that_was_spooled(tmp_path):
         log.close()
     frame = read_records(url)
     assert sorted(frame["request_id"]) == sorted(f"req-{i}" for i in range(n)) and frame["request_id"].is_unique
+
+
+# A writer process whose store is up but stuck: it hands N records in, waits for each one's future
+# (what the gateway does before it answers), says so, then waits to be killed.
+DURABLE_WRITER = """
+import sys, time
+from datetime import UTC, datetime
+from pathlib import Path
+from pipelines.inference_log import InferenceLog, InferenceRecord
+
+url, spool, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+log = InferenceLog(url, spool, flush_interval_seconds=0.05, batch_size=7)
+log.start()
+futures = [log.record(InferenceRecord(f"req-{i}", datetime.now(UTC), "completions", "m", "1", "prompt", "output",
+                                      200, 1.0, 1, 1)) for i in range(n)]
+print("durable", sum(1 for f in futures if f.result(30)), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_process_loses_nothing_it_was_told_was_durable_while_the_store_was_stuck(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "inference.db"
+    url, spool, n = f"sqlite:///{db}", tmp_path / "spool", 40
+    ready = InferenceLog(url, tmp_path / "other-spool")  # the tables, made once the normal way
+    ready.start()
+    assert ready.flush(10)
+    ready.close()
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # the store answers nothing for the writer's 60 s
+    try:
+        writer = subprocess.Popen([sys.executable, "-c", DURABLE_WRITER, f"{url}?timeout=60", str(spool), str(n)],
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = writer.stdout.readline()
+            assert line.split() == ["durable", str(n)], (line, writer.stderr.read() if writer.poll() is not None
+                                                         else "")
+        finally:
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(timeout=30)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    log = InferenceLog(url, spool, flush_interval_seconds=0.05)  # the kernel released the killed one's lock
+    assert log.pending == n
+    log.start()
+    try:
+        assert log.flush(30), log.pending
+    finally:
+        log.close()
+    assert sorted(read_records(url)["request_id"]) == sorted(f"req-{i}" for i in range(n))

@@ -367,7 +367,8 @@ def test_vllm_parses_written_out_control_tokens_unless_the_gateway_escapes_them(
     as_control = count(INJECTION)
     counts = {}
     for policy in ("allow", "escape"):
-        serve = gateway(ws, engine, tmp_path / policy, f"serve.special_tokens_in_content={policy}").start()
+        serve = gateway(ws, engine, tmp_path / policy, f"serve.special_tokens_in_content={policy}",
+                        "serve.limits.max_prompt_tokens=200").start()  # ~80-100 tokens with the tiny tokenizer
         try:
             chat = serve.post("/v1/chat/completions", {"messages": messages, "max_tokens": 2})
             completion = serve.post("/v1/completions", {"prompt": INJECTION, "max_tokens": 2})
