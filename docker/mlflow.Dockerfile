@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
 # The MLflow tracking server of the team stack: PostgreSQL for runs and the Model Registry,
-# S3 (MinIO) for artifacts (proxied: clients need no S3 credentials), basic auth on.
+# S3 (MinIO) for artifacts (proxied: clients need no S3 credentials), basic auth on, nothing
+# readable without a grant (entrypoint.sh); init_users.py makes the services' users (mlflow-init).
 # The same MLflow release as the project's clients (pyproject.toml).
 #
 #   docker build -f docker/mlflow.Dockerfile -t llmops/mlflow:dev .
@@ -14,6 +15,8 @@ FROM python:3.11.13-slim-bookworm
 RUN useradd --create-home --uid 10001 --user-group mlflow
 COPY --from=build /opt/mlflow /opt/mlflow
 COPY --chmod=0755 docker/mlflow/entrypoint.sh /usr/local/bin/mlflow-entrypoint
+# the stack's one-off user set-up (the mlflow-init service of docker/compose.yaml)
+COPY --chmod=0644 docker/mlflow/init_users.py /opt/mlflow/init_users.py
 ENV PATH=/opt/mlflow/bin:$PATH PYTHONUNBUFFERED=1
 USER 10001
 WORKDIR /home/mlflow

@@ -6,6 +6,9 @@
 # MLFLOW_AUTH_CACHE_TTL_SECONDS > 0 caches verified passwords per worker for that long (each
 # request otherwise pays a PBKDF2 hash; a changed password is then accepted by other workers
 # until the TTL ends); 0, MLflow's default, turns the cache off.
+# MLFLOW_AUTH_DEFAULT_PERMISSION is what a user holds on what nobody granted it: NO_PERMISSIONS here
+# (MLflow's own default is READ), so the serving account reads only the model it is granted and a
+# new user sees nothing until an admin grants it (docker/mlflow/init_users.py makes the services').
 set -eu
 : "${MLFLOW_AUTH_DATABASE_URI:?set MLFLOW_AUTH_DATABASE_URI (e.g. postgresql+psycopg2://mlflow:...@postgres/mlflow_auth)}"
 : "${MLFLOW_AUTH_ADMIN_USERNAME:?set MLFLOW_AUTH_ADMIN_USERNAME}"
@@ -16,7 +19,7 @@ umask 077
 config_dir=$(mktemp -d)
 cat > "$config_dir/basic_auth.ini" <<INI
 [mlflow]
-default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}
+default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-NO_PERMISSIONS}
 database_uri = ${MLFLOW_AUTH_DATABASE_URI}
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth

@@ -3,10 +3,12 @@
 A throw-away PostgreSQL cluster (Debian's postgresql; as the `postgres` user when the tests run
 as root, which initdb refuses) with the databases docker/postgres/init-databases.sh creates; an
 `mlflow server` started by the MLflow image's entry point (docker/mlflow/entrypoint.sh: basic
-auth) on PostgreSQL; then the tiny pipeline trains and registers in it, `llmops serve` answers
-with the champion and logs the requests into the PostgreSQL inference log. Every service
-location and credential reaches the pipeline through the environment only, as in
-docker/compose.yaml (pipelines/settings.py): params.yaml names none of them.
+auth, nothing readable without a grant) on PostgreSQL, its users made by the image's set-up
+script (docker/mlflow/init_users.py, the stack's mlflow-init); then the tiny pipeline trains and
+registers in it as the pipeline's user, `llmops serve` answers with the champion as the read-only
+serving user and logs the requests into the PostgreSQL inference log. Every service location and
+credential reaches the pipeline through the environment only, as in docker/compose.yaml
+(pipelines/settings.py): params.yaml names none of them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +34,9 @@ PASSWORDS = {name: secrets.token_hex(12) for name in
              ("POSTGRES_PASSWORD", "AIRFLOW_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "INFERENCE_DB_PASSWORD")}
 TOKEN = secrets.token_hex(16)
 ADMIN_PASSWORD = secrets.token_hex(12)
+# the stack's service accounts (docker/.env: MLFLOW_PIPELINE_USER, MLFLOW_SERVE_USER)
+PIPELINE = ("llmops-pipeline", secrets.token_hex(12))
+SERVING = ("llmops-serve", secrets.token_hex(12))
 
 
 def postgres_bin(tool: str) -> str | None:
@@ -122,6 +128,14 @@ def mlflow_on_postgres(postgres, tmp_path_factory):
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", 240, process)
+        users = subprocess.run(
+            [sys.executable, str(REPO / "docker" / "mlflow" / "init_users.py")], capture_output=True, text=True,
+            timeout=120, env={"PATH": os.environ["PATH"], "MLFLOW_TRACKING_URI": uri, "MLFLOW_ADMIN_USER": "admin",
+                              "MLFLOW_ADMIN_PASSWORD": ADMIN_PASSWORD, "MLFLOW_PIPELINE_USER": PIPELINE[0],
+                              "MLFLOW_PIPELINE_PASSWORD": PIPELINE[1], "MLFLOW_SERVE_USER": SERVING[0],
+                              "MLFLOW_SERVE_PASSWORD": SERVING[1], "LLMOPS_EXPERIMENT": "llmops",
+                              "LLMOPS_MODEL_NAME": "llmops-dictionary"})
+        assert users.returncode == 0, users.stdout + users.stderr
         yield uri
     except Exception:
         raise RuntimeError("mlflow server did not start:\n" +
@@ -139,8 +153,9 @@ def test_train_register_and_serve_with_postgresql_behind_mlflow_and_the_inferenc
     # As in the stack: params.yaml names no service (tracking.uri null); the environment does.
     project.set_params(tracking={"uri": None, "system_metrics": False})
     commit(project, "services from the environment")
-    project.env.update({"MLFLOW_TRACKING_URI": mlflow_on_postgres, "MLFLOW_TRACKING_USERNAME": "admin",
-                        "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD, "LLMOPS_INFERENCE_LOG_URL": inference_url,
+    # the pipeline runs as the stack's pipeline user, not as MLflow's admin
+    project.env.update({"MLFLOW_TRACKING_URI": mlflow_on_postgres, "MLFLOW_TRACKING_USERNAME": PIPELINE[0],
+                        "MLFLOW_TRACKING_PASSWORD": PIPELINE[1], "LLMOPS_INFERENCE_LOG_URL": inference_url,
                         "LLMOPS_API_TOKEN": TOKEN})
 
     # Auth is on: without credentials the server refuses.
@@ -170,14 +185,25 @@ def test_train_register_and_serve_with_postgresql_behind_mlflow_and_the_inferenc
     assert versions == [("llmops-dictionary", 1)]
     assert ("champion", 1) in aliases
 
-    # `llmops serve` from the registry, logging into PostgreSQL.
+    # The serving user may read the champion but not move it (docker/mlflow/init_users.py).
+    serving_auth = requests.auth.HTTPBasicAuth(*SERVING)
+    alias = requests.get(f"{mlflow_on_postgres}/api/2.0/mlflow/registered-models/alias",
+                         params={"name": "llmops-dictionary", "alias": "champion"}, auth=serving_auth, timeout=10)
+    assert alias.status_code == 200 and alias.json()["model_version"]["version"] == "1", alias.text
+    moved = requests.post(f"{mlflow_on_postgres}/api/2.0/mlflow/registered-models/alias", auth=serving_auth,
+                          json={"name": "llmops-dictionary", "alias": "champion", "version": "1"}, timeout=10)
+    assert moved.status_code == 403, moved.text
+
+    # `llmops serve` from the registry as the read-only serving user, logging into PostgreSQL.
     port = free_port()
     log_path = tmp_path / "serve.log"
+    serve_env = {**project.env, "MLFLOW_TRACKING_USERNAME": SERVING[0], "MLFLOW_TRACKING_PASSWORD": SERVING[1],
+                 "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     with open(log_path, "wb") as output:
         serve = subprocess.Popen(
             [str(BIN / "llmops"), "serve", "--set", f"serve.port={port}", "--set", "serve.engine.kv_cache_gib=0.25",
              "--set", "inference_log.flush_interval_seconds=0.2"],
-            cwd=project.root, env=project.env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=project.root, env=serve_env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_http(f"http://127.0.0.1:{port}/ready", 180, serve)
             headers = {"Authorization": f"Bearer {TOKEN}"}

@@ -98,19 +98,24 @@ def compose_config(env_file: Path, tmp_path: Path) -> subprocess.CompletedProces
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
 
 
+def env_values(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
 @pytest.fixture(scope="module")
 def resolved(tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("compose")
-    result = compose_config(filled_env(tmp_path), tmp_path)
+    env_file = filled_env(tmp_path)
+    result = compose_config(env_file, tmp_path)
     assert result.returncode == 0, result.stderr
-    return {"text": result.stdout, "config": yaml.safe_load(result.stdout)}
+    return {"text": result.stdout, "config": yaml.safe_load(result.stdout), "env": env_values(env_file)}
 
 
 # --- the compose stack ---------------------------------------------------------------------------
 
 def test_docker_compose_validates_the_stack(resolved):
     services = set(resolved["config"]["services"])
-    assert {"postgres", "redis", "minio", "minio-init", "mlflow", "airflow-init", "airflow-api-server",
+    assert {"postgres", "redis", "minio", "minio-init", "mlflow", "mlflow-init", "airflow-init", "airflow-api-server",
             "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "trainer",
             "serve"} == services
 
@@ -133,7 +138,7 @@ def test_the_unfilled_example_env_is_refused_with_the_missing_name(tmp_path):
 def test_the_example_env_holds_no_secret_and_every_secret_is_required():
     example = dict(line.split("=", 1) for line in (DOCKER / ".env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
-    secrets_ = [name for name in example if SECRET_NAME.search(name) and name != "S3_ACCESS_KEY"]
+    secrets_ = [name for name in example if SECRET_NAME.search(name)]
     assert secrets_ and all(example[name] == "" for name in secrets_), secrets_
     raw = COMPOSE.read_text()
     for name in secrets_:
@@ -197,6 +202,113 @@ def test_the_stack_configures_the_pipeline_only_through_the_settings_rule(resolv
     assert "basic-auth" in (DOCKER / "mlflow" / "entrypoint.sh").read_text()
     databases = re.findall(r"^create \w+ (\w+) ", (DOCKER / "postgres" / "init-databases.sh").read_text(), re.M)
     assert set(databases) == {"airflow", "mlflow", "mlflow_auth", "inference"}
+
+
+def holders(config: dict, value: str) -> set[str]:
+    """The services whose environment holds `value` (alone or inside a URL)."""
+    return {name for name, service in config["services"].items()
+            if any(value in str(v) for v in (service.get("environment") or {}).values())}
+
+
+def test_each_service_holds_only_the_credentials_it_uses(resolved):
+    """The MLflow admin password is mlflow-init's alone; serving reads MLflow as its own read-only user
+    and holds no S3 key; each S3 key (one bucket each) reaches only the services that use it."""
+    config, env = resolved["config"], resolved["env"]
+    services = config["services"]
+    assert holders(config, env["MLFLOW_ADMIN_PASSWORD"]) == {"mlflow", "mlflow-init"}
+    assert holders(config, env["MLFLOW_PIPELINE_PASSWORD"]) == {"mlflow-init", "airflow-init", "airflow-worker",
+                                                                "trainer"}
+    assert holders(config, env["MLFLOW_SERVE_PASSWORD"]) == {"mlflow-init", "serve"}
+    serve = services["serve"]["environment"]
+    assert serve["MLFLOW_TRACKING_USERNAME"] == env["MLFLOW_SERVE_USER"] != env["MLFLOW_ADMIN_USER"]
+    for task_runner in ("airflow-worker", "trainer", "airflow-init"):
+        assert services[task_runner]["environment"]["MLFLOW_TRACKING_USERNAME"] == env["MLFLOW_PIPELINE_USER"]
+    assert not [name for name in serve if name.startswith("AWS_")], "serving downloads through MLflow's proxy"
+    assert holders(config, env["S3_MLFLOW_SECRET_ACCESS_KEY"]) == {"minio-init", "mlflow"}
+    assert holders(config, env["S3_DVC_SECRET_ACCESS_KEY"]) == {"minio-init", "airflow-worker"}
+    assert holders(config, env["S3_DVC_READ_SECRET_ACCESS_KEY"]) == {"minio-init", "trainer", "airflow-init"}
+    for component in ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"):
+        held = {name for name in ("MLFLOW_PIPELINE_PASSWORD", "LLMOPS_API_TOKEN", "S3_DVC_SECRET_ACCESS_KEY",
+                                  "INFERENCE_DB_PASSWORD") if component in holders(config, env[name])}
+        assert held == set(), f"{component} runs no task but holds {held}"
+    for name in ("serve", "airflow-worker", "trainer"):  # MLflow's own loader refuses pickled models there too
+        assert services[name]["environment"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    assert "default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-NO_PERMISSIONS}" in \
+        (DOCKER / "mlflow" / "entrypoint.sh").read_text()
+    assert "MLFLOW_AUTH_DEFAULT_PERMISSION" not in services["mlflow"]["environment"]  # the image's safe default
+
+
+def fake_mc(tmp_path: Path, attach_works: bool = True) -> Path:
+    """A stand-in for MinIO's `mc` that records the calls and the policies it is given, and reports a
+    key's attached policies as `mc admin user info` does."""
+    state = tmp_path / "mc-state"
+    state.mkdir()
+    script = tmp_path / "mc"
+    script.write_text(f"""#!{sys.executable}
+import json, sys
+from pathlib import Path
+state = Path({str(state)!r})
+args = sys.argv[1:]
+with open(state / "calls", "a") as log:
+    log.write(" ".join(args) + "\\n")
+if args[:3] == ["admin", "policy", "create"]:
+    (state / f"policy-{{args[4]}}.json").write_text(Path(args[5]).read_text())
+if args[:3] == ["admin", "policy", "attach"] and {attach_works!r}:
+    (state / f"user-{{args[-1]}}").write_text(args[4])
+if args[:3] == ["admin", "user", "info"]:
+    user = state / f"user-{{args[4]}}"
+    print("AccessKey: " + args[4] + "\\nPolicyName: " + (user.read_text() if user.exists() else ""))
+""")
+    script.chmod(0o755)
+    return state
+
+
+MINIO_ENV = {"MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "root-secret", "MLFLOW_BUCKET": "b-mlflow",
+             "DVC_BUCKET": "b-dvc", "S3_MLFLOW_ACCESS_KEY_ID": "k-mlflow", "S3_MLFLOW_SECRET_ACCESS_KEY": "s1",
+             "S3_DVC_ACCESS_KEY_ID": "k-dvc", "S3_DVC_SECRET_ACCESS_KEY": "s2",
+             "S3_DVC_READ_ACCESS_KEY_ID": "k-dvc-read", "S3_DVC_READ_SECRET_ACCESS_KEY": "s3"}
+
+
+def run_minio_init(tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(DOCKER / "minio" / "init.sh")], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "MC": str(tmp_path / "mc"), **MINIO_ENV})
+
+
+def test_minio_init_gives_each_service_a_key_limited_to_its_own_bucket(tmp_path, resolved):
+    state = fake_mc(tmp_path)
+    result = run_minio_init(tmp_path)
+    assert result.returncode == 0, result.stderr
+    calls = (state / "calls").read_text()
+    assert "attach stack readwrite" not in calls  # MinIO's built-in policy: every bucket
+    attached = {path.name.removeprefix("user-"): path.read_text() for path in state.glob("user-*")}
+    assert attached == {"k-mlflow": "llmops-mlflow-artifacts", "k-dvc": "llmops-dvc-push",
+                        "k-dvc-read": "llmops-dvc-read"}
+
+    def grants(policy: str) -> dict[str, set[str]]:
+        statements = json.loads((state / f"policy-{policy}.json").read_text())["Statement"]
+        found: dict[str, set[str]] = {}
+        for statement in statements:
+            assert statement["Effect"] == "Allow"
+            for resource in statement["Resource"]:
+                found.setdefault(resource, set()).update(statement["Action"])
+        return found
+
+    assert grants("llmops-mlflow-artifacts") == {
+        "arn:aws:s3:::b-mlflow": {"s3:GetBucketLocation", "s3:ListBucket"},
+        "arn:aws:s3:::b-mlflow/*": {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
+                                    "s3:ListMultipartUploadParts"}}
+    assert set(grants("llmops-dvc-push")) == {"arn:aws:s3:::b-dvc", "arn:aws:s3:::b-dvc/*"}
+    assert grants("llmops-dvc-read")["arn:aws:s3:::b-dvc/*"] == {"s3:GetObject"}
+    # the stack runs this script with the keys compose hands it
+    init = resolved["config"]["services"]["minio-init"]
+    assert init["entrypoint"] == ["/bin/sh", "/opt/llmops/minio-init.sh"]
+    assert set(MINIO_ENV) <= set(init["environment"])
+
+
+def test_minio_init_fails_when_a_key_did_not_get_its_policy(tmp_path):
+    fake_mc(tmp_path, attach_works=False)
+    result = run_minio_init(tmp_path)
+    assert result.returncode != 0 and "policy llmops-mlflow-artifacts is not attached to k-mlflow" in result.stderr
 
 
 # --- the Dockerfiles ------------------------------------------------------------------------------
