@@ -491,14 +491,14 @@ def test_a_record_is_in_the_fsynced_spool_when_its_future_says_so_even_with_the_
 def test_sqlite_runs_with_synchronous_full_whatever_the_library_default(tmp_path, monkeypatch):
     # A library built with NORMAL as its WAL default (e.g. SQLITE_DEFAULT_WAL_SYNCHRONOUS=1) may lose the
     # last commits on a power cut, after their spool lines were deleted: the log sets FULL itself.
-    real_connect = sqlite3.connect
+    real_connect = sqlite3.dbapi2.connect
 
     def connect_with_normal_default(*args, **kwargs):
         connection = real_connect(*args, **kwargs)
         connection.execute("PRAGMA synchronous=NORMAL")
         return connection
 
-    monkeypatch.setattr(sqlite3, "connect", connect_with_normal_default)
+    monkeypatch.setattr(sqlite3.dbapi2, "connect", connect_with_normal_default)  # what SQLAlchemy calls
     log = make_log(f"sqlite:///{tmp_path / 'inference.db'}", tmp_path / "spool")
     try:
         with log.engine.connect() as connection:
