@@ -30,18 +30,18 @@ policy() {
 
 # service KEY SECRET POLICY_NAME: the key exists with this secret and exactly this one policy
 service() {
-  policy_file="$policies/$4.json"
-  "$MC" admin policy create stack "$4" "$policy_file"
+  policy_file="$policies/$3.json"
+  "$MC" admin policy create stack "$3" "$policy_file"
   "$MC" admin user add stack "$1" "$2"
   # `attach` fails when the policy is attached already; detach whatever else the key had (an
   # older stack attached the built-in `readwrite` to one shared key)
   "$MC" admin policy detach stack readwrite --user "$1" >/dev/null 2>&1 || true
-  "$MC" admin policy attach stack "$4" --user "$1" >/dev/null 2>&1 || true
+  "$MC" admin policy attach stack "$3" --user "$1" >/dev/null 2>&1 || true
   info=$("$MC" admin user info stack "$1")
   case "$info" in
     *readwrite*) echo "minio-init: $1 still has the built-in readwrite policy" >&2; exit 1 ;;
-    *"$4"*) ;;
-    *) echo "minio-init: policy $4 is not attached to $1" >&2; exit 1 ;;
+    *"$3"*) ;;
+    *) echo "minio-init: policy $3 is not attached to $1" >&2; exit 1 ;;
   esac
 }
 
