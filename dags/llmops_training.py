@@ -35,7 +35,13 @@ sections), each `dvc repro --single-item <stage>` in the project checkout (Varia
 * **experiment_start** sets params.yaml to the committed version plus this run's
   overrides (the trigger form below, as `dvc exp run -S` overrides) and validates them;
   **experiment_save** records the run as the DVC experiment `airflow-<run id>`
-  (`dvc exp show`, `dvc exp apply`); **push** sends its outputs to the DVC remote.
+  (`dvc exp show`, `dvc exp apply`); **push** sends its outputs to the DVC remote;
+  **experiment_end** (a teardown: it runs whatever happened) frees the workspace.
+* **What a run may change**: hyperparameters (`train.*`, `prepare.*`), the base model and the
+  data (`ingest.sources`, files under `data/raw/`) only; anything else (service endpoints,
+  credentials, paths, the gates and their thresholds) is refused at experiment_start with
+  where it is set instead (docs/orchestration.md has the list). To promote a candidate the
+  gate rejects, use *skip_gate* with a reason: it is recorded as forced.
 * **validate** failing stops the run here: the Great Expectations report is linked in its log
   and nothing is trained or registered.
 * **promote** is the gate. A candidate that does not pass is *not promoted* and the run still
@@ -46,8 +52,9 @@ sections), each `dvc repro --single-item <stage>` in the project checkout (Varia
 
 Schedule: nightly, from the Variable `llmops_training_schedule` (environment variable
 `AIRFLOW_VAR_LLMOPS_TRAINING_SCHEDULE`, default `0 2 * * *`). One run at a time: DVC's lock
-makes concurrent runs in one workspace unsafe, so further triggers queue. Failures notify
-through `llmops_notify` (docs/orchestration.md).
+makes concurrent runs in one workspace unsafe, so further triggers queue, and
+experiment_start refuses while a `dvc exp run` or another run holds the workspace. Failures
+notify through `llmops_notify` (docs/orchestration.md).
 """
 
 PARAMS = {
@@ -62,11 +69,13 @@ PARAMS = {
                            description="train.learning_rate. Empty: params.yaml's."),
     "data_sources": Param([], type=["null", "array"], items={"type": "string"}, title="Data sources",
                           description="One per line: wordnet, foldoc (bundled samples) or a JSONL/CSV/Parquet "
-                                      "path in the project, e.g. data/raw/new.jsonl. Empty: params.yaml's "
-                                      "ingest.sources."),
+                                      "file under data/raw/, e.g. data/raw/new.jsonl (files elsewhere are "
+                                      "refused). Empty: params.yaml's ingest.sources."),
     "overrides": Param([], type=["null", "array"], items={"type": "string"}, title="More overrides",
-                       description="Any other params, one `dvc exp run -S` override per line, e.g. "
-                                   "train.lora.r=16"),
+                       description="More run parameters, one `dvc exp run -S` override per line, e.g. "
+                                   "train.lora.r=16: train.*, prepare.*, base_model.source/revision/dtype/"
+                                   "licence, ingest.sources (the list: docs/orchestration.md). Service "
+                                   "endpoints, credentials, paths and the gates are refused."),
     "skip_gate": Param(False, type="boolean", title="Skip the promotion gate",
                        description="Promote the new version even if the gate says no (recorded as forced, "
                                    "with the reason)."),
@@ -161,4 +170,11 @@ with DAG(
     # `dvc pull` / `dvc exp apply` and the worker's disk is not their only copy.
     push = BashOperator(task_id="push", bash_command=shell("dvc --wait-for-lock push"),
                         execution_timeout=timedelta(hours=1))
-    tasks["deploy"] >> save >> push
+    # Frees the workspace for the next run (`llmops experiment start` refuses while a run holds
+    # it). Airflow's teardown: it runs once everything before it is done, failed or not, as long as
+    # experiment_start (its setup) succeeded, and does not decide the run's state.
+    end = BashOperator(task_id="experiment_end",
+                       bash_command=shell('llmops experiment end --name "$LLMOPS_EXPERIMENT"'),
+                       env={"LLMOPS_EXPERIMENT": "{{ ti.xcom_pull(task_ids='experiment_start') }}"},
+                       append_env=True)
+    tasks["deploy"] >> save >> push >> end.as_teardown(setups=start)

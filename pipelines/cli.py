@@ -63,7 +63,8 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
     ]),
     "experiment": ("pipelines.experiment", [
         (("action",), {
-            "choices": ["start", "save"], "help": "start: params.yaml := HEAD + overrides; save: `dvc exp save`"}),
+            "choices": ["start", "save", "end"],
+            "help": "start: params.yaml := HEAD + overrides; save: `dvc exp save`; end: release the workspace"}),
         (("--name",), {"required": True, "help": "the DVC experiment name (Airflow passes its run id)"}),
         (("-S", "--set-param"), {"dest": "set_params", "action": "append", "default": [], "metavar": "KEY=VALUE",
                                  "help": "start: a `dvc exp run -S` override (repeatable)"}),

@@ -19,6 +19,34 @@ from pipelines.errors import ParamsError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
+# What one run may change on top of the committed params.yaml: `llmops experiment start -S`,
+# which every Airflow run goes through (the trigger form's fields and its free-form overrides).
+# A key is overridable when it is listed or lies under a listed key. Hyperparameters and the
+# choice of data only: everything else stays what the commit says, because it decides where
+# secrets go or what counts as good enough, which the person who triggers a run must not change:
+# - service endpoints and credentials (tracking.uri, deploy.service_url, serve.token_file, ...)
+#   are deployment settings: the environment of the workers (pipelines/settings.py);
+# - paths.* and every *_dir: the project's layout, which dvc.yaml reads too;
+# - validate.*, evaluate.*, promote.*, registry.*, deploy.*: the checks and gates and their
+#   evidence (skip the gate on purpose with the form's skip_gate: that is recorded as forced);
+# - train.deepspeed.* (hostfile, master_addr: hosts to ssh to) and the other compute settings.
+# docs/orchestration.md shows this list as a table (a test keeps the two equal).
+RUN_OVERRIDABLE: tuple[str, ...] = (
+    "base_model.source", "base_model.revision", "base_model.dtype", "base_model.licence",
+    "ingest.sources",
+    "prepare",
+    "train.lora", "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio", "train.warmup_steps",
+    "train.epochs", "train.max_steps", "train.per_device_batch_size", "train.gradient_accumulation_steps",
+    "train.max_seq_length", "train.seed", "train.precision", "train.gradient_checkpointing", "train.qlora",
+    "train.weight_decay", "train.max_grad_norm", "train.logging_steps", "train.eval_steps", "train.save_steps",
+    "train.save_total_limit", "train.max_train_samples", "train.max_eval_samples", "train.merge",
+)
+
+
+def run_overridable(key: str) -> bool:
+    """Whether one run may set the dotted `key` (RUN_OVERRIDABLE or below one of its entries)."""
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in RUN_OVERRIDABLE)
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -31,6 +31,14 @@ MLFLOW_TRACKING_URI into the process environment whenever a tracking URI is set,
 environment-first rule would let one store's URI override an explicit param later in the
 same process.
 
+These are deployment settings, never run parameters: a run (`llmops experiment start`, so
+every Airflow run and its trigger form) cannot change any of them, nor anything else outside
+params.RUN_OVERRIDABLE, and is refused with the variable to set instead (DEPLOYMENT_SETTINGS).
+Otherwise whoever may trigger a run could send the serving token and the MLflow credentials
+to a host of their choosing. A value committed to params.yaml stays readable (a reviewed
+change, by people who can change the code anyway; test projects and benchmarks use it), and
+`--set` on the command line is for someone who already holds the workspace.
+
 Secrets are never params: the token comes from the file `serve.token_file` names or from the
 variable `serve.token_env` names, and database or S3 passwords travel in the environment
 (a URL in LLMOPS_INFERENCE_LOG_URL, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD).
@@ -65,6 +73,21 @@ DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin"
 DEFAULT_TRACKING_DB = "mlflow.db"
 DEFAULT_INFERENCE_LOG = "sqlite:///data/inference/inference.db"
 DVC_REMOTE_NAME = "team"  # the remote `--configure-dvc` writes to .dvc/config.local
+
+# Every deployment setting's param -> where a deployment sets it instead (the run refusal names
+# it). serve.token_env names the variable that holds the token; changing it would read another
+# variable of the worker's environment, so it is a deployment setting too.
+DEPLOYMENT_SETTINGS: dict[str, str] = {
+    "tracking.uri": TRACKING_ENV,
+    "inference_log.url": INFERENCE_LOG_ENV,
+    "dvc_remote.url": DVC_REMOTE_ENV,
+    "dvc_remote.endpoint_url": DVC_ENDPOINT_ENV,
+    "deploy.service_url": SERVICE_URL_ENV,
+    "serve.token_file": "LLMOPS_API_TOKEN (the variable serve.token_env names)",
+    "serve.token_env": "LLMOPS_API_TOKEN",
+    "serve.engine.python": VLLM_PYTHON_ENV,
+    "serve.engine.url": VLLM_URL_ENV,
+}
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,19 @@ def test_training_tasks_follow_dvc_stage_graph(dagbag):
     assert dag.get_task("push").upstream_task_ids == {"experiment_save"}  # the saved run's outputs
 
 
+def test_experiment_end_frees_the_workspace_whatever_the_run_did(dagbag):
+    """A teardown of experiment_start after push: it runs after a failed stage too (else the next
+    run's experiment_start would be refused: pipelines/experiment.py), and does not decide the
+    run's state."""
+    dag = dagbag.dags["llmops_training"]
+    end = dag.get_task("experiment_end")
+    assert end.is_teardown and dag.get_task("experiment_start").is_setup
+    assert end.trigger_rule == "all_done_setup_success"
+    assert end.upstream_task_ids == {"experiment_start", "push"} and not end.downstream_task_ids
+    assert 'llmops experiment end --name "$LLMOPS_EXPERIMENT"' in end.bash_command
+    assert end.env["LLMOPS_EXPERIMENT"] == "{{ ti.xcom_pull(task_ids='experiment_start') }}"
+
+
 def test_validation_is_not_retried(dagbag):
     assert dagbag.dags["llmops_training"].get_task("validate").retries == 0
 

@@ -1,11 +1,12 @@
 """The DAGs on a real Airflow, on the tiny pipeline (a tiny Llama, 1,500 rows, 4 steps).
 
 First `airflow dags test` in a temporary AIRFLOW_HOME (never a running scheduler's database):
-the training DAG end to end, a failed validation, and the monitoring DAG on drifted traffic
-(its no-retrain branch: tests/dags). Then the real components (`llmops airflow`: api-server,
-scheduler, dag-processor, triggerer on loopback): two triggers at once through the REST API v2
-with the params the UI sends, the monitoring DAG triggering a training run, and headless
-Chromium filling the UI's trigger form. All in one project and one MLflow server, in order.
+the training DAG end to end, a failed validation, a run whose override is refused, and the
+monitoring DAG on drifted traffic (its no-retrain branch: tests/dags). Then the real
+components (`llmops airflow`: api-server, scheduler, dag-processor, triggerer on loopback):
+two triggers at once through the REST API v2 with the params the UI sends, the monitoring DAG
+triggering a training run, and headless Chromium filling the UI's trigger form. All in one
+project and one MLflow server, in order.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def test_dags_test_runs_the_training_pipeline_and_records_a_dvc_experiment(tiny,
     (run,) = cli.runs("llmops_training")
     assert run["state"] == "success"
     states = cli.task_states("llmops_training", run["run_id"])
-    assert states == {task: "success" for task in ["experiment_start", *STAGES, "experiment_save", "push"]}
+    assert states == {task: "success" for task in ["experiment_start", *STAGES, "experiment_save", "push",
+                                                   "experiment_end"]}
     # the run's outputs are in the project's DVC remote: nothing left to push
     assert json.loads(tiny.dvc("status", "--cloud", "--json").stdout) == {}
     assert any((tiny.root / ".dvc-storage").rglob("*"))
@@ -140,7 +142,9 @@ def test_dags_test_runs_the_training_pipeline_and_records_a_dvc_experiment(tiny,
 
 def test_failed_validation_fails_the_run_with_the_report_and_registers_nothing(tiny, cli, mlflow_server):
     shutil.copy2(FIXTURES / "pii.jsonl", tiny.root / "data/raw/pii.jsonl")
-    conf = {"reason": "bad data", "data_sources": ["data/raw/pii.jsonl"], "overrides": ["validate.min_rows=100"]}
+    # enough rows for validate.min_rows (a run may not lower it), 150 of them with PII
+    sources = "ingest.sources=[{kind:bundled,name:wordnet,max_rows:1500},{kind:file,path:'data/raw/pii.jsonl'}]"
+    conf = {"reason": "bad data", "overrides": [sources]}
     result = cli.run("dags", "test", "llmops_training", "-c", json.dumps(conf), check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "DagRun failed" in output
@@ -149,6 +153,7 @@ def test_failed_validation_fails_the_run_with_the_report_and_registers_nothing(t
     states = cli.task_states("llmops_training", run["run_id"])
     assert states["validate"] == "failed" and states["ingest"] == "success"
     assert all(states[task] == "upstream_failed" for task in ["prepare", "train", "register", "experiment_save"])
+    assert states["experiment_end"] == "success"  # the teardown freed the workspace all the same
     # the task log names the failed expectation and links the Great Expectations report
     assert "response_no_email" in output
     assert f"{tiny.root}/reports/validate/data_docs/index.html" in output
@@ -157,6 +162,23 @@ def test_failed_validation_fails_the_run_with_the_report_and_registers_nothing(t
     assert list(registered_versions(mlflow_server.uri, model_name(tiny))) == ["1"]
     assert not (tiny.root / "data/prepared/train.parquet").exists() or \
         json.loads((tiny.root / "reports/validate/result.json").read_text())["success"] is False
+
+
+def test_a_refused_override_fails_the_run_at_experiment_start(tiny, cli, mlflow_server):
+    """The trigger form cannot point the run's MLflow client (and its credentials) at another host."""
+    before = (tiny.root / "params.yaml").read_text()
+    conf = {"reason": "exfiltrate", "overrides": ["tracking.uri=http://attacker.invalid:5000"]}
+    result = cli.run("dags", "test", "llmops_training", "-c", json.dumps(conf), check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "DagRun failed" in output
+    run = cli.runs("llmops_training")[-1]
+    states = cli.task_states("llmops_training", run["run_id"])
+    assert states["experiment_start"] == "failed"
+    assert all(states[stage] == "upstream_failed" for stage in STAGES)
+    assert ("tracking.uri is a deployment setting, not a run parameter: set MLFLOW_TRACKING_URI in the "
+            "environment of the workers") in output
+    assert (tiny.root / "params.yaml").read_text() == before
+    assert list(registered_versions(mlflow_server.uri, model_name(tiny))) == ["1"]
 
 
 def test_monitoring_dag_triggers_training_on_drift(tiny, cli):
@@ -257,7 +279,10 @@ def live(tiny, tmp_path_factory):
 
 def test_rest_triggers_with_form_params_queue_one_after_the_other_and_both_finish(tiny, live, mlflow_server):
     _, api = live
-    conf = {**FORM_DEFAULTS, "reason": "more steps", "max_steps": 5, "overrides": ["promote.min_improvement=0.5"]}
+    # a learning rate too small to learn anything: the candidate answers as the base model does,
+    # so the gate says no (a run may not change the gate's thresholds: docs/orchestration.md)
+    conf = {**FORM_DEFAULTS, "reason": "more steps", "max_steps": 5, "learning_rate": 1e-9,
+            "overrides": ["train.lora.dropout=0.0"]}
     first = api.trigger("llmops_training", conf)
     second = api.trigger("llmops_training", {**FORM_DEFAULTS, "reason": "second at once"})
     assert api.run("llmops_training", second)["state"] == "queued"  # max_active_runs=1
@@ -268,13 +293,14 @@ def test_rest_triggers_with_form_params_queue_one_after_the_other_and_both_finis
     assert b["start_date"] >= a["end_date"]  # one after the other: DVC's lock is never contended
     assert "Unable to acquire lock" not in api.log("llmops_training", second, "train")
     assert a["run_type"] == "manual" and a["conf"]["max_steps"] == 5
-    # the gate says no (min_improvement 0.5 cannot be met): the run succeeds and says so
+    # the gate says no (no improvement over the base model): the run succeeds and says so
     assert "version 2: not promoted" in api.log("llmops_training", first, "promote")
     assert "2" in registered_versions(mlflow_server.uri, model_name(tiny))
     # each run is a DVC experiment with its own params: the second is back on HEAD's
     saved = experiments(tiny)
     ours = saved["airflow-" + first.replace(":", "-").replace("+", "-")]
-    assert ours["train"]["max_steps"] == 5 and ours["promote"]["min_improvement"] == 0.5
+    assert ours["train"]["max_steps"] == 5 and ours["train"]["learning_rate"] == 1e-9
+    assert ours["train"]["lora"]["dropout"] == 0.0
     assert saved["airflow-" + second.replace(":", "-").replace("+", "-")]["train"]["max_steps"] == 4
 
 
@@ -315,7 +341,7 @@ def test_browser_logs_in_fills_the_trigger_form_and_sees_the_run_succeed(tiny, l
             page.get_by_role("button", name="Trigger Dag").click()
             dialog = page.get_by_role("dialog")
             dialog.locator("input[name=element_reason]").fill("from the browser")
-            dialog.locator("input[name=element_max_steps]").fill("5")  # as in the REST test: DVC's run cache
+            dialog.locator("input[name=element_max_steps]").fill("5")
             dialog.get_by_role("button", name="Trigger", exact=True).click()
             page.wait_for_url("**/dags/llmops_training/runs/**", timeout=60_000)
             run_id = urllib.parse.unquote(page.url.split("/runs/")[1].split("/")[0].split("?")[0])

@@ -101,3 +101,45 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ParamsError, match="expected a mapping"):
         load_params(bad)
+
+
+# --- what one run may override (pipelines/experiment.py enforces it) ---------------------
+
+def _model_has(model: type, dotted: str) -> bool:
+    """Whether the Params model has the dotted key (sections are nested pydantic models)."""
+    from pydantic import BaseModel
+
+    node: type | None = model
+    for part in dotted.split("."):
+        if node is None:
+            return False  # a key below a plain value
+        fields = {(f.alias or name): f for name, f in node.model_fields.items()}
+        if part not in fields:
+            return False
+        annotation = fields[part].annotation
+        node = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return True
+
+
+def test_every_run_overridable_key_exists_and_none_is_a_deployment_setting_or_a_path():
+    from pipelines.params import RUN_OVERRIDABLE, Params, run_overridable
+    from pipelines.settings import DEPLOYMENT_SETTINGS
+
+    assert all(_model_has(Params, key) for key in RUN_OVERRIDABLE), RUN_OVERRIDABLE
+    assert not any(run_overridable(key) for key in DEPLOYMENT_SETTINGS)
+    for refused in ("paths.raw_dir", "train.adapter_dir", "train.checkpoint_dir", "base_model.output_dir",
+                    "promote.min_improvement", "validate.warn_only", "evaluate.max_examples",
+                    "train.deepspeed.hostfile", "train", "trainer.lora"):
+        assert not run_overridable(refused), refused
+    assert run_overridable("train.lora.r") and run_overridable("prepare.seed")
+
+
+def test_docs_table_lists_exactly_the_run_overridable_keys():
+    import re
+
+    from pipelines.params import RUN_OVERRIDABLE
+
+    text = (REPO / "docs" / "orchestration.md").read_text()
+    section = text.split("## What a run may override", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `([a-z_.]+)` \|", section, flags=re.MULTILINE)
+    assert listed == list(RUN_OVERRIDABLE)

@@ -170,3 +170,15 @@ def test_the_server_reads_its_token_by_the_same_rule_and_refuses_a_short_one(tmp
     monkeypatch.setenv("LLMOPS_API_TOKEN", "short")
     with pytest.raises(LLMOpsError, match="at least 16 characters.*LLMOPS_API_TOKEN"):
         read_token(ServeParams())
+
+
+def test_every_deployment_setting_is_listed_as_one_no_run_may_change(tmp_path):
+    """A new setting added to all_settings without an entry in DEPLOYMENT_SETTINGS would be
+    overridable by a run's params: this fails first."""
+    from pipelines.params import load_params, run_overridable
+
+    params = load_params(REPO / "params.yaml")
+    for setting in settings.all_settings(params, tmp_path, {}):
+        assert setting.param in settings.DEPLOYMENT_SETTINGS, setting.param
+        assert not run_overridable(setting.param), setting.param
+        assert settings.DEPLOYMENT_SETTINGS[setting.param].startswith(setting.env), setting.param
