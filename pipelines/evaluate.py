@@ -166,16 +166,20 @@ def load_systems(params: Params) -> dict[str, CausalLM]:
 
 
 def main(params: Params) -> None:
+    import time
+
     from pipelines import tracking
 
-    frame = read_parquet(params.paths.prepared_dir / "test.parquet", produced_by="prepare")
+    started = time.time()  # the MLflow run covers the whole evaluation, not just its logging
+    test_path = params.paths.prepared_dir / "test.parquet"
+    frame = read_parquet(test_path, produced_by="prepare")
     frame = select_examples(frame, params.evaluate.max_examples, params.evaluate.seed)
     systems = load_systems(params)
     results = evaluate(frame, systems, params.evaluate)
     champion = getattr(systems.get("champion"), "registry_version", None)
     results["champion_version"] = champion
     out_dir = params.paths.reports_dir / "evaluate"
-    run_id = tracking.log_evaluation(params, results, frame)
+    run_id = tracking.log_evaluation(params, results, frame, source=test_path, started=started)
     results["mlflow_run_id"] = run_id
     write_outputs(results, out_dir)
     primary = params.evaluate.primary_metric

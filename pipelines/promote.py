@@ -3,12 +3,16 @@
 Reads   `paths.reports_dir`/evaluate/results.json, `paths.reports_dir`/register/version.json
         (the version `register` created), params `promote`.
 Writes  `paths.reports_dir`/promote/decision.json (a DVC metrics file: passed, promoted,
-        the checks and their numbers). In the registry: on a pass (and `promote.mode:
-        auto`) the alias `champion` moves to this version and the version that held it gets
-        `previous-champion`; in every case the decision and its reasons go into the
-        version's tags and description. A failed gate is a result: the stage succeeds.
+        changed, who decided, the checks and their numbers). In the registry: on a pass
+        (and `promote.mode: auto`) the alias `champion` moves to this version and the
+        version that held it gets `previous-champion` (the one before that is `retired`);
+        every version whose status changed gets a history event and a re-rendered model
+        card (pipelines/registry.py). A failed gate is a result: the stage succeeds.
+        Re-running promote with the same outcome (an Airflow retry, a forced DVC run)
+        changes nothing and appends nothing.
 Run     `llmops promote`; `llmops promote --force --reason "..."` promotes whatever the gate
-        says and records who forced it and why.
+        says and records who forced it (the Airflow user who triggered the run, else the
+        command-line user) and why, on the version and in its card.
 
 The gate (params `promote`): the candidate must beat the base model on the primary metric
 with the lower bound of the paired-bootstrap CI above `min_improvement`; and, when a
@@ -20,16 +24,17 @@ promoted (this is also how the loser of two concurrent promotions is told why).
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import DataError
 from pipelines.io import atomic_write_json
 from pipelines.params import Params, PromoteParams
+
+if TYPE_CHECKING:
+    from pipelines.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +56,14 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     version: str | None = None
     previous_champion: str | None = None
+    changed: bool = True  # False: the registry already said this (a re-run), nothing was written
+    decided_by: str | None = None  # the Airflow user who triggered the run, else the command-line user
+    forced_reason: str | None = None
 
     def summary(self) -> str:
         verdict = "promoted to champion" if self.promoted else "not promoted"
+        if not self.changed:
+            verdict += ", unchanged"
         why = "; ".join(self.reasons) if self.reasons else "all gate checks passed"
         return f"version {self.version}: {verdict} ({why})"
 
@@ -103,6 +113,7 @@ def decide(results: dict[str, Any], params: PromoteParams, current_champion: str
                         previous_champion=current_champion)
     decision.reasons = [c.detail for c in checks if not c.passed]
     evaluated_against = results.get("champion_version")
+    evaluated_against = str(evaluated_against) if evaluated_against is not None else None
     if current_champion != evaluated_against and not force:
         decision.reasons.append(
             f"the champion changed from {evaluated_against or 'none'} to v{current_champion} after this candidate "
@@ -120,43 +131,82 @@ def decide(results: dict[str, Any], params: PromoteParams, current_champion: str
     return decision
 
 
-def model_card_section(decision: Decision) -> str:
-    verdict = "PROMOTED" if decision.promoted else "NOT PROMOTED"
-    gate_state = "passed" if decision.passed else "failed"
-    lines = [f"## Promotion decision ({datetime.now(UTC):%Y-%m-%d %H:%M UTC})", "",
-             f"**{verdict}** (gate {gate_state}, mode {decision.mode}{', forced' if decision.forced else ''})", ""]
-    lines += [f"- {'pass' if c.passed else 'FAIL'} `{c.name}`: {c.detail}" for c in decision.checks]
-    lines += [f"- note: {r}" for r in decision.reasons if not any(r == c.detail for c in decision.checks)]
-    return "\n".join(lines) + "\n"
+def action_of(decision: Decision) -> str:
+    """The history action a decision records on its version."""
+    if decision.promoted:
+        return "forced" if decision.forced else "promoted"
+    return "recommended" if decision.passed and decision.mode == "manual" else "rejected"
+
+
+def decision_tags(decision: Decision, at: str) -> dict[str, str]:
+    """The tags that describe a version's latest gate decision (the history keeps the earlier ones)."""
+    tags = {
+        "promotion.gate_passed": str(decision.passed).lower(),
+        "promotion.mode": decision.mode,
+        "promotion.reasons": " | ".join(decision.reasons)[:4900] or "all gate checks passed",
+        "promotion.decided_at": at,
+        "promotion.decided_by": decision.decided_by or "",
+    }
+    if decision.forced:
+        tags.update({"promotion.forced_by": decision.decided_by or "", "promotion.forced_reason":
+                     decision.forced_reason or ""})
+    return tags
+
+
+def same_as_last(registry: Registry, version: str, action: str, reasons: str) -> bool:
+    """Whether the version's latest gate decision already says this (then nothing is written)."""
+    from pipelines.registry import history_of
+
+    decisions = [e for e in history_of(registry.version(version).tags) if e.get("checks") is not None]
+    return bool(decisions) and decisions[-1].get("action") == action and decisions[-1].get("reasons") == reasons
 
 
 def apply(params: Params, results: dict[str, Any], version: str, force: bool = False,
           reason: str | None = None) -> Decision:
-    """Decide under the registry lock and move aliases; record the decision on the version."""
-    from pipelines.registry import CHAMPION, PREVIOUS, Registry
+    """Decide under the registry lock, move aliases, and record the change on every version it touches."""
+    from pipelines.registry import CHAMPION, PREVIOUS, Registry, actor, now
 
+    who = actor()
     registry = Registry(params)
+    version = str(version)
     with registry.lock(f"promote v{version}"):
-        current = registry.alias(CHAMPION)
-        current_version = str(current.version) if current is not None else None
-        decision = decide(results, params.promote, current_version, force=force)
-        decision.version = str(version)
-        if decision.promoted and current_version != str(version):
-            if current_version is not None:
-                registry.set_alias(PREVIOUS, current_version)
+        current = registry.alias_version(CHAMPION)
+        previous = registry.alias_version(PREVIOUS)
+        if current == version:
+            # Already the champion (a re-run, a retry): judge the evaluation as it was made, change nothing.
+            decision = decide(results, params.promote, results.get("champion_version"), force=force)
+            decision.promoted, decision.changed = True, False
+            decision.reasons.append(f"v{version} already is the champion; nothing changed")
+        else:
+            decision = decide(results, params.promote, current, force=force)
+        decision.version, decision.previous_champion = version, current
+        decision.decided_by, decision.forced_reason = who["by"], (reason if force else None)
+        if not decision.changed:
+            return decision
+        action = action_of(decision)
+        reasons = " | ".join(decision.reasons)
+        details = {"checks": [[c.name, c.passed, c.detail] for c in decision.checks], "gate_passed": decision.passed,
+                   "mode": decision.mode, "forced": decision.forced, "reasons": reasons,
+                   "champion_before": current, "champion_after": version if decision.promoted else current}
+        if not decision.promoted and same_as_last(registry, version, action, reasons):
+            decision.changed = False
+            logger.info("promote: v%s was %s for the same reasons before; nothing new to record", version, action)
+            return decision
+        at = now()
+        if decision.promoted:
+            if current is not None:
+                registry.set_alias(PREVIOUS, current)
             registry.set_alias(CHAMPION, version)
-        tags = {
-            "promotion.status": "champion" if decision.promoted else "rejected",
-            "promotion.gate_passed": str(decision.passed).lower(),
-            "promotion.mode": decision.mode,
-            "promotion.reasons": " | ".join(decision.reasons)[:4900] or "all gate checks passed",
-            "promotion.decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        if force:
-            tags.update({"promotion.forced_by": getpass.getuser(), "promotion.forced_reason": reason or ""})
-        registry.tag(version, tags)
-        description = registry.version(version).description or ""
-        registry.describe(version, description.rstrip() + "\n\n" + model_card_section(decision))
+            if previous is not None and previous not in {current, version}:
+                registry.record(previous, "retired", status="retired", by=who,
+                                reason=f"v{current} became {PREVIOUS} when v{version} was promoted")
+            if current is not None:
+                registry.record(current, "demoted", by=who, reason=f"v{version} was promoted to {CHAMPION}")
+        why = (reason or "") if decision.forced else ("; ".join(decision.reasons) or "all gate checks passed")
+        registry.record(version, action, status=action, by=who, reason=why, tags=decision_tags(decision, at),
+                        details=details)
+        if not decision.forced:
+            registry.untag(version, ["promotion.forced_by", "promotion.forced_reason"])
     return decision
 
 
@@ -174,6 +224,7 @@ def main(params: Params, force: bool = False, reason: str | None = None) -> None
     atomic_write_json(reports / "promote" / "decision.json", {
         **{k: v for k, v in asdict(decision).items() if k != "checks"},
         "passed": int(decision.passed), "promoted": int(decision.promoted), "forced": int(decision.forced),
+        "changed": int(decision.changed),
         "checks": {c.name: {"passed": int(c.passed), "detail": c.detail} for c in decision.checks},
     })
     (logger.info if decision.promoted else logger.warning)("promote: %s", decision.summary())

@@ -8,7 +8,12 @@ Writes  a new version of `registry.model_name` in the MLflow Model Registry: the
         model (merged weights + adapter + prompt format, see pipelines/packaging.py; the
         serving engine loads the merged weights), logged from code with no pickle, to the
         training run, with a signature and an input example; version tags holding the
-        evidence; a markdown model card as its description; alias `challenger`.
+        evidence (the commit, and which tracked files differed from it: pipeline outputs such
+        as dvc.lock do not count); a markdown model card as its description; alias
+        `challenger`; status `candidate` and history event 1 (pipelines/registry.py). The
+        validation's Data Docs go to the same run (`validation/data_docs/`), which the card
+        links as a `runs:/` URI; the registered model gets a description and tags. The
+        training run is reopened for this and keeps its own duration.
         Locally: `paths.reports_dir`/register/version.json (version, run id, model URI).
 Run     `llmops register` or `dvc repro register`.
 """
@@ -69,13 +74,14 @@ def evidence(params: Params, params_file: Path = Path("params.yaml")) -> dict[st
     return {
         "git_commit": git.get("mlflow.source.git.commit", "unknown"),
         "git_dirty": git.get("git_dirty", "unknown"),
+        "git_dirty_files": git.get("git_dirty_files", ""),
         "params_sha256": file_sha256(params_file),
         "data.ingested_md5": hashes.get(str(params.paths.ingested), ""),
         "data.prepared_md5": hashes.get(str(params.paths.prepared_dir), ""),
         "validation.pass_rate": validation.get("pass_rate"),
         "validation.evaluated": validation.get("evaluated"),
         "validation.rows": validation.get("rows"),
-        "validation.report": str(params.paths.validate_dir / "data_docs" / "index.html"),
+        "validation.report": "",  # the Data Docs' artifact URI, once register has logged them
         "train.run_id": train.get("mlflow_run_id", ""),
         "train.final_eval_loss": train.get("eval_loss", train.get("final_eval_loss", "")),
         "evaluate.run_id": results.get("mlflow_run_id", ""),
@@ -107,6 +113,39 @@ def metrics_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def uncommitted(facts: dict[str, Any]) -> str:
+    """`false`, or `true` and which tracked files differed from the commit (pipeline outputs excluded)."""
+    if facts["git_dirty"] != "true":
+        return str(facts["git_dirty"])
+    return f"true: {facts['git_dirty_files']}" if facts.get("git_dirty_files") else "true"
+
+
+def log_validation_report(params: Params, run_id: str) -> str:
+    """The validation's Data Docs (and its result) as artifacts of the model's run; their URI.
+
+    The card then points at the registry's own copy (`mlflow artifacts download -u ...`, or
+    the run's Artifacts tab), not at a folder on the machine that ran the pipeline.
+    """
+    from pipelines import tracking
+
+    docs = params.paths.validate_dir / "data_docs"
+    if not (docs / "index.html").exists():
+        logger.warning("register: no Data Docs in %s; the version records none", docs)
+        return ""
+    tracking.log_artifacts(docs, "validation/data_docs")
+    for name in ("result.json", "metrics.json"):
+        tracking.log_artifacts(params.paths.validate_dir / name, "validation")
+    return f"runs:/{run_id}/validation/data_docs/index.html"
+
+
+def model_description(params: Params, facts: dict[str, Any]) -> str:
+    """The registered model's own description (above its versions in `mlflow ui`)."""
+    return (f"LoRA fine-tunes of {facts['base_model.source']} for: {params.registry.intended_use}\n\n"
+            "Aliases: `champion` serves, `previous-champion` is where `llmops rollback` goes back to, "
+            "`challenger` is the newest registered candidate. Each version's description is its model card "
+            "(evidence, evaluation, status and history); `llmops lineage VERSION` prints it with the tags.")
+
+
 def model_card(name: str, facts: dict[str, Any]) -> str:
     results = facts["_results"]
     return f"""# {name}: LoRA fine-tune of {facts['base_model.source']}
@@ -116,12 +155,12 @@ def model_card(name: str, facts: dict[str, Any]) -> str:
 ## Evidence
 | what | value |
 |---|---|
-| git commit | `{facts['git_commit']}` (uncommitted changes: {facts['git_dirty']}) |
+| git commit | `{facts['git_commit']}` (uncommitted changes: {uncommitted(facts)}) |
 | params.yaml sha256 | `{facts['params_sha256'][:16]}` |
 | prepared data (DVC md5) | `{facts['data.prepared_md5']}` |
 | ingested data (DVC md5) | `{facts['data.ingested_md5']}` |
 | validation | pass rate {facts['validation.pass_rate']} over {facts['validation.evaluated']} expectations, \
-{facts['validation.rows']} rows (`{facts['validation.report']}`) |
+{facts['validation.rows']} rows; Data Docs: {facts['validation.report'] or 'not logged'} |
 | training run | `{facts['train.run_id']}` |
 | evaluation run | `{facts['evaluate.run_id']}` |
 | base model | {facts['base_model.source']}, licence {facts['base_model.licence']}, sha256 \
@@ -158,8 +197,12 @@ def register(params: Params) -> dict[str, Any]:
         config_path = Path(tmp) / "llmops_config.json"
         config_path.write_text(json.dumps(config, indent=2))
         merged_dir = write_merged(params.base_model.output_dir, adapter_dir, Path(tmp) / "merged")
-        run_id = tracking.start_run(params.tracking, "register", run_id=facts["train.run_id"] or None)
+        # The model goes to the training run; reopening it must not stretch its duration.
+        run_id = tracking.start_run(params.tracking, "register", run_id=facts["train.run_id"] or None,
+                                    keep_end_time=True)
         try:
+            facts["validation.report"] = tags["validation.report"] = registry.call(log_validation_report, params,
+                                                                                   run_id)
             # models from code: the version holds source and data, no pickle (pipelines/packaging.py)
             info = registry.call(mlflow.pyfunc.log_model, name="model",
                                  **model_format(merged_dir, adapter_dir, config_path),
@@ -172,6 +215,12 @@ def register(params: Params) -> dict[str, Any]:
     try:
         registry.describe(version.version, model_card(name, facts))
         registry.set_alias(CHALLENGER, version.version)
+        registry.record(version.version, "registered", status="candidate",
+                        reason=f"evaluated against champion {facts['evaluate.champion_version']}")
+        registry.update_model(model_description(params, facts), {
+            "base_model.source": facts["base_model.source"], "base_model.licence": facts["base_model.licence"],
+            "data.licence": facts["data.licence"], "task": "instruction-following text generation",
+            "latest_version": str(version.version)})
     except LLMOpsError:
         # Nothing half-registered: a version without its model card and alias is removed.
         registry.delete_version(version.version)
