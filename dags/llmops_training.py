@@ -147,7 +147,11 @@ with DAG(
             # skip_gate: the forced promotion, then `dvc commit` so the lock file records it
             command = ("{% if params.skip_gate %}llmops promote --force --reason \"$LLMOPS_REASON\" && "
                        "dvc --wait-for-lock commit --force promote{% else %}" + command + "{% endif %}")
-            env = {"LLMOPS_REASON": "{{ params.reason or '' }} (airflow run {{ run_id }})"}
+            # Who decided: the Airflow user who triggered the run (none for a scheduled one), recorded
+            # by promote on the version's history and model card (pipelines/registry.py `actor`).
+            env = {"LLMOPS_REASON": "{{ params.reason or '' }} (airflow run {{ run_id }})",
+                   "LLMOPS_TRIGGERED_BY": "{{ dag_run.triggering_user_name or '' }}",
+                   "LLMOPS_AIRFLOW_RUN_ID": "{{ run_id }}", "LLMOPS_AIRFLOW_RUN_TYPE": "{{ dag_run.run_type }}"}
         tasks[stage] = BashOperator(
             task_id=stage, bash_command=shell(command), env=env, append_env=True,
             retries=0 if stage in NO_RETRY else DEFAULT_ARGS["retries"],
