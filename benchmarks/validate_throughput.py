@@ -36,7 +36,10 @@ def synthetic(rows: int):
     frame["id"] = [f"syn-{i}" for i in range(rows)]
     frame["n_prompt_tokens"] = frame["prompt"].str.len() // 4
     frame["n_response_tokens"] = frame["response"].str.len() // 4
-    return frame
+    from pipelines.params import load_params
+    from pipelines.validate import add_split_columns
+
+    return add_split_columns(frame, load_params(REPO / "params.yaml").prepare)  # split, answers_per_prompt
 
 
 def bench_suite(rows: int, repeats: int) -> tuple[float, float]:

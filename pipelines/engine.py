@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import LLMOpsError
+from pipelines.io import fsync_dir, fsync_tree
 from pipelines.params import Params, ServeParams
 
 logger = logging.getLogger(__name__)
@@ -326,7 +327,9 @@ def fetch_version(params: Params, version: str) -> ServedVersion:
         registry.call(mlflow.artifacts.download_artifacts, artifact_uri=uri, dst_path=str(tmp))
         if target.exists():  # a half-finished folder from an older layout
             shutil.rmtree(target)
+        fsync_tree(tmp)  # on disk before the rename makes it count as downloaded
         tmp.rename(target)
+        fsync_dir(target.parent)
         logger.info("fetched %s into %s in %.1f s", uri, target, time.perf_counter() - started)
     # Data only: the MLmodel YAML, the llmops_config JSON and safetensors weights; no code stored in
     # the version runs and no pickle is read (pipelines/packaging.py), whatever format it was logged in.

@@ -49,7 +49,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -62,7 +61,7 @@ from typing import Any
 import yaml
 
 from pipelines.errors import LLMOpsError, ParamsError
-from pipelines.io import atomic_write_json
+from pipelines.io import atomic_copy, atomic_write_json
 from pipelines.params import RUN_OVERRIDABLE, Params, load_params, run_overridable
 from pipelines.settings import DEPLOYMENT_SETTINGS
 
@@ -287,8 +286,7 @@ def start(root: Path, name: str, overrides: list[str], params_file: str = "param
                     from None
             check_run_overrides(root, base, text, list(overrides))  # valid, but may this run set it?
             if text != current:
-                shutil.copy2(draft, target.with_name(f".{target.name}.tmp"))
-                target.with_name(f".{target.name}.tmp").replace(target)
+                atomic_copy(draft, target)
         atomic_write_json(root / STATE, {
             "name": name, "sha256": _digest(text), "overrides": list(overrides), "status": "running",
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "host": socket.gethostname(),

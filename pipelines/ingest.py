@@ -6,13 +6,17 @@ Writes  `paths.ingested` (Parquet, columns SCHEMA) and reports/ingest/metrics.js
 Run     `llmops ingest` or `dvc repro ingest`.
 
 Text columns must hold text: a source whose prompt/response columns are missing or hold
-numbers stops here with a message naming the column and the fix. Content checks (blank
-values, PII, lengths) are the `validate` stage's job.
+numbers stops here with a message naming the column and the fix. A file that cannot be
+read stops here in one line that names the file and, for JSONL and CSV, the line: a line
+that is not a JSON object, bytes that are not UTF-8, a CSV row with too many fields, a
+truncated or corrupt Parquet file. Content checks (blank values, PII, lengths) are the
+`validate` stage's job.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +34,11 @@ logger = logging.getLogger(__name__)
 SCHEMA = ["id", "prompt", "response", "source", "domain", "pos", "category"]
 TEXT_COLUMNS = ("prompt", "response")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+# How to repair a file that cannot be read (a bundled sample is restored instead).
+FIX_ENCODING = "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`)"
+FIX_JSON_LINE = 'fix or remove that line: each line must be one JSON object such as {"prompt": ..., "response": ...}'
+FIX_CSV = "quote fields that hold commas, quotes or line breaks; one record per row"
+FIX_PARQUET = "write it again from its source (e.g. pandas `DataFrame.to_parquet`) or restore it (`dvc checkout`)"
 
 
 def _pair_hash(prompt: object, response: object) -> str:
@@ -42,14 +51,13 @@ def _describe(source: Source, index: int) -> str:
 
 def read_source(source: Source, index: int, sample_dir: Path) -> tuple[str, pd.DataFrame]:
     """(label, raw frame) of one source; raises DataError naming the source and the fix."""
-    import pandas as pd
-
     where = _describe(source, index)
     if isinstance(source, BundledSource):
         path = sample_dir / f"{source.name}.jsonl"
+        restore = f"restore it with `git checkout -- {path}` (or rebuild it: `make sample`)"
         if not path.exists():
-            raise DataError(f"{where}: bundled sample {path} is missing; restore it with `git checkout -- {path}`")
-        return source.name, pd.read_json(path, lines=True, dtype=False)
+            raise DataError(f"{where}: bundled sample {path} is missing; {restore}")
+        return source.name, read_file(path, "jsonl", where, restore)
     if isinstance(source, FileSource):
         path = source.path
         if not path.exists():
@@ -66,17 +74,87 @@ def read_source(source: Source, index: int, sample_dir: Path) -> tuple[str, pd.D
             )
         if path.stat().st_size == 0:
             raise DataError(f"{where}: source file {path} is empty; it must hold at least one row")
-        try:
-            if fmt == "jsonl":
-                frame = pd.read_json(path, lines=True, dtype=False)
-            elif fmt == "csv":
-                frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
-            else:
-                frame = pd.read_parquet(path)
-        except (ValueError, OSError, pd.errors.ParserError) as error:
-            raise DataError(f"{where}: cannot read {path} as {fmt}: {str(error).splitlines()[0]}") from None
-        return path.stem, frame
+        return path.stem, read_file(path, fmt, where)
     return source.name.rstrip("/").split("/")[-1], _load_hf(source, where)
+
+
+def read_file(path: Path, fmt: str, where: str, fix: str | None = None) -> pd.DataFrame:
+    """A JSONL, CSV or Parquet file as a raw frame; any decoding problem is one DataError line
+    naming the file, the line (JSONL, CSV) and `fix` (default: how to repair the file)."""
+    import pandas as pd
+    import pyarrow
+
+    try:
+        if fmt == "jsonl":
+            return _read_jsonl(path, where, fix)
+        if fmt == "csv":
+            try:
+                return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+            except UnicodeDecodeError:
+                line, detail = _first_non_utf8_line(path)
+                raise DataError(f"{where}: {path} line {line}: {detail}; {fix or FIX_ENCODING}") from None
+            except pd.errors.ParserError as error:  # pandas names the line ("Expected 2 fields in line 5, saw 3")
+                detail = str(error).strip().splitlines()[-1].replace("Error tokenizing data. C error: ", "")
+                raise DataError(f"{where}: {path} is not valid CSV: {detail}; {fix or FIX_CSV}") from None
+        return pd.read_parquet(path)
+    except DataError:
+        raise
+    except (ValueError, OSError, pyarrow.ArrowException) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if fmt != "parquet" or isinstance(error, PermissionError):
+            raise DataError(f"{where}: cannot read {path} as {fmt} ({detail}); "
+                            f"{fix or 'check that the file exists and is readable'}") from None
+        # Parquet has no lines: pyarrow says what is wrong (no footer: truncated; bad pages: corrupt)
+        raise DataError(f"{where}: cannot read {path} as parquet ({detail}): the file is truncated or corrupt; "
+                        f"{fix or FIX_PARQUET}") from None
+
+
+def _read_jsonl(path: Path, where: str, fix: str | None) -> pd.DataFrame:
+    """One JSON object per line (blank lines skipped, a UTF-8 byte order mark accepted).
+
+    Parsed here with `json` rather than `pandas.read_json(lines=True)`: pandas reports a bad
+    line with neither its number nor the cause ("Expected object or value"), and a line that
+    is valid JSON but not an object ends in an AttributeError.
+    """
+    import pandas as pd
+
+    records = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: {path} line {number}: {_bad_bytes(raw, error)}; "
+                                f"{fix or FIX_ENCODING}") from None
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: {path} line {number} is not JSON ({error.msg} at column {error.colno}); "
+                                f"{fix or FIX_JSON_LINE}") from None
+            if not isinstance(record, dict):
+                kind = {list: "array", str: "string", bool: "boolean"}.get(type(record), "number or null")
+                raise DataError(f"{where}: {path} line {number} is a JSON {kind}, not an object; "
+                                f"{fix or FIX_JSON_LINE}")
+            records.append(record)
+    return pd.DataFrame.from_records(records) if records else pd.DataFrame()
+
+
+def _bad_bytes(raw: bytes, error: UnicodeDecodeError) -> str:
+    return (f"byte {raw[error.start:error.start + 1]!r} (byte {error.start + 1} of the line) is not UTF-8 "
+            f"({error.reason})")
+
+
+def _first_non_utf8_line(path: Path) -> tuple[int, str]:
+    """(line number, what is wrong) of the first line that is not UTF-8 (pandas gives only a buffer offset)."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, _bad_bytes(raw, error)
+    return 0, "bytes that are not UTF-8"
 
 
 def _load_hf(source: HFSource, where: str) -> pd.DataFrame:
@@ -87,10 +165,17 @@ def _load_hf(source: HFSource, where: str) -> pd.DataFrame:
             source.name, source.config, split=source.split, revision=source.revision,
             data_files=source.data_files,
         )
-    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+    except datasets.exceptions.DatasetGenerationError as error:  # a data file it could not parse
+        cause = error.__cause__ or error.__context__ or error
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(
+            f"{where}: datasets.load_dataset('{source.name}', split='{source.split}') could not read its data "
+            f"files ({detail}); fix the file, or name it as a `file` source to be told the bad line"
+        ) from None
+    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetsError) as error:
         raise DataError(
             f"{where}: datasets.load_dataset('{source.name}', split='{source.split}') failed: "
-            f"{str(error).splitlines()[0]} (offline? use a local dataset folder or files)"
+            f"{(str(error).splitlines() or [type(error).__name__])[0]} (offline? use a local dataset folder or files)"
         ) from None
     return dataset.to_pandas()
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.errors import LLMOpsError
-from pipelines.io import atomic_write_json, atomic_write_text
+from pipelines.io import atomic_path, atomic_write_json, atomic_write_text
 from pipelines.params import MonitorParams, Params
 
 if TYPE_CHECKING:
@@ -496,8 +496,8 @@ def monitor(params: Params, end: datetime) -> dict[str, Any]:
         cache.save()
         result: dict[str, Any] = {"metrics": [], "tests": []}
         for name, snapshot in snapshots.items():
-            snapshot.save_html(str(folder / f"{name}.tmp"))  # then renamed: never a half-written report
-            (folder / f"{name}.tmp").replace(folder / name)
+            with atomic_path(folder / name) as tmp:  # fsynced, then renamed: never a half-written report
+                snapshot.save_html(str(tmp))
             part = snapshot.dict()
             result["metrics"] += part["metrics"]
             result["tests"] += part.get("tests", [])

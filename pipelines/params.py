@@ -122,6 +122,14 @@ class IngestParams(Section):
     sources: list[Source] = Field(min_length=1)
 
 
+class ConflictingAnswersParams(Section):
+    """Per split, what one prompt with two different answers does: block the run or warn."""
+
+    train: Literal["block", "warn"] = "warn"
+    validation: Literal["block", "warn"] = "warn"
+    test: Literal["block", "warn"] = "block"  # contradictory references make every test metric wrong
+
+
 class ValidateParams(Section):
     min_rows: int = Field(1000, ge=1)
     prompt_chars: tuple[int, int] = (8, 1000)
@@ -131,6 +139,7 @@ class ValidateParams(Section):
     allowed_values: dict[str, list[str]] = Field(default_factory=dict)
     pii_columns: list[Literal["prompt", "response"]] = ["prompt", "response"]
     warn_only: list[str] = Field(default_factory=list)
+    conflicting_answers: ConflictingAnswersParams = ConflictingAnswersParams()
 
     @field_validator("prompt_chars", "response_chars", "prompt_tokens", "response_tokens")
     @classmethod

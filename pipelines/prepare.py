@@ -1,8 +1,9 @@
 """Stage `prepare`: deduplicate, split and format validated pairs for training.
 
 Reads   `paths.ingested` and `paths.validate_dir`/result.json (it refuses data whose
-        validation failed or is stale), params `prepare` and `base_model` (tokenizer and
-        chat template).
+        validation failed or is stale, including a validation run with other split
+        fractions or seed: validate checks conflicting answers per split), params `prepare`
+        and `base_model` (tokenizer and chat template).
 Writes  `paths.prepared_dir`/{train,validation,test}.parquet with `prompt_text` and
         `completion_text` (the model's input and what it learns to produce) and token
         counts; reports/prepare/metrics.json (rows, duplicates removed, token length
@@ -121,9 +122,10 @@ def token_stats(frame: pd.DataFrame) -> dict[str, float]:
     return stats
 
 
-def check_validation(validate_dir: Path, data_path: Path) -> None:
-    """Refuse to prepare data that did not pass validation, or whose result is stale."""
-    from pipelines.validate import file_md5
+def check_validation(validate_dir: Path, data_path: Path, params: PrepareParams | None = None) -> None:
+    """Refuse to prepare data that did not pass validation, or whose result is stale (other data,
+    or, given `params`, other split settings than the conflicting-answers check assumed)."""
+    from pipelines.validate import file_md5, split_settings
 
     result_path = validate_dir / "result.json"
     if not result_path.exists():
@@ -136,6 +138,11 @@ def check_validation(validate_dir: Path, data_path: Path) -> None:
         )
     if result.get("data_md5") != file_md5(data_path):
         raise DataError(f"{result_path} was computed for another version of {data_path}; re-run `llmops validate`")
+    if params is not None and result.get("splits") != split_settings(params):
+        raise DataError(
+            f"{result_path} checked conflicting answers per split with split settings {result.get('splits')}, "
+            f"not the current prepare params {split_settings(params)}; re-run `llmops validate`"
+        )
 
 
 def prepare(frame: pd.DataFrame, params: PrepareParams, tokenizer: Any) -> tuple[dict[str, pd.DataFrame], dict]:
@@ -152,7 +159,7 @@ def main(params: Params) -> None:
     from pipelines.model_source import load_tokenizer
 
     paths = params.paths
-    check_validation(paths.validate_dir, paths.ingested)
+    check_validation(paths.validate_dir, paths.ingested, params.prepare)
     frame = read_parquet(paths.ingested, produced_by="ingest")
     tokenizer = load_tokenizer(params.base_model.source, params.base_model.revision)
     splits, metrics = prepare(frame, params.prepare, tokenizer)

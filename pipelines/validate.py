@@ -1,7 +1,8 @@
 """Stage `validate`: a Great Expectations 1.x suite over the ingested pairs.
 
 Reads   `paths.ingested`, params `validate` (bounds, allowed values, which expectations only
-        warn) and `base_model` (its tokenizer counts tokens).
+        warn), `base_model` (its tokenizer counts tokens) and `prepare`'s split fractions
+        and seed (which split each prompt will land in).
 Writes  `paths.validate_dir`: result.json (the verdict per expectation plus GX's own
         validation result), data_docs/index.html (GX Data Docs) and metrics.json (pass rate
         and counts for `dvc metrics show`). The report is written whether the data passes or
@@ -12,8 +13,17 @@ Exits   non-zero when a blocking expectation fails, after printing a short repor
 Run     `llmops validate` or `dvc repro validate`; `llmops validate --list` lists the
         expectation names that `validate.warn_only` may hold.
 
-The suite is code (`build_suite`) rather than a JSON file because its bounds, allowed
+The suite is code (`build_checks`) rather than a JSON file because its bounds, allowed
 values and PII columns come from params.yaml; `llmops validate --list` prints it.
+
+Conflicting answers (one prompt, two different answers) are checked per split, because a
+contradictory reference in the test split makes every evaluation metric wrong while in the
+train split it is only noise: `validate.conflicting_answers` says, per split, whether they
+block the run (default for test) or warn. The check is a GX expectation on two derived
+columns, as the token counts are: `split` (the split `prepare` will assign, from the same
+seeded hash) and `answers_per_prompt` (how many different answers, compared after
+`prepare`'s normalisation, the same prompt has in the data); each split's expectation is
+`answers_per_prompt <= 1` under a GX row condition on `split`.
 """
 
 from __future__ import annotations
@@ -29,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 from pipelines.errors import DataError, ParamsError, ValidationFailed
 from pipelines.ingest import SCHEMA
 from pipelines.io import atomic_path, atomic_write_json, atomic_write_text, read_parquet
-from pipelines.params import Params, ValidateParams
+from pipelines.params import Params, PrepareParams, ValidateParams
 from pipelines.pii import PII_PATTERNS
+from pipelines.prepare import SPLITS, normalise_text, split_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,6 +49,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = {"prompt": "n_prompt_tokens", "response": "n_response_tokens"}
+# Derived for the conflicting-answers expectations (see the module docstring).
+SPLIT_COLUMN, ANSWERS_COLUMN = "split", "answers_per_prompt"
 SUITE_NAME = "instruction_pairs"
 EXAMPLES_PER_FAILURE = 3
 
@@ -49,6 +62,7 @@ class Check:
     name: str
     gx_type: str
     kwargs: dict[str, Any]
+    blocking: bool = True
 
 
 @dataclass
@@ -64,10 +78,13 @@ class Outcome:
 
 
 def build_checks(params: ValidateParams) -> list[Check]:
-    """The suite as data: name, GX expectation class name and its arguments."""
+    """The suite as data: name, GX expectation class name, its arguments and whether it blocks."""
+    from great_expectations.expectations.row_conditions import Column
+
     checks = [
         Check("columns_match", "ExpectTableColumnsToMatchSet",
-              {"column_set": SCHEMA + list(TOKEN_COLUMNS.values()), "exact_match": True}),
+              {"column_set": SCHEMA + list(TOKEN_COLUMNS.values()) + [SPLIT_COLUMN, ANSWERS_COLUMN],
+               "exact_match": True}),
         Check("row_count", "ExpectTableRowCountToBeBetween", {"min_value": params.min_rows}),
         Check("unique_ids", "ExpectColumnValuesToBeUnique", {"column": "id"}),
         Check("unique_pairs", "ExpectCompoundColumnsToBeUnique", {"column_list": ["prompt", "response"]}),
@@ -92,6 +109,15 @@ def build_checks(params: ValidateParams) -> list[Check]:
         for kind, pattern in PII_PATTERNS.items():
             checks.append(Check(f"{column}_no_{kind}", "ExpectColumnValuesToNotMatchRegex",
                                 {"column": column, "regex": pattern}))
+    # GX 1.x has no expectation for "column A determines column B" on pandas data (its
+    # UnexpectedRowsExpectation runs SQL only), hence the derived count column.
+    policy = params.conflicting_answers
+    for split_name in SPLITS:
+        checks.append(Check(
+            f"conflicting_answers_{split_name}", "ExpectColumnValuesToBeBetween",
+            {"column": ANSWERS_COLUMN, "max_value": 1, "row_condition": Column(SPLIT_COLUMN) == split_name},
+            blocking=getattr(policy, split_name) == "block",
+        ))
     names = {check.name for check in checks}
     unknown = sorted(set(params.warn_only) - names)
     if unknown:
@@ -102,7 +128,34 @@ def build_checks(params: ValidateParams) -> list[Check]:
     for column in params.allowed_values:
         if column not in SCHEMA:
             raise ParamsError(f"validate.allowed_values: '{column}' is not a column; columns: {', '.join(SCHEMA)}")
-    return checks
+    warn_only = set(params.warn_only)
+    return [Check(c.name, c.gx_type, c.kwargs, c.blocking and c.name not in warn_only) for c in checks]
+
+
+def prompt_key(prompt: object) -> str:
+    """What counts as "the same prompt": the text with its whitespace collapsed (case and
+    punctuation kept: FOLDOC's "GB" and "Gb" are different questions)."""
+    return " ".join(prompt.split()) if isinstance(prompt, str) else ""
+
+
+def add_split_columns(frame: pd.DataFrame, prepare: PrepareParams) -> pd.DataFrame:
+    """A copy of `frame` with `split` (where `prepare` will put the row) and `answers_per_prompt`
+    (how many different answers, after `prepare`'s normalisation, the row's prompt has)."""
+    out = frame.copy()
+    prompts = [prompt_key(p) for p in frame["prompt"]]
+    answers = [normalise_text(r) if isinstance(r, str) else "" for r in frame["response"]]
+    distinct: dict[str, set[str]] = {}
+    for prompt, answer in zip(prompts, answers):
+        distinct.setdefault(prompt, set()).add(answer)
+    out[SPLIT_COLUMN] = [split_of(p, prepare.validation_fraction, prepare.test_fraction, prepare.seed)
+                         if isinstance(p, str) else "train" for p in frame["prompt"]]
+    out[ANSWERS_COLUMN] = [len(distinct[p]) for p in prompts]
+    return out
+
+
+def annotate(frame: pd.DataFrame, tokenizer: Any, prepare: PrepareParams) -> pd.DataFrame:
+    """The frame the suite validates: the pairs plus the token and split columns."""
+    return add_split_columns(count_tokens(frame, tokenizer), prepare)
 
 
 def count_tokens(frame: pd.DataFrame, tokenizer: Any, batch_size: int = 2048) -> pd.DataFrame:
@@ -140,7 +193,6 @@ def run_suite(frame: pd.DataFrame, params: ValidateParams, docs_dir: Path | None
     from great_expectations.checkpoint import UpdateDataDocsAction
 
     checks = build_checks(params)
-    warn_only = set(params.warn_only)
     context = _gx_context()
     batch = context.data_sources.add_pandas("pairs").add_dataframe_asset("pairs")
     batch_definition = batch.add_batch_definition_whole_dataframe("all_rows")
@@ -148,7 +200,7 @@ def run_suite(frame: pd.DataFrame, params: ValidateParams, docs_dir: Path | None
     for check in checks:
         expectation_class = getattr(gxe, check.gx_type)
         suite.add_expectation(expectation_class(
-            **check.kwargs, meta={"name": check.name, "blocking": check.name not in warn_only},
+            **check.kwargs, meta={"name": check.name, "blocking": check.blocking},
         ))
     suite = context.suites.add(suite)
     definition = context.validation_definitions.add(
@@ -276,7 +328,7 @@ def main(params: Params, list_only: bool = False) -> None:
     if missing:
         raise DataError(f"{data_path} lacks column(s) {', '.join(missing)}; re-run `llmops ingest`")
     tokenizer = load_tokenizer(params.base_model.source, params.base_model.revision)
-    frame = count_tokens(frame, tokenizer)
+    frame = annotate(frame, tokenizer, params.prepare)
 
     # Each output is replaced whole on its own (not the folder: DVC keeps a .gitignore in it).
     report_dir = params.paths.validate_dir
@@ -288,6 +340,7 @@ def main(params: Params, list_only: bool = False) -> None:
         "data": str(data_path),
         "data_md5": file_md5(data_path),
         "rows": len(frame),
+        "splits": split_settings(params.prepare),
         "expectations": [o.__dict__ for o in outcomes],
         "gx_validation_result": without_run_details(gx_result),
     }
@@ -304,10 +357,14 @@ def main(params: Params, list_only: bool = False) -> None:
                 summary["passed"], summary["evaluated"], len(frame), report_dir / "data_docs" / "index.html")
 
 
+def split_settings(prepare: PrepareParams) -> dict[str, Any]:
+    """The prepare params the split column was computed with (prepare refuses others)."""
+    return {"validation_fraction": prepare.validation_fraction, "test_fraction": prepare.test_fraction,
+            "seed": prepare.seed}
+
+
 def list_checks(params: Params) -> str:
-    warn_only = set(params.validate_.warn_only)
     return "\n".join(
-        f"{c.name:28} {'warn ' if c.name in warn_only else 'block'} {c.gx_type} {c.kwargs.get('column', '')}"
+        f"{c.name:28} {'block' if c.blocking else 'warn '} {c.gx_type} {c.kwargs.get('column', '')}"
         for c in build_checks(params.validate_)
     )
-

@@ -9,10 +9,15 @@ deliberate damage, named after it. The files are committed so a reviewer can rea
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent / "fixtures"
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "wordnet.jsonl"
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data" / "sample" / "wordnet.jsonl"
+# The split settings conflicting_answers.jsonl is built for (params.yaml's `prepare` defaults);
+# tests/data/test_suite.py validates it with the same ones.
+SPLIT_SETTINGS = {"validation_fraction": 0.05, "test_fraction": 0.1, "seed": 42}
 
 
 def write(name: str, rows: list[dict]) -> None:
@@ -56,6 +61,19 @@ def main() -> None:
     non_text[4]["response"] = 42
     write("non_text.jsonl", non_text)
     (HERE / "empty.jsonl").write_text("")
+
+    # One prompt of the test split and one of the train split get a second, different answer.
+    sys.path.insert(0, str(REPO))
+    from pipelines.prepare import split_of
+
+    def first_in(split: str) -> int:
+        return next(i for i, r in enumerate(rows) if split_of(r["prompt"], **SPLIT_SETTINGS) == split)
+
+    conflicting = [dict(r) for r in rows]
+    for split, index in (("test", first_in("test")), ("train", first_in("train"))):
+        conflicting.append({**rows[index], "id": f"conflict-{split}",
+                            "response": f"Something else entirely, unlike the definition in row {index}."})
+    write("conflicting_answers.jsonl", conflicting)
 
 
 if __name__ == "__main__":
