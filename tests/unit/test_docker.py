@@ -141,7 +141,11 @@ def test_the_example_env_holds_no_secret_and_every_secret_is_required():
     secrets_ = [name for name in example if SECRET_NAME.search(name)]
     assert secrets_ and all(example[name] == "" for name in secrets_), secrets_
     raw = COMPOSE.read_text()
-    for name in secrets_:
+    # the git token is the one optional secret: a public repository is cloned without one
+    optional = {"LLMOPS_GIT_TOKEN"}
+    for name in optional:
+        assert re.search(rf"\$\{{{name}:-\}}", raw), f"{name} must default to empty in compose.yaml"
+    for name in set(secrets_) - optional:
         assert re.search(rf"\$\{{{name}:\?", raw), f"{name} must be required (${{{name}:?...}}) in compose.yaml"
 
 
