@@ -365,6 +365,6 @@ def split_settings(prepare: PrepareParams) -> dict[str, Any]:
 
 def list_checks(params: Params) -> str:
     return "\n".join(
-        f"{c.name:28} {'block' if c.blocking else 'warn '} {c.gx_type} {c.kwargs.get('column', '')}"
+        f"{c.name:32} {'block' if c.blocking else 'warn '} {c.gx_type} {c.kwargs.get('column', '')}"
         for c in build_checks(params.validate_)
     )
