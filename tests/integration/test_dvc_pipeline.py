@@ -43,10 +43,13 @@ def test_repro_runs_the_data_stages_and_is_a_noop_the_second_time(project):
     assert "Data and pipelines are up to date" in second.stdout
     assert (root / "data/prepared/train.parquet").stat().st_mtime_ns == mtime
 
-    # A prepare param re-runs prepare only.
-    project.set_params(prepare={"seed": 7})
+    # A prepare param re-runs prepare only; a split setting re-runs validate too (it checks
+    # conflicting answers per split).
+    project.set_params(prepare={"template": "plain"})
     third = project.dvc("repro", "prepare")
     assert ran(third.stdout) == ["prepare"]
+    project.set_params(prepare={"seed": 7})
+    assert ran(project.dvc("repro", "prepare").stdout) == ["validate", "prepare"]
 
     # The local remote works out of the box: push, lose the outputs, pull them back.
     project.dvc("push")
@@ -59,6 +62,7 @@ def test_repro_runs_the_data_stages_and_is_a_noop_the_second_time(project):
 @pytest.mark.parametrize(("fixture", "expectation"), [
     ("pii.jsonl", "response_no_email"),
     ("blank_response.jsonl", "response_not_blank"),
+    ("conflicting_answers.jsonl", "conflicting_answers_test"),  # built for params.yaml's split settings
 ])
 def test_failed_validation_stops_the_run_with_a_report(project, tiny_tokenizer_dir, fixture, expectation):
     shutil.copy2(FIXTURES / fixture, project.root / "data/raw" / fixture)
