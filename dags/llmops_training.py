@@ -18,7 +18,7 @@ STAGES: dict[str, list[str]] = {
     "base_model": [],
     "train": ["prepare", "base_model"],
     "evaluate": ["prepare", "base_model", "train"],
-    "register": ["evaluate", "train"],
+    "register": ["validate", "evaluate", "train"],
     "promote": ["register"],
     "deploy": ["promote"],
 }
