@@ -46,23 +46,13 @@ def steal_seconds() -> float:
 
 
 def sequential(params, version: str, prompts: list[str], max_tokens: int, dtype: str) -> dict:
-    import mlflow
-
     from pipelines.lm import Decoding
+    from pipelines.packaging import load_registered
     from pipelines.registry import Registry
 
-    registry = Registry(params)
-    mlflow.set_tracking_uri(registry.uri)
-    model = mlflow.pyfunc.load_model(f"models:/{registry.name}/{version}", model_config={"dtype": dtype})
-    generator = model.unwrap_python_model()
+    # the project's loader (data only, no pickle), in the dtype asked for
+    generator = load_registered(Registry(params), version, dtype)
     lm, config = generator.lm, generator.config
-    if str(lm.model.dtype).removeprefix("torch.") != dtype:
-        # MLflow hands model_config only to models logged to accept one: convert the weights (the
-        # rotary inv_freq buffer stays float32, as it would when loaded in that dtype)
-        import torch
-
-        for parameter in lm.model.parameters():
-            parameter.data = parameter.data.to(getattr(torch, dtype))
     texts = [lm.tokenizer.apply_chat_template([{"role": "system", "content": config["system_prompt"]},
                                                {"role": "user", "content": p}], tokenize=False,
                                               add_generation_prompt=True) for p in prompts]
