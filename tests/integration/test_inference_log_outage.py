@@ -37,6 +37,18 @@ time.sleep(600)
 """
 
 
+def recover(url: str, spool, n: int):
+    """A fresh log on the killed writer's spool: it finds the n records and moves them into the store."""
+    log = InferenceLog(url, spool, flush_interval_seconds=0.05)
+    assert log.pending == n
+    log.start()
+    try:
+        assert log.flush(30), log.pending
+    finally:
+        log.close()
+    return read_records(url)
+
+
 def test_a_killed_process_loses_nothing_that_was_spooled(tmp_path):
     blocker = tmp_path / "store"
     blocker.write_text("the database folder is a file: the store cannot open")
@@ -53,14 +65,7 @@ def test_a_killed_process_loses_nothing_that_was_spooled(tmp_path):
 
     blocker.unlink()
     blocker.mkdir()  # the store is back
-    log = InferenceLog(url, spool, flush_interval_seconds=0.05)
-    assert log.pending == n
-    log.start()
-    try:
-        assert log.flush(30), log.pending
-    finally:
-        log.close()
-    frame = read_records(url)
+    frame = recover(url, spool, n)
     assert sorted(frame["request_id"]) == sorted(f"req-{i}" for i in range(n)) and frame["request_id"].is_unique
 
 
@@ -106,11 +111,5 @@ def test_a_killed_process_loses_nothing_it_was_told_was_durable_while_the_store_
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    log = InferenceLog(url, spool, flush_interval_seconds=0.05)  # the kernel released the killed one's lock
-    assert log.pending == n
-    log.start()
-    try:
-        assert log.flush(30), log.pending
-    finally:
-        log.close()
-    assert sorted(read_records(url)["request_id"]) == sorted(f"req-{i}" for i in range(n))
+    # the kernel released the killed one's lock
+    assert sorted(recover(url, spool, n)["request_id"]) == sorted(f"req-{i}" for i in range(n))
