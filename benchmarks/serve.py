@@ -17,7 +17,9 @@ For each dtype:
    auth, validation, token counting, admission and the inference log (a temporary SQLite).
 
 Requests/s are the ratio that matters: the same prompts, model and machine, measured one after
-the other in one run. Prints Markdown for benchmarks/RESULTS.md. On a GPU machine with the CUDA
+the other in one run; `--variant KEY=VALUE[,...]` adds another engine (e.g. without the CPU
+preloads, or with the engine core in the API server's process) measured directly in the same
+run, so that engine settings are compared side by side. Prints Markdown for benchmarks/RESULTS.md. On a GPU machine with the CUDA
 build of vLLM in .venv-vllm (`make install` there), the same command measures the GPU engine.
 """
 
@@ -141,6 +143,9 @@ def main() -> None:
     parser.add_argument("--requests-at-one", type=int, default=16, help="requests of the single client")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="params override (e.g. serve.engine.enforce_eager=false)")
+    parser.add_argument("--variant", dest="variants", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="another engine measured directly in the same run, right after the default one "
+                             "(e.g. serve.engine.cpu_preload=false)")
     args = parser.parse_args()
 
     import pandas as pd
@@ -198,6 +203,26 @@ def main() -> None:
                 if gateway is not None:
                     stop_process_group(gateway, 30)
                 engine.stop()
+        for variant in args.variants:
+            sets = variant.split(",")
+            variant_params = load_params(REPO / "params.yaml", [*args.overrides, f"serve.dtype={dtype}", *sets])
+            with tempfile.TemporaryDirectory() as tmp_name:
+                engine = EngineProcess(EngineConfig.from_params(variant_params.serve), served.model_dir, served.name,
+                                       version, Path(tmp_name) / "engine.log")
+                engine.start()
+                try:
+                    start_seconds = engine.wait_ready()
+                    for clients in levels:
+                        per_client = args.requests_at_one if clients == 1 else max(2, 2 * len(prompts) // clients)
+                        direct = closed_loop(engine.url, engine.headers(), served.name, prompts, clients,
+                                             per_client, args.max_tokens, system)
+                        rows.append({"dtype": dtype, "server": f"vLLM direct ({variant})", "clients": clients,
+                                     **direct, "start_seconds": start_seconds,
+                                     "rss_gib": engine.rss_bytes() / 2 ** 30})
+                        print(f"{dtype} {variant} c={clients}: direct {direct['requests_per_second']:.2f} req/s",
+                              flush=True)
+                finally:
+                    engine.stop()
     frame = pd.DataFrame(rows)
     print("\n| dtype | server | clients | requests/s | tokens/s | p50 s | p95 s | vs sequential | gateway/direct |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -212,10 +237,11 @@ def main() -> None:
         p95 = f"{row.p95:.2f}" if "p95" in row and row.p95 == row.p95 else ""
         print(f"| {row['dtype']} | {row.server} | {row.clients} | {row.requests_per_second:.2f} | "
               f"{row.tokens_per_second:.0f} | {p50} | {p95} | {row.requests_per_second / base:.2f}x | {ratio} |")
-    engines = frame[frame.server == "vLLM direct"].groupby("dtype")[["start_seconds", "rss_gib"]].first()
-    print("\n| dtype | engine start-up s | engine RSS GiB (after the first load) |\n|---|---:|---:|")
-    for dtype, row in engines.iterrows():
-        print(f"| {dtype} | {row.start_seconds:.1f} | {row.rss_gib:.2f} |")
+    engines = frame[frame.server.str.startswith("vLLM direct")].groupby(["dtype", "server"], sort=False)[
+        ["start_seconds", "rss_gib"]].first()
+    print("\n| dtype | engine | start-up s | RSS GiB (after the first load) |\n|---|---|---:|---:|")
+    for (dtype, server), row in engines.iterrows():
+        print(f"| {dtype} | {server} | {row.start_seconds:.1f} | {row.rss_gib:.2f} |")
     failed = int(frame.get("failures", pd.Series([0])).fillna(0).sum())
     print(f"\nfailed requests: {failed}; hypervisor steal during the runs: "
           f"{frame.get('steal_seconds', pd.Series([0])).fillna(0).sum():.1f} s")

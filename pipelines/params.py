@@ -339,6 +339,11 @@ class EngineParams(Section):
     max_num_seqs: int = Field(16, ge=1, le=1024)  # requests decoding together
     enforce_eager: bool = True  # no torch.compile: start-up 20-25 s instead of 60-90 s (benchmarks/RESULTS.md)
     omp_threads_bind: str = "all"  # CPU: all (every core this process may use) | auto | a vLLM core list "0-7"
+    # CPU: LD_PRELOAD tcmalloc and vLLM's Intel OpenMP, as vLLM's CPU guide says (benchmarks/RESULTS.md)
+    cpu_preload: bool = True
+    # false: the engine core runs in the API server's process (VLLM_ENABLE_V1_MULTIPROCESSING=0):
+    # a faster start (tests, small machines), a lower throughput under load (benchmarks/RESULTS.md)
+    multiprocessing: bool = True
     startup_timeout_seconds: float = Field(600.0, gt=0.0)
     # A new champion: blue_green starts its engine beside the old one and switches when it is
     # ready (memory and cores for two engines); stop_first drains and stops the old one, then

@@ -103,11 +103,12 @@ fi
 
 # Debian packages that tests need: WordNet and FOLDOC (the sample rebuild test), chromium (the
 # Airflow UI browser test, driven by Playwright with this browser: no download at run time),
-# postgresql (the team-mode test starts a throw-away cluster) and docker-compose (validates
+# postgresql (the team-mode test starts a throw-away cluster), libtcmalloc-minimal4 (vLLM's CPU
+# engine preloads it, as its guide says) and docker-compose (validates
 # docker/compose.yaml offline; no Docker engine needed).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
-  for pkg in wordnet-base dict-foldoc chromium postgresql docker-compose; do
+  for pkg in wordnet-base dict-foldoc chromium postgresql docker-compose libtcmalloc-minimal4; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then

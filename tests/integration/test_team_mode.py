@@ -202,6 +202,7 @@ def test_train_register_and_serve_with_postgresql_behind_mlflow_and_the_inferenc
     with open(log_path, "wb") as output:
         serve = subprocess.Popen(
             [str(BIN / "llmops"), "serve", "--set", f"serve.port={port}", "--set", "serve.engine.kv_cache_gib=0.25",
+             "--set", "serve.engine.multiprocessing=false",
              "--set", "inference_log.flush_interval_seconds=0.2"],
             cwd=project.root, env=serve_env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:

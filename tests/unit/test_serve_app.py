@@ -105,6 +105,33 @@ def test_engine_command_environment_and_core_list(tmp_path):
     assert _cpu_bind("auto") == "auto"
 
 
+def test_the_cpu_engine_preloads_the_venvs_openmp_through_the_venv_symlink(tmp_path):
+    """A venv's bin/python is a symlink to the base interpreter: resolving it left the venv and
+    vLLM's libiomp5 was never preloaded (vLLM then warned and fell back to torch's libgomp)."""
+    import ctypes.util
+
+    from pipelines.engine import EngineConfig, engine_environment
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "lib").mkdir()
+    (venv / "lib" / "libiomp5.so").write_bytes(b"")
+    (venv / "bin" / "python").symlink_to(sys.executable)  # as `python -m venv` makes it
+    params = load_params(REPO / "params.yaml", ["serve.engine.device=cpu", f"serve.engine.python={venv}/bin/python"])
+    config = EngineConfig.from_params(params.serve)
+    env = engine_environment(config, {"PATH": "/bin", "LD_PRELOAD": "/opt/mine.so"})
+    preloaded = env["LD_PRELOAD"].split(":")
+    assert str(venv / "lib" / "libiomp5.so") in preloaded and preloaded[-1] == "/opt/mine.so"
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal")
+    assert (tcmalloc in preloaded) if tcmalloc else not any("tcmalloc" in p for p in preloaded)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
+    off = EngineConfig.from_params(load_params(REPO / "params.yaml", [
+        "serve.engine.device=cpu", f"serve.engine.python={venv}/bin/python", "serve.engine.cpu_preload=false",
+        "serve.engine.multiprocessing=false"]).serve)
+    env = engine_environment(off, {"PATH": "/bin"})
+    assert "LD_PRELOAD" not in env and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
 def test_a_missing_vllm_interpreter_is_named_with_the_fix(tmp_path):
     from pipelines.engine import EngineError, check_python
 
