@@ -19,8 +19,9 @@ For each dtype:
 Requests/s are the ratio that matters: the same prompts, model and machine, measured one after
 the other in one run; `--variant KEY=VALUE[,...]` adds another engine (e.g. without the CPU
 preloads, or with the engine core in the API server's process) measured directly in the same
-run, so that engine settings are compared side by side. Prints Markdown for benchmarks/RESULTS.md. On a GPU machine with the CUDA
-build of vLLM in .venv-vllm (`make install` there), the same command measures the GPU engine.
+run, so that engine settings are compared side by side. Prints Markdown for
+benchmarks/RESULTS.md. On a GPU machine with the CUDA build of vLLM in .venv-vllm (`make install`
+there), the same command measures the GPU engine.
 """
 
 from __future__ import annotations
