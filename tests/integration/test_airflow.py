@@ -181,22 +181,6 @@ def test_a_refused_override_fails_the_run_at_experiment_start(tiny, cli, mlflow_
     assert list(registered_versions(mlflow_server.uri, model_name(tiny))) == ["1"]
 
 
-def test_monitoring_dag_triggers_training_on_drift(tiny, cli):
-    tiny.run(str(BIN / "llmops"), "simulate-traffic", "--requests", "60", "--drift-share", "0.9",
-             "--end", "2026-11-24T00:00:00Z")
-    result = cli.run("dags", "test", "llmops_monitoring", "2026-11-24T00:00:00+00:00")
-    output = result.stdout + result.stderr
-    assert "retraining requested: drift in 1 of the last 1 windows" in output
-    monitoring = cli.runs("llmops_monitoring")[-1]
-    states = cli.task_states("llmops_monitoring", monitoring["run_id"])
-    assert states == {"monitor": "success", "decide": "success", "trigger_training": "success",
-                      "no_retrain": "skipped"}
-    triggered = [r for r in cli.runs("llmops_training") if r["run_id"] == "drift__20261124T000000"]
-    assert len(triggered) == 1 and triggered[0]["run_type"] == "operator_triggered"
-    assert "drift in window ending 2026-11-24T00:00:00+00:00" in triggered[0]["conf"]["reason"]
-    assert "reports/monitor/2026-11-24T00-00-00Z" in triggered[0]["conf"]["drift_report"]
-
-
 # --- the real components -------------------------------------------------------------------
 
 
@@ -277,22 +261,45 @@ def live(tiny, tmp_path_factory):
         assert airflow.process.poll() is not None
 
 
-def test_rest_triggers_with_form_params_queue_one_after_the_other_and_both_finish(tiny, live, mlflow_server):
+def test_a_rest_trigger_and_a_drift_triggered_run_queue_one_after_the_other_and_both_finish(tiny, live,
+                                                                                            mlflow_server):
+    """The two ways a training run starts besides the schedule, in one pass of the real scheduler
+    (one training run fewer than testing them apart): a REST trigger with form params, and the
+    monitoring DAG asking for a retrain on drifted traffic while that run still trains."""
     _, api = live
     # a learning rate too small to learn anything: the candidate answers as the base model does,
     # so the gate says no (a run may not change the gate's thresholds: docs/orchestration.md)
     conf = {**FORM_DEFAULTS, "reason": "more steps", "max_steps": 5, "learning_rate": 1e-9,
             "overrides": ["train.lora.dropout=0.0"]}
     first = api.trigger("llmops_training", conf)
-    second = api.trigger("llmops_training", {**FORM_DEFAULTS, "reason": "second at once"})
-    assert api.run("llmops_training", second)["state"] == "queued"  # max_active_runs=1
+    # simulate-traffic answers with the champion promoted by the `dags test` run above (module
+    # order), from the test split this first run prepares
+    deadline = time.monotonic() + 600
+    while api.states("llmops_training", first).get("prepare") != "success":
+        assert time.monotonic() < deadline, api.states("llmops_training", first)
+        assert api.run("llmops_training", first)["state"] != "failed", api.states("llmops_training", first)
+        time.sleep(2)
+    tiny.run(str(BIN / "llmops"), "simulate-traffic", "--requests", "60", "--drift-share", "0.9",
+             "--end", "2026-11-26T00:00:00Z", "--seed", "3")
+    monitoring = api.trigger("llmops_monitoring", {}, logical_date="2026-11-26T00:00:00Z")
+    watched = api.wait("llmops_monitoring", monitoring)
+    assert watched["state"] == "success", api.states("llmops_monitoring", monitoring)
+    assert api.states("llmops_monitoring", monitoring) == {"monitor": "success", "decide": "success",
+                                                           "trigger_training": "success", "no_retrain": "skipped"}
+    assert "retraining requested: drift in 1 of the last 1 windows" in api.log("llmops_monitoring", monitoring,
+                                                                               "decide")
+    second = "drift__20261126T000000"
     a = api.wait("llmops_training", first)
     b = api.wait("llmops_training", second)
     assert a["state"] == "success", api.states("llmops_training", first)
     assert b["state"] == "success", api.states("llmops_training", second)
-    assert b["start_date"] >= a["end_date"]  # one after the other: DVC's lock is never contended
+    # max_active_runs=1: the drift run was queued while the first trained, and started after it
+    assert b["queued_at"] < a["end_date"] <= b["start_date"], (a, b)
     assert "Unable to acquire lock" not in api.log("llmops_training", second, "train")
     assert a["run_type"] == "manual" and a["conf"]["max_steps"] == 5
+    assert b["run_type"] == "operator_triggered"
+    assert b["conf"]["reason"].startswith("drift in window ending 2026-11-26T00:00:00+00:00")
+    assert "reports/monitor/2026-11-26T00-00-00Z" in b["conf"]["drift_report"]
     # the gate says no (no improvement over the base model): the run succeeds and says so
     assert "version 2: not promoted" in api.log("llmops_training", first, "promote")
     assert "2" in registered_versions(mlflow_server.uri, model_name(tiny))
@@ -302,20 +309,6 @@ def test_rest_triggers_with_form_params_queue_one_after_the_other_and_both_finis
     assert ours["train"]["max_steps"] == 5 and ours["train"]["learning_rate"] == 1e-9
     assert ours["train"]["lora"]["dropout"] == 0.0
     assert saved["airflow-" + second.replace(":", "-").replace("+", "-")]["train"]["max_steps"] == 4
-
-
-def test_monitoring_dag_on_drifted_traffic_triggers_a_training_run(tiny, live):
-    _, api = live
-    tiny.run(str(BIN / "llmops"), "simulate-traffic", "--requests", "60", "--drift-share", "0.9",
-             "--end", "2026-11-26T00:00:00Z", "--seed", "3")
-    run_id = api.trigger("llmops_monitoring", {}, logical_date="2026-11-26T00:00:00Z")
-    run = api.wait("llmops_monitoring", run_id)
-    assert run["state"] == "success", api.states("llmops_monitoring", run_id)
-    assert api.states("llmops_monitoring", run_id)["trigger_training"] == "success"
-    training = api.wait("llmops_training", "drift__20261126T000000")
-    assert training["run_type"] == "operator_triggered"
-    assert training["conf"]["reason"].startswith("drift in window ending 2026-11-26T00:00:00+00:00")
-    assert training["state"] == "success", api.states("llmops_training", "drift__20261126T000000")
 
 
 def test_browser_logs_in_fills_the_trigger_form_and_sees_the_run_succeed(tiny, live):
