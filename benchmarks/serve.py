@@ -175,54 +175,41 @@ def main() -> None:
         seq = sequential(dtype_params, version, prompts, args.max_tokens, dtype)
         rows.append({"dtype": dtype, "server": "in-process sequential (transformers)", "clients": 1, **seq})
         print(f"{dtype} sequential: {seq['requests_per_second']:.2f} req/s", flush=True)
-        with tempfile.TemporaryDirectory() as tmp_name:
-            tmp = Path(tmp_name)
-            config = EngineConfig.from_params(dtype_params.serve)
-            engine = EngineProcess(config, served.model_dir, served.name, version, tmp / "engine.log")
-            engine.start()
-            gateway = None
-            try:
-                start_seconds = engine.wait_ready()
-                rss = engine.rss_bytes() / 2 ** 30
-                print(f"{dtype} engine ready in {start_seconds:.1f} s, RSS {rss:.2f} GiB", flush=True)
-                gateway_port = free_port()
-                for clients in levels:
-                    per_client = args.requests_at_one if clients == 1 else max(2, 2 * len(prompts) // clients)
-                    direct = closed_loop(engine.url, engine.headers(), served.name, prompts, clients, per_client,
-                                         args.max_tokens, system)
-                    rows.append({"dtype": dtype, "server": "vLLM direct", "clients": clients, **direct,
-                                 "start_seconds": start_seconds, "rss_gib": engine.rss_bytes() / 2 ** 30})
-                    if gateway is None:
-                        gateway = gateway_process(REPO / "params.yaml", [*args.overrides, f"serve.dtype={dtype}"],
-                                                  engine.url, engine.api_key, tmp, gateway_port)
-                    through = closed_loop(f"http://127.0.0.1:{gateway_port}", {"Authorization": f"Bearer {TOKEN}"},
-                                          served.name, prompts, clients, per_client, args.max_tokens, None)
-                    rows.append({"dtype": dtype, "server": "gateway -> vLLM", "clients": clients, **through})
-                    print(f"{dtype} c={clients}: direct {direct['requests_per_second']:.2f}, gateway "
-                          f"{through['requests_per_second']:.2f} req/s", flush=True)
-            finally:
-                if gateway is not None:
-                    stop_process_group(gateway, 30)
-                engine.stop()
-        for variant in args.variants:
-            sets = variant.split(",")
-            variant_params = load_params(REPO / "params.yaml", [*args.overrides, f"serve.dtype={dtype}", *sets])
+        # the configured engine (measured direct and through the gateway), then each --variant (direct)
+        for variant in [None, *args.variants]:
+            sets = [*args.overrides, f"serve.dtype={dtype}", *(variant.split(",") if variant else [])]
+            server = f"vLLM direct ({variant})" if variant else "vLLM direct"
             with tempfile.TemporaryDirectory() as tmp_name:
-                engine = EngineProcess(EngineConfig.from_params(variant_params.serve), served.model_dir, served.name,
-                                       version, Path(tmp_name) / "engine.log")
+                tmp = Path(tmp_name)
+                config = EngineConfig.from_params(load_params(REPO / "params.yaml", sets).serve)
+                engine = EngineProcess(config, served.model_dir, served.name, version, tmp / "engine.log")
                 engine.start()
+                gateway = None
                 try:
                     start_seconds = engine.wait_ready()
+                    rss = engine.rss_bytes() / 2 ** 30
+                    print(f"{dtype} {server} ready in {start_seconds:.1f} s, RSS {rss:.2f} GiB", flush=True)
+                    gateway_port = free_port()
                     for clients in levels:
                         per_client = args.requests_at_one if clients == 1 else max(2, 2 * len(prompts) // clients)
                         direct = closed_loop(engine.url, engine.headers(), served.name, prompts, clients,
                                              per_client, args.max_tokens, system)
-                        rows.append({"dtype": dtype, "server": f"vLLM direct ({variant})", "clients": clients,
-                                     **direct, "start_seconds": start_seconds,
-                                     "rss_gib": engine.rss_bytes() / 2 ** 30})
-                        print(f"{dtype} {variant} c={clients}: direct {direct['requests_per_second']:.2f} req/s",
-                              flush=True)
+                        rows.append({"dtype": dtype, "server": server, "clients": clients, **direct,
+                                     "start_seconds": start_seconds, "rss_gib": engine.rss_bytes() / 2 ** 30})
+                        print(f"{dtype} {server} c={clients}: {direct['requests_per_second']:.2f} req/s", flush=True)
+                        if variant:
+                            continue
+                        if gateway is None:
+                            gateway = gateway_process(REPO / "params.yaml", sets, engine.url, engine.api_key, tmp,
+                                                      gateway_port)
+                        through = closed_loop(f"http://127.0.0.1:{gateway_port}",
+                                              {"Authorization": f"Bearer {TOKEN}"}, served.name, prompts, clients,
+                                              per_client, args.max_tokens, None)
+                        rows.append({"dtype": dtype, "server": "gateway -> vLLM", "clients": clients, **through})
+                        print(f"{dtype} gateway c={clients}: {through['requests_per_second']:.2f} req/s", flush=True)
                 finally:
+                    if gateway is not None:
+                        stop_process_group(gateway, 30)
                     engine.stop()
     frame = pd.DataFrame(rows)
     print("\n| dtype | server | clients | requests/s | tokens/s | p50 s | p95 s | vs sequential | gateway/direct |")

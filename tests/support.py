@@ -306,7 +306,7 @@ def register(ws: Workspace, results: dict) -> str:
 
 TEST_TOKEN = "test-token-0123456789abcdef"
 # vLLM engine settings for the tiny model on 2 cores: a small KV cache, few sequences
-# the engine core in the API server process: ~18 s less per engine start on 2 cores (benchmarks/RESULTS.md)
+# the engine core in the API server process: ~20 s less per engine start on 2 cores (benchmarks/RESULTS.md)
 TINY_ENGINE = ["serve.engine.kv_cache_gib=0.25", "serve.engine.max_num_seqs=8", "serve.engine.multiprocessing=false"]
 
 
