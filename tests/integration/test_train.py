@@ -187,28 +187,3 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_and_ends_like_an
     assert resumed["mlflow_run_id"] == run_id  # the same MLflow run continues
     assert resumed["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], rel=1e-4)
     assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-4)
-
-
-@pytest.mark.slow
-def test_bundled_smollm2_becomes_a_plain_transformers_folder(tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from pipelines.base_model import materialise
-    from pipelines.model_source import resolve
-    from pipelines.params import BaseModelParams
-
-    out = tmp_path / "base"
-    record = materialise(BaseModelParams(), out)
-    assert record["licence"] == "Apache-2.0" and record["upstream"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert record["source_sha256"] and record["parameters"] > 100_000_000
-    config = json.loads((out / "config.json").read_text())
-    assert "quantization_config" not in config and config["model_type"] == "llama"
-
-    source = resolve("bundled:smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer("<|im_start|>user\nWhat does cat mean?<|im_end|>\n", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        plain = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
-        gguf = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file).eval()(ids).logits
-    assert torch.equal(plain, gguf)

@@ -43,6 +43,29 @@ def retrained(demo):
     return first, json.loads((demo.root / "reports/evaluate/results.json").read_text())
 
 
+def test_the_bundled_smollm2_became_a_plain_transformers_folder_with_the_ggufs_logits(demo):
+    """The demo's base_model stage converted the bundled GGUF (once: this reads its output)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.model_source import resolve
+
+    out = demo.root / "models/base"
+    record = json.loads((out / "source.json").read_text())
+    assert record["licence"] == "Apache-2.0" and record["upstream"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert record["source_sha256"] and record["parameters"] > 100_000_000
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+
+    source = resolve("bundled:smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("<|im_start|>user\nWhat does cat mean?<|im_end|>\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        gguf = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file).eval()(ids).logits
+    assert torch.equal(plain, gguf)
+
+
 def test_adapter_lowers_validation_loss_below_the_base_model(demo):
     from pipelines.lm import CausalLM
 
