@@ -142,6 +142,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--requests-at-one", type=int, default=16, help="requests of the single client")
+    # 64 requests at 16 clients (4 each) measured mostly the run's ragged end, where a few clients
+    # finish alone (benchmarks/RESULTS.md, serving run 5)
+    parser.add_argument("--requests", type=int, default=256,
+                        help="requests in all at each concurrency above 1 (default 256)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="params override (e.g. serve.engine.enforce_eager=false)")
     parser.add_argument("--variant", dest="variants", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
@@ -191,7 +195,7 @@ def main() -> None:
                     print(f"{dtype} {server} ready in {start_seconds:.1f} s, RSS {rss:.2f} GiB", flush=True)
                     gateway_port = free_port()
                     for clients in levels:
-                        per_client = args.requests_at_one if clients == 1 else max(2, 2 * len(prompts) // clients)
+                        per_client = args.requests_at_one if clients == 1 else max(2, args.requests // clients)
                         direct = closed_loop(engine.url, engine.headers(), served.name, prompts, clients,
                                              per_client, args.max_tokens, system)
                         rows.append({"dtype": dtype, "server": server, "clients": clients, **direct,
