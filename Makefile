@@ -50,6 +50,7 @@ demo: install
 ## test: lint, then the whole test suite (slow and integration tests included)
 test: install
 	ruff check pipelines tests dags benchmarks scripts
+	lint-imports
 	python -m pytest
 
 ## test-fast: everything but tests marked slow
@@ -58,6 +59,7 @@ test-fast: install
 
 lint: install
 	ruff check pipelines tests dags benchmarks scripts
+	lint-imports
 
 ## airflow: a local Airflow (UI, scheduler) for dags/ on 127.0.0.1:8080 until Ctrl-C
 airflow: install

@@ -82,7 +82,7 @@ print(json.dumps(times))
 
 def live_run(project, home: Path) -> tuple[float, float, float]:
     """(startup s, cold run s, cached run s) with the real components."""
-    from pipelines.airflow_local import LocalAirflow
+    from pipelines.commands.airflow import LocalAirflow
     from tests.integration.test_airflow import FORM_DEFAULTS, Api
 
     env = airflow_env(home, project.root, project.env)

@@ -1,10 +1,10 @@
-"""Benchmark: the monitoring report (`pipelines.monitor.monitor`) at 1k, 10k and 100k logged requests.
+"""Benchmark: the monitoring report (`pipelines.monitoring.monitor.monitor`) at 1k, 10k and 100k logged requests.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/drift.py [--sizes 1000,10000,100000] [--drift-share 0.5]
         [--seed 0] [--no-warm] [--set monitor.drift.embedding_sample_size=1000 ...]
 
 For each size, a fresh SQLite inference log in a temporary folder is filled with SQLAlchemy bulk
-inserts into the project's own tables (`pipelines.inference_log.requests_table` and
+inserts into the project's own tables (`pipelines.serving.inference_log.requests_table` and
 `feedback_table`, engine from `make_engine`, so WAL mode as in production); the `InferenceLog`
 writer thread is not used, it is not what is measured (and it would redact every text first).
 Prompts are drawn with replacement, seeded, by the project's `simulate_traffic.traffic_prompts`:
@@ -14,7 +14,7 @@ prompt. Statuses: 98.5% 200, 1% 503 (3 ms), 0.5% 500 (empty output); latencies o
 log-normal around 1.2 s; 5% of the answered requests carry a feedback score. The requests are
 spread over the 24 h window that ends at 2026-11-24T00:00:00Z.
 
-Each measurement runs `pipelines.monitor.monitor(params, end)` in a fresh subprocess, with
+Each measurement runs `pipelines.monitoring.monitor.monitor(params, end)` in a fresh subprocess, with
 params.yaml plus overrides: the log, reports, embedding cache (cold: a new file) and an MLflow
 store (`tracking.uri`) in the temporary folder, `monitor.reference_outputs=0` (the champion's
 answers on the reference are cached per model version, not a per-window cost) and
@@ -60,11 +60,11 @@ def build_log(db: Path, rows: int, drift_share: float, seed: int) -> dict[str, A
     """Fill a fresh SQLite inference log with `rows` requests (and feedback) in the window ending at END."""
     import numpy as np
 
-    from pipelines.inference_log import feedback_table, make_engine, metadata, requests_table
-    from pipelines.ingest import read_source
+    from pipelines.commands.simulate_traffic import traffic_prompts
+    from pipelines.config.params import BundledSource, load_params
+    from pipelines.data.sources import read_source
     from pipelines.io import read_parquet
-    from pipelines.params import BundledSource, load_params
-    from pipelines.simulate_traffic import traffic_prompts
+    from pipelines.serving.inference_log import feedback_table, make_engine, metadata, requests_table
 
     started = time.perf_counter()
     params = load_params(REPO / "params.yaml")
@@ -149,8 +149,8 @@ def instrument(phases: Phases) -> None:
     from evidently.legacy.metrics.data_drift.embedding_drift_methods import ModelDriftMethod
     from evidently.legacy.metrics.data_drift.embeddings_drift import EmbeddingsDriftMetric
 
-    import pipelines.inference_log as inference_log
-    import pipelines.monitor as monitor
+    import pipelines.monitoring.monitor as monitor
+    import pipelines.serving.inference_log as inference_log
 
     for owner, name, label in [
         (monitor, "champion_reference", "champion"), (monitor, "reference_frame", "reference"),
@@ -198,8 +198,8 @@ def worker(folder: Path, db: Path, overrides: list[str]) -> None:
     import sentence_transformers  # noqa: F401
     import sklearn  # noqa: F401
 
-    import pipelines.monitor as monitor
-    from pipelines.params import load_params
+    import pipelines.monitoring.monitor as monitor
+    from pipelines.config.params import load_params
 
     imports = time.perf_counter() - started
     params = load_params(REPO / "params.yaml", [

@@ -2,7 +2,7 @@
 
     python benchmarks/eval_throughput.py [--examples 48] [--batch-size 16] [--rounds 2]
 
-Uses the evaluate stage's own generation code (pipelines.lm.CausalLM.generate) on the
+Uses the evaluate stage's own generation code (pipelines.model.lm.CausalLM.generate) on the
 base model folder plus the trained adapter (models/base, models/adapter: run `dvc repro
 train` first) and the first N prompts of the test split, greedy decoding with the params'
 max_new_tokens. The two modes alternate for `--rounds` rounds; medians are reported, and
@@ -34,8 +34,8 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from pipelines.lm import CausalLM, Decoding
-    from pipelines.params import load_params
+    from pipelines.config.params import load_params
+    from pipelines.model.lm import CausalLM, Decoding
 
     params = load_params(REPO / "params.yaml")
     decoding = Decoding(**params.evaluate.decoding.model_dump())

@@ -8,7 +8,7 @@ For each dtype:
 1. In-process, sequential: the champion loaded with MLflow's pyfunc loader (transformers on the
    merged weights, what `evaluate` generates with), each test-split prompt answered alone by
    `generate_ids`, one after another: what a caller without a server gets.
-2. vLLM direct: one engine (`pipelines.engine.EngineProcess`, the gateway's own launcher and
+2. vLLM direct: one engine (`pipelines.serving.engine.EngineProcess`, the gateway's own launcher and
    settings from params.yaml `serve.engine`) on the version's merged weights; c client threads
    each send chat requests (greedy, `max_tokens` fixed, the configured system prompt) and wait
    for each answer before sending the next. Start-up time and resident memory are reported.
@@ -49,9 +49,9 @@ def steal_seconds() -> float:
 
 
 def sequential(params, version: str, prompts: list[str], max_tokens: int, dtype: str) -> dict:
-    from pipelines.lm import Decoding
-    from pipelines.packaging import load_registered
-    from pipelines.registry import Registry
+    from pipelines.model.lm import Decoding
+    from pipelines.model.packaging import load_registered
+    from pipelines.registry.model_registry import Registry
 
     # the project's loader (data only, no pickle), in the dtype asked for
     generator = load_registered(Registry(params), version, dtype)
@@ -155,9 +155,9 @@ def main() -> None:
 
     import pandas as pd
 
-    from pipelines.engine import EngineConfig, EngineProcess, fetch_version
-    from pipelines.params import load_params
-    from pipelines.registry import CHAMPION, Registry
+    from pipelines.config.params import load_params
+    from pipelines.registry.model_registry import CHAMPION, Registry
+    from pipelines.serving.engine import EngineConfig, EngineProcess, fetch_version
     from tests.support import free_port, stop_process_group
 
     params = load_params(REPO / "params.yaml", args.overrides)

@@ -6,7 +6,7 @@
 
 1. Tokens/s of the stage's loop, in this process: `training_arguments`, `load_model`,
    `add_lora`, `load_splits` (encode_frame), `collate`, `_trainer_class` and `_callbacks` of
-   pipelines/train.py with params.yaml's `train` section (only batch size, sequence length,
+   pipelines/training/loop.py with params.yaml's `train` section (only batch size, sequence length,
    max_steps and the output folders overridden; outputs and the MLflow run, which gets the
    per-step metrics as in the stage, go to a temporary folder). Versus a minimal loop: the
    same base model + LoRA (same seeded init), the same micro-batches in the Trainer's order
@@ -147,8 +147,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         from transformers import AutoTokenizer
 
-        from pipelines import train as stage
-        from pipelines.params import load_params
+        from pipelines.config.params import load_params
+        from pipelines.training import loop as stage
 
         self.args = args
         self.tmp = tmp
@@ -175,7 +175,7 @@ class Bench:
     def fresh_model(self):
         from transformers import set_seed
 
-        from pipelines import train as stage
+        from pipelines.training import loop as stage
 
         set_seed(self.params.train.seed)  # as run(): the LoRA init is seeded
         model = stage.add_lora(stage.load_model(self.plan.base_dir, self.params.train, self.plan.precision),
@@ -194,7 +194,7 @@ class Bench:
         return Measure(sum(lengths), sum(steps), self.flops.batch_flops(lengths), padded, extra={"steps": steps})
 
     def run_round(self, round_no: int) -> tuple[Measure, Measure]:
-        """One run of the stage's Trainer (built as pipelines.train.run builds it), with the
+        """One run of the stage's Trainer (built as pipelines.training.loop.run builds it), with the
         hand-written loop's steps interleaved: hand step k runs right after Trainer step k
         when k is odd and right before it when k is even, on the same micro-batch. The
         hand-written steps (and the Trainer's evaluations and checkpoint saves) are timed
@@ -202,8 +202,8 @@ class Bench:
         import torch
         from transformers import PrinterCallback, TrainerCallback
 
-        from pipelines import tracking
-        from pipelines import train as stage
+        from pipelines.registry import tracking
+        from pipelines.training import loop as stage
 
         train = self.params.train.model_copy(update={"checkpoint_dir": self.tmp / f"checkpoints-{round_no}"})
         args = stage.training_arguments(train, self.plan.cuda, self.plan.precision)
@@ -435,7 +435,7 @@ def main() -> None:
               f"(median {statistics.median(peaks):.0f}); measurements {', '.join(f'{p:.0f}' for p in peaks)}")
         print("\n| loop | tokens/s per round | median tokens/s | median s/step | achieved GFLOP/s | MFU |")
         print("|---|---|---:|---:|---:|---:|")
-        for name, runs, med in (("stage (HF Trainer, pipelines/train.py)", stage_runs, med_stage),
+        for name, runs, med in (("stage (HF Trainer, pipelines/training/loop.py)", stage_runs, med_stage),
                                 ("hand-written PyTorch loop", hand_runs, med_hand)):
             gflops = med * flops_per_token / 1e9
             step_s = statistics.median(x.seconds / m for x in runs)

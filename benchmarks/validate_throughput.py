@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 def synthetic(rows: int):
     import numpy as np
 
-    from pipelines.ingest import ingest
-    from pipelines.params import BundledSource
+    from pipelines.config.params import BundledSource
+    from pipelines.data.sources import ingest
 
     base, _ = ingest([BundledSource(kind="bundled", name="wordnet")], REPO / "data" / "sample")
     picks = np.random.default_rng(0).integers(0, len(base), rows)
@@ -36,15 +36,15 @@ def synthetic(rows: int):
     frame["id"] = [f"syn-{i}" for i in range(rows)]
     frame["n_prompt_tokens"] = frame["prompt"].str.len() // 4
     frame["n_response_tokens"] = frame["response"].str.len() // 4
-    from pipelines.params import load_params
-    from pipelines.validate import add_split_columns
+    from pipelines.config.params import load_params
+    from pipelines.stages.validate import add_split_columns
 
     return add_split_columns(frame, load_params(REPO / "params.yaml").prepare)  # split, answers_per_prompt
 
 
 def bench_suite(rows: int, repeats: int) -> tuple[float, float]:
-    from pipelines.params import load_params
-    from pipelines.validate import run_suite
+    from pipelines.config.params import load_params
+    from pipelines.stages.validate import run_suite
 
     params = load_params(REPO / "params.yaml").validate_.model_copy(update={"warn_only": ["unique_pairs"]})
     frame = synthetic(rows)

@@ -148,7 +148,7 @@ with DAG(
             command = ("{% if params.skip_gate %}llmops promote --force --reason \"$LLMOPS_REASON\" && "
                        "dvc --wait-for-lock commit --force promote{% else %}" + command + "{% endif %}")
             # Who decided: the Airflow user who triggered the run (none for a scheduled one), recorded
-            # by promote on the version's history and model card (pipelines/registry.py `actor`).
+            # by promote on the version's history and model card (pipelines/registry/model_registry.py `actor`).
             env = {"LLMOPS_REASON": "{{ params.reason or '' }} (airflow run {{ run_id }})",
                    "LLMOPS_TRIGGERED_BY": "{{ dag_run.triggering_user_name or '' }}",
                    "LLMOPS_AIRFLOW_RUN_ID": "{{ run_id }}", "LLMOPS_AIRFLOW_RUN_TYPE": "{{ dag_run.run_type }}"}

@@ -56,7 +56,7 @@ RUN "${VLLM_PYTHON}" -c "import importlib.metadata as m; print('engine: vllm', m
 COPY --from=build /opt/llmops/venv /opt/llmops/venv
 WORKDIR /opt/llmops/src
 # params.yaml: the serve, registry, tracking and inference_log sections; everything that differs
-# between deployments comes from the environment (pipelines/settings.py, docker/compose.yaml).
+# between deployments comes from the environment (pipelines/config/settings.py, docker/compose.yaml).
 COPY params.yaml ./
 # Writable by the runtime user: the inference log's spool and the engines' weights
 # (serve.engine.cache_dir, models/serving; volumes in docker/compose.yaml).

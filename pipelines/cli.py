@@ -17,37 +17,38 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from pipelines.config.params import load_params
 from pipelines.errors import LLMOpsError
 
 # command -> (module, extra arguments). The module's docstring gives the help line; its
 # `main(params, **extras)` runs. The first block are the DVC stages, in pipeline order.
 Argument = tuple[tuple[str, ...], dict[str, Any]]
 COMMANDS: dict[str, tuple[str, list[Argument]]] = {
-    "ingest": ("pipelines.ingest", []),
-    "validate": ("pipelines.validate", [
+    "ingest": ("pipelines.stages.ingest", []),
+    "validate": ("pipelines.stages.validate", [
         (("--list",), {"dest": "list_only", "action": "store_true", "help": "list the expectations and exit"}),
     ]),
-    "prepare": ("pipelines.prepare", []),
-    "base_model": ("pipelines.base_model", []),
-    "train": ("pipelines.train", []),
-    "evaluate": ("pipelines.evaluate", []),
-    "register": ("pipelines.register", []),
-    "promote": ("pipelines.promote", [
+    "prepare": ("pipelines.stages.prepare", []),
+    "base_model": ("pipelines.stages.base_model", []),
+    "train": ("pipelines.stages.train", []),
+    "evaluate": ("pipelines.stages.evaluate", []),
+    "register": ("pipelines.stages.register", []),
+    "promote": ("pipelines.stages.promote", [
         (("--force",), {"action": "store_true", "help": "promote whatever the gate says (recorded as forced)"}),
         (("--reason",), {"help": "why (required with --force; recorded on the version)"}),
     ]),
-    "rollback": ("pipelines.rollback", [
+    "rollback": ("pipelines.commands.rollback", [
         (("--to",), {"metavar": "VERSION", "help": "roll back to this version (default: previous-champion)"}),
         (("--reason",), {"help": "why (recorded on the version)"}),
     ]),
-    "deploy": ("pipelines.deploy", [
+    "deploy": ("pipelines.stages.deploy", [
         (("--strict",), {"action": "store_true", "help": "exit non-zero when verification fails"}),
     ]),
-    "serve": ("pipelines.serve", [
+    "serve": ("pipelines.commands.serve", [
         (("--wait",), {"action": "store_true", "help": "start even when no version holds the alias yet, and serve "
                                                       "it once one does (make demo starts the gateway first)"}),
     ]),
-    "simulate-traffic": ("pipelines.simulate_traffic", [
+    "simulate-traffic": ("pipelines.commands.simulate_traffic", [
         (("--requests",), {"type": int, "default": 200, "help": "how many requests (default 200)"}),
         (("--drift-share",), {"type": float, "default": 0.5, "help": "share of FOLDOC prompts, 0..1 (default 0.5)"}),
         (("--url",), {"help": "send to this running service instead of writing the inference log directly"}),
@@ -55,13 +56,13 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
         (("--hours",), {"type": float, "help": "direct mode: window length (default monitor.window_hours)"}),
         (("--seed",), {"type": int, "default": 0}),
     ]),
-    "monitor": ("pipelines.monitor", [
+    "monitor": ("pipelines.commands.monitor", [
         (("--end",), {"metavar": "WHEN", "help": "end of the window, ISO date/time (default: now); Airflow passes "
                                                   "its data interval end"}),
         (("--json",), {"dest": "as_json", "action": "store_true",
                        "help": "print the decision as one JSON line on stdout (for the orchestrator)"}),
     ]),
-    "experiment": ("pipelines.experiment", [
+    "experiment": ("pipelines.commands.experiment", [
         (("action",), {
             "choices": ["start", "save", "end"],
             "help": "start: params.yaml := HEAD + overrides; save: `dvc exp save`; end: release the workspace"}),
@@ -70,15 +71,15 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
                                  "help": "start: a `dvc exp run -S` override (repeatable)"}),
         (("--message",), {"help": "save: the experiment's commit message"}),
     ]),
-    "airflow": ("pipelines.airflow_local", [
+    "airflow": ("pipelines.commands.airflow", [
         (("--port",), {"type": int, "default": 8080, "help": "UI/API port on 127.0.0.1 (default 8080)"}),
         (("--home",), {"default": "airflow_home", "help": "AIRFLOW_HOME (default ./airflow_home)"}),
     ]),
-    "settings": ("pipelines.settings", [
+    "settings": ("pipelines.commands.settings", [
         (("--configure-dvc",), {"dest": "configure_dvc_remote", "action": "store_true",
                                 "help": "make the resolved DVC remote the default in .dvc/config.local"}),
     ]),
-    "lineage": ("pipelines.lineage", [
+    "lineage": ("pipelines.commands.lineage", [
         (("version",), {"help": "the registered model version"}),
         (("--json",), {"dest": "as_json", "action": "store_true", "help": "print JSON"}),
     ]),
@@ -112,7 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from pipelines.params import load_params
 
     params = load_params(args.params, args.overrides)
     module_name, arguments = COMMANDS[args.command]

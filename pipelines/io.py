@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import DataError
+
 
 def fsync_file(path: Path | str) -> None:
     """Flush a file's data and metadata to disk."""
@@ -152,7 +154,6 @@ def read_parquet(path: Path | str, produced_by: str) -> Any:
     """Read a stage output, or say which stage makes it when it is missing."""
     import pandas as pd
 
-    from pipelines.errors import DataError
 
     path = Path(path)
     if not path.exists():

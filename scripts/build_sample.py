@@ -24,8 +24,8 @@ import re
 import sys
 from pathlib import Path
 
+from pipelines.data.pii import find_pii
 from pipelines.io import atomic_write_text
-from pipelines.pii import find_pii
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 FOLDOC_DICT = Path("/usr/share/dictd/foldoc.dict.dz")

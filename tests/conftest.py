@@ -16,19 +16,19 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir: Path):
-    from pipelines.model_source import load_tokenizer
+    from pipelines.model.sources import load_tokenizer
 
     return load_tokenizer(str(tiny_tokenizer_dir))
 
 
-# --- the tiny model for training tests (pipelines/tiny_model.py) ---------------------------
+# --- the tiny model for training tests (tests/tiny_model.py) ---------------------------
 
 @pytest.fixture(scope="session")
 def tiny_base_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
     """A 2-layer Llama (hidden 64) with the tiny tokenizer, materialised by the base_model stage."""
-    from pipelines.base_model import materialise
-    from pipelines.params import BaseModelParams
-    from pipelines.tiny_model import build_tiny_model
+    from pipelines.config.params import BaseModelParams
+    from pipelines.stages.base_model import materialise
+    from tests.tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-model")
     raw = build_tiny_model(root / "raw", tiny_tokenizer_dir)
@@ -39,7 +39,7 @@ def tiny_base_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer
 @pytest.fixture(scope="session")
 def tiny_prepared_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
     """Prepared train/validation/test splits of the WordNet sample, rendered for the tiny tokenizer."""
-    from pipelines.tiny_model import write_prepared_sample
+    from tests.tiny_model import write_prepared_sample
 
     return write_prepared_sample(tmp_path_factory.mktemp("tiny-prepared"), tiny_tokenizer_dir)
 
@@ -53,7 +53,7 @@ def mlflow_sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def tiny_train_params(tmp_path: Path, tiny_base_model_dir: Path, tiny_prepared_dir: Path, mlflow_sqlite_uri: str):
     """Build Params for a fast train run on the tiny model, outputs under tmp_path."""
-    from pipelines.params import parse_params
+    from pipelines.config.params import parse_params
 
     def make(**train: object):
         section = {

@@ -117,7 +117,7 @@ def tiny_pipeline_project(root: Path, tokenizer_dir: Path, tracking_uri: str) ->
     """A project whose whole pipeline runs in about a minute: a tiny Llama (built from config with
     the locally trained tokenizer) as the base model, 1,500 WordNet rows, a few training steps,
     a real MLflow tracking server; params committed to git as a user's checkout would have them."""
-    from pipelines.tiny_model import build_tiny_model
+    from tests.tiny_model import build_tiny_model
 
     project = make_project(root)
     raw = build_tiny_model(root.parent / f"{root.name}-tiny-base", tokenizer_dir)
@@ -214,8 +214,8 @@ def stop_process_group(process: subprocess.Popen | None, timeout: float) -> None
 
 def build_tiny_base(directory: Path, tokenizer_dir: Path, **kwargs) -> Path:
     """A tiny Llama folder as the `base_model` stage would leave it (with source.json)."""
-    from pipelines.base_model import SOURCE_FILE, content_hash, folder_hashes
-    from pipelines.tiny_model import build_tiny_model
+    from pipelines.stages.base_model import SOURCE_FILE, content_hash, folder_hashes
+    from tests.tiny_model import build_tiny_model
 
     build_tiny_model(directory, tokenizer_dir, **kwargs)
     hashes = folder_hashes(directory)
@@ -281,7 +281,7 @@ class Workspace:
         self.params_file.write_text((REPO / "params.yaml").read_text())
 
     def params(self, *extra: str):
-        from pipelines.params import load_params
+        from pipelines.config.params import load_params
 
         return load_params(self.params_file, [*self.overrides, *extra])
 
@@ -296,7 +296,7 @@ class Workspace:
 
 
 def register(ws: Workspace, results: dict) -> str:
-    from pipelines import register as register_stage
+    from pipelines.stages import register as register_stage
 
     ws.set_evaluation(results)
     params = ws.params()

@@ -19,7 +19,7 @@ restart the service.
 The experiment (LLMOPS_EXPERIMENT, params.yaml `tracking.experiment`) and the registered model
 (LLMOPS_MODEL_NAME, `registry.model_name`) are created here, by the pipeline user (so it owns them,
 as it would had the first run created them), because a grant names an existing experiment id.
-The registry's promotion lock (`<model>--promotion-lock`, pipelines/registry.py) is denied to the
+The registry's promotion lock (`<model>--promotion-lock`, pipelines/registry/model_registry.py) is denied to the
 serving user, so it cannot block promotions by creating it.
 
 Environment: MLFLOW_TRACKING_URI, MLFLOW_ADMIN_USER / MLFLOW_ADMIN_PASSWORD, MLFLOW_PIPELINE_USER /

@@ -32,7 +32,7 @@ def test_a_triggered_run_names_its_user(promote_task):
     assert env["LLMOPS_TRIGGERED_BY"] == "alice"
     assert env["LLMOPS_AIRFLOW_RUN_ID"] == "manual__1" and env["LLMOPS_AIRFLOW_RUN_TYPE"] == "manual"
 
-    from pipelines.registry import actor
+    from pipelines.registry.model_registry import actor
 
     assert actor(env)["by"] == "airflow:alice"
 
@@ -41,6 +41,6 @@ def test_a_scheduled_run_names_the_scheduler(promote_task):
     env = render(promote_task, triggering_user_name=None, run_type="scheduled", run_id="scheduled__2")
     assert env["LLMOPS_TRIGGERED_BY"] == ""
 
-    from pipelines.registry import actor
+    from pipelines.registry.model_registry import actor
 
     assert actor(env)["by"] == "airflow:scheduled"

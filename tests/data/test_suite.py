@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines.ingest import ingest
-from pipelines.params import ConflictingAnswersParams, FileSource, PrepareParams, ValidateParams, load_params
-from pipelines.validate import annotate, describe_failure, format_report, run_suite, summarise
+from pipelines.config.params import ConflictingAnswersParams, FileSource, PrepareParams, ValidateParams, load_params
+from pipelines.data.sources import ingest
+from pipelines.stages.validate import annotate, describe_failure, format_report, run_suite, summarise
 from tests.data.make_fixtures import SPLIT_SETTINGS
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -122,7 +122,7 @@ def test_data_docs_are_rendered(tiny_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("name", ["response_not_blank", "row_count"])
 def test_warn_only_accepts_known_names(name):
-    from pipelines.validate import build_checks
+    from pipelines.stages.validate import build_checks
 
     checks = build_checks(PARAMS.model_copy(update={"warn_only": [name]}))
     assert name in {c.name for c in checks}
@@ -130,7 +130,7 @@ def test_warn_only_accepts_known_names(name):
 
 def test_warn_only_rejects_unknown_names():
     from pipelines.errors import ParamsError
-    from pipelines.validate import build_checks
+    from pipelines.stages.validate import build_checks
 
     with pytest.raises(ParamsError, match="unknown expectation.*no_such_check"):
         build_checks(PARAMS.model_copy(update={"warn_only": ["no_such_check"]}))
@@ -179,7 +179,7 @@ def test_the_conflict_policy_is_a_params_choice_per_split(tiny_tokenizer):
 
 
 def test_the_default_policy_blocks_the_test_split_only():
-    from pipelines.params import ValidateParams
+    from pipelines.config.params import ValidateParams
 
     policy = ValidateParams().conflicting_answers
     assert (policy.train, policy.validation, policy.test) == ("warn", "warn", "block")
@@ -187,7 +187,7 @@ def test_the_default_policy_blocks_the_test_split_only():
 
 
 def test_the_split_column_is_the_split_prepare_assigns(tiny_tokenizer):
-    from pipelines.prepare import split
+    from pipelines.stages.prepare import split
 
     frame, _ = ingest([FileSource(kind="file", path=FIXTURES / "good.jsonl")], Path("unused"))
     annotated = annotate(frame, tiny_tokenizer, PREPARE)

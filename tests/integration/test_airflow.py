@@ -233,7 +233,7 @@ class Api:
 @pytest.fixture(scope="module")
 def live(tiny, tmp_path_factory):
     """`llmops airflow` on a free loopback port, in the project (what `make airflow` starts)."""
-    from pipelines.airflow_local import LocalAirflow
+    from pipelines.commands.airflow import LocalAirflow
 
     # No schedules: unpausing a scheduled DAG starts a run for its latest interval, which would
     # queue ahead of the runs these tests trigger.

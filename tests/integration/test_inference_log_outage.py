@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipelines.inference_log import InferenceLog, read_records
+from pipelines.serving.inference_log import InferenceLog, read_records
 from tests.support import REPO
 
 pytestmark = pytest.mark.integration
@@ -18,7 +18,7 @@ WRITER = """
 import sys, time
 from datetime import UTC, datetime
 from pathlib import Path
-from pipelines.inference_log import InferenceLog, InferenceRecord
+from pipelines.serving.inference_log import InferenceLog, InferenceRecord
 
 url, spool, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 log = InferenceLog(url, spool, flush_interval_seconds=0.05, batch_size=7)
@@ -75,7 +75,7 @@ DURABLE_WRITER = """
 import sys, time
 from datetime import UTC, datetime
 from pathlib import Path
-from pipelines.inference_log import InferenceLog, InferenceRecord
+from pipelines.serving.inference_log import InferenceLog, InferenceRecord
 
 url, spool, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 log = InferenceLog(url, spool, flush_interval_seconds=0.05, batch_size=7)

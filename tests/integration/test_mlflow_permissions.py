@@ -4,7 +4,7 @@ PostgreSQL variant runs in test_team_mode.py).
 The server is started by the MLflow image's own entry point (docker/mlflow/entrypoint.sh) and its
 users are made by the image's own set-up script (docker/mlflow/init_users.py), as mlflow-init does
 in docker/compose.yaml. The pipeline's user registers and promotes a version; the serving user
-fetches the champion's merged weights exactly as `llmops serve` does (pipelines/engine.py,
+fetches the champion's merged weights exactly as `llmops serve` does (pipelines/serving/engine.py,
 fetch_version) and is refused every write, the promotion lock, and every other experiment.
 """
 
@@ -92,8 +92,8 @@ def test_the_serving_user_fetches_the_champion_and_can_change_nothing(server, tm
                                                                       monkeypatch):
     from mlflow import MlflowClient
 
-    from pipelines.engine import fetch_version
-    from pipelines.registry import Registry
+    from pipelines.registry.model_registry import Registry
+    from pipelines.serving.engine import fetch_version
 
     for _ in range(2):  # the set-up is safe to run again (mlflow-init after a restart)
         result = init_users(server)

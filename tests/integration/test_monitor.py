@@ -33,7 +33,7 @@ def splits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_tokenizer_dir, splits, mlflow_server):
-    from pipelines import promote
+    from pipelines.stages import promote
 
     root = tmp_path_factory.mktemp("ws")
     base = build_tiny_base(root / "base", tiny_tokenizer_dir)
@@ -55,14 +55,14 @@ def settings(ws: Workspace, tmp_path, *extra: str):
 
 
 def traffic(params, day: int, drift_share: float, requests: int = 80) -> None:
-    from pipelines import simulate_traffic
+    from pipelines.commands import simulate_traffic
 
     end = DAY0 + timedelta(days=day)
     simulate_traffic.main(params, requests=requests, drift_share=drift_share, end=end.isoformat(), seed=day)
 
 
 def run(params, day: int) -> dict:
-    from pipelines.monitor import monitor
+    from pipelines.monitoring.monitor import monitor
 
     return monitor(params, DAY0 + timedelta(days=day))
 
@@ -118,7 +118,7 @@ def test_drift_in_k_windows_requests_a_retrain_and_the_cooldown_holds_the_next(w
     assert again["retrain"] == decisions[2]["retrain"]
     assert len((tmp_path / "reports" / "history.jsonl").read_text().splitlines()) == 3
     # the report sits in MLflow next to the model version
-    from pipelines.registry import Registry
+    from pipelines.registry.model_registry import Registry
 
     registry = Registry(params)
     tags = registry.version("1").tags
@@ -218,8 +218,8 @@ def test_end_to_end_through_the_service_drift_requests_a_retrain_and_no_drift_do
     """Traffic sent to a real `llmops serve`, logged by it, reported on by `llmops monitor`."""
     import time
 
-    from pipelines import simulate_traffic
-    from pipelines.monitor import monitor
+    from pipelines.commands import simulate_traffic
+    from pipelines.monitoring.monitor import monitor
     from tests.support import TEST_TOKEN, ServeProcess
 
     service = ServeProcess(ws, tmp_path / "serve", "serve.limits.default_max_tokens=12").start()
@@ -247,6 +247,6 @@ def test_end_to_end_through_the_service_drift_requests_a_retrain_and_no_drift_do
     assert calm["drift"]["detected"] is False and calm["retrain"]["requested"] is False
     assert drifted["drift"]["detected"] is True and drifted["retrain"]["requested"] is True
     assert drifted["mlflow_run_id"]
-    from pipelines.monitor import Window
+    from pipelines.monitoring.monitor import Window
 
     assert (tmp_path / "reports" / Window.ending(end, 1).name / "report.html").exists()

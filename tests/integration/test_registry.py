@@ -33,8 +33,8 @@ def model_name():
 def test_register_logs_a_servable_model_with_its_evidence(tmp_path, tiny_base, server, model_name):
     import mlflow
 
-    from pipelines.lineage import lineage
-    from pipelines.registry import Registry
+    from pipelines.registry.lineage import lineage
+    from pipelines.registry.model_registry import Registry
 
     ws = Workspace(tmp_path, tiny_base, server.uri, model_name)
     version = register(ws, evaluation(0.02))
@@ -54,14 +54,15 @@ def test_register_logs_a_servable_model_with_its_evidence(tmp_path, tiny_base, s
 
 
 def history(registry, version):
-    from pipelines.registry import history_of
+    from pipelines.registry.model_registry import history_of
 
     return history_of(registry.version(version).tags)
 
 
 def test_gate_pass_fail_force_rollback_and_lineage(tmp_path, tiny_base, server, model_name, monkeypatch):
-    from pipelines import promote, rollback
-    from pipelines.registry import Registry
+    from pipelines.registry import rollback
+    from pipelines.registry.model_registry import Registry
+    from pipelines.stages import promote
 
     ws = Workspace(tmp_path, tiny_base, server.uri, model_name)
     registry = Registry(ws.params())
@@ -153,7 +154,7 @@ def test_gate_pass_fail_force_rollback_and_lineage(tmp_path, tiny_base, server, 
     assert registry.version(v3).tags["promotion.status"] == "previous-champion"
 
     # every status agrees with the aliases
-    from pipelines.lineage import lineage
+    from pipelines.registry.lineage import lineage
 
     for version in (v1, v2, v3):
         assert lineage(ws.params(), version)["status_agrees_with_aliases"], version
@@ -165,10 +166,10 @@ def test_the_promotion_lock_survives_a_lost_response_and_fences_a_lapsed_holder(
 
     import requests
 
-    from pipelines.registry import Registry, RegistryBusy
+    from pipelines.registry.model_registry import Registry, RegistryBusy
 
     def ws_params(*extra):
-        from pipelines.params import load_params
+        from pipelines.config.params import load_params
 
         return load_params(REPO / "params.yaml", [f"tracking.uri={server.uri}", f"registry.model_name={model_name}",
                                                   *extra])
@@ -220,7 +221,7 @@ def test_the_registry_alone_holds_the_evidence(tmp_path, tiny_base, server, mode
 
     import mlflow
 
-    from pipelines import tracking
+    from pipelines.registry import tracking
 
     ws = Workspace(tmp_path / "ws", tiny_base, server.uri, model_name)
     docs = ws.root / "reports" / "validate" / "data_docs"
@@ -274,7 +275,7 @@ def test_the_registry_alone_holds_the_evidence(tmp_path, tiny_base, server, mode
 
 
 def test_concurrent_promotions_end_on_exactly_one_version(tmp_path, tiny_base, server, model_name):
-    from pipelines.registry import Registry
+    from pipelines.registry.model_registry import Registry
 
     a = Workspace(tmp_path / "a", tiny_base, server.uri, model_name, seed=1)
     b = Workspace(tmp_path / "b", tiny_base, server.uri, model_name, seed=2)
@@ -295,8 +296,8 @@ def test_concurrent_promotions_end_on_exactly_one_version(tmp_path, tiny_base, s
 
 
 def test_server_down_is_a_clear_error_and_registers_nothing(tmp_path, tiny_base, model_name):
-    from pipelines.register import register as register_model
-    from pipelines.registry import RegistryUnavailable
+    from pipelines.registry.model_registry import RegistryUnavailable
+    from pipelines.stages.register import register as register_model
     from tests.support import free_port
 
     ws = Workspace(tmp_path, tiny_base, f"http://127.0.0.1:{free_port()}", model_name)
@@ -309,8 +310,8 @@ def test_server_down_is_a_clear_error_and_registers_nothing(tmp_path, tiny_base,
 
 def test_bad_input(tmp_path, tiny_base, server, model_name, tiny_tokenizer_dir):
     from pipelines.errors import DataError
-    from pipelines.lm import AdapterMismatch, CausalLM
-    from pipelines.register import register as register_model
+    from pipelines.model.lm import AdapterMismatch, CausalLM
+    from pipelines.stages.register import register as register_model
 
     ws = Workspace(tmp_path, tiny_base, server.uri, model_name)
     ws.set_evaluation(evaluation(0.02))
@@ -328,7 +329,7 @@ def test_bad_input(tmp_path, tiny_base, server, model_name, tiny_tokenizer_dir):
 
 def test_evaluate_compares_with_the_champion_from_the_registry(tmp_path, tiny_base, server, model_name,
                                                                tiny_prepared_dir):
-    from pipelines import evaluate, promote
+    from pipelines.stages import evaluate, promote
 
     ws = Workspace(tmp_path, tiny_base, server.uri, model_name, seed=3)
     register(ws, evaluation(0.02))

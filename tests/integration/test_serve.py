@@ -43,7 +43,7 @@ SERVE = ["serve.engine.max_num_seqs=4", "serve.queue_size=4", "serve.poll_interv
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_tokenizer_dir, tiny_prepared_dir, mlflow_server):
     """A registered model with v1 as champion, plus the prepared data deploy's canaries read."""
-    from pipelines import promote
+    from pipelines.stages import promote
 
     root = tmp_path_factory.mktemp("ws")
     base = build_tiny_base(root / "base", tiny_tokenizer_dir)
@@ -64,8 +64,8 @@ def service(ws, tmp_path_factory):
 
 
 def promote_new_version(ws: Workspace) -> str:
-    from pipelines import promote
-    from pipelines.registry import Registry
+    from pipelines.registry.model_registry import Registry
+    from pipelines.stages import promote
 
     champion = Registry(ws.params()).alias("champion").version
     version = register(ws, evaluation(0.03, champion_version=str(champion)))
@@ -87,7 +87,7 @@ def wait_until_serving(service: ServeProcess, version: str, timeout: float = 120
 
 def served_records(service: ServeProcess, request_ids: set[str] | None, timeout: float = 30):
     """The inference-log rows of these requests (None: all), once all of them have arrived."""
-    from pipelines.inference_log import read_records
+    from pipelines.serving.inference_log import read_records
 
     deadline = time.monotonic() + timeout
     while True:
@@ -330,7 +330,7 @@ def test_control_tokens_in_content_and_client_system_messages_are_refused_by_def
 def engine(ws, tmp_path_factory):
     """A vLLM engine for v1 started here, so that several short-lived gateways (other policies, a
     gateway killed with SIGKILL) can stand in front of it (serve.engine.url) without starting one each."""
-    from pipelines.engine import EngineConfig, EngineProcess, fetch_version
+    from pipelines.serving.engine import EngineConfig, EngineProcess, fetch_version
 
     root = tmp_path_factory.mktemp("engine")
     params = ws.params(*SERVE, *TINY_ENGINE, f"serve.engine.cache_dir={root / 'models'}")
@@ -577,7 +577,7 @@ def test_deploy_without_a_service_records_the_intent(ws):
 
 
 def test_deploy_switches_the_service_and_verifies_it(service, ws):
-    from pipelines.registry import Registry
+    from pipelines.registry.model_registry import Registry
 
     version = promote_new_version(ws)
     done, report = run_deploy(ws, service)
@@ -589,7 +589,7 @@ def test_deploy_switches_the_service_and_verifies_it(service, ws):
 
 
 def test_failed_verification_rolls_back_registry_and_service(service, ws):
-    from pipelines.registry import Registry
+    from pipelines.registry.model_registry import Registry
 
     before = ready_version(service)
     version = promote_new_version(ws)
@@ -653,8 +653,8 @@ def test_log_store_down_keeps_serving_records_arrive_later_and_a_blue_green_swap
     # mlflow_server may have been stopped by an earlier test: start a fresh one for this service
     mlflow = MlflowServer(tmp_path / "mlflow").start()
     try:
-        from pipelines import promote
-        from pipelines.registry import Registry
+        from pipelines.registry.model_registry import Registry
+        from pipelines.stages import promote
 
         ws2 = Workspace(tmp_path / "ws", ws.root / "base", mlflow.uri, f"logdown-{uuid.uuid4().hex[:6]}")
         register(ws2, evaluation(0.02))
@@ -673,7 +673,7 @@ def test_log_store_down_keeps_serving_records_arrive_later_and_a_blue_green_swap
             assert "llmops_inference_log_pending 5.0" in metrics
             blocker.unlink()
             blocker.mkdir()  # the store comes back
-            from pipelines.inference_log import read_records
+            from pipelines.serving.inference_log import read_records
 
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -714,7 +714,7 @@ def test_mlflow_models_serve_answers_with_the_champion(ws, tmp_path):
     mlflow = MlflowServer(tmp_path / "mlflow").start()
     process = None
     try:
-        from pipelines import promote
+        from pipelines.stages import promote
 
         ws3 = Workspace(tmp_path / "ws", ws.root / "base", mlflow.uri, f"mlserve-{uuid.uuid4().hex[:6]}")
         register(ws3, evaluation(0.02))

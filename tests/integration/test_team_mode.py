@@ -8,7 +8,7 @@ script (docker/mlflow/init_users.py, the stack's mlflow-init); then the tiny pip
 registers in it as the pipeline's user, `llmops serve` answers with the champion as the read-only
 serving user and logs the requests into the PostgreSQL inference log. Every service location and
 credential reaches the pipeline through the environment only, as in docker/compose.yaml
-(pipelines/settings.py): params.yaml names none of them.
+(pipelines/config/settings.py): params.yaml names none of them.
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def test_train_register_and_serve_with_postgresql_behind_mlflow_and_the_inferenc
                 assert response.status_code == 200, response.text
                 assert response.json()["model_version"] == "1"
                 ids.append(response.json()["id"])
-            from pipelines.inference_log import read_records
+            from pipelines.serving.inference_log import read_records
 
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:

@@ -48,8 +48,8 @@ def fresh_tracking(monkeypatch):
 def test_the_project_can_be_moved_with_its_runs_and_models(tmp_path, monkeypatch, fresh_tracking):
     import mlflow
 
-    from pipelines import tracking
-    from pipelines.params import TrackingParams
+    from pipelines.config.params import TrackingParams
+    from pipelines.registry import tracking
 
     # the embedded default: no tracking.uri, no MLFLOW_TRACKING_URI, the project root as working directory
     original = tmp_path / "original"
@@ -82,8 +82,8 @@ def test_the_project_can_be_moved_with_its_runs_and_models(tmp_path, monkeypatch
 
 
 def test_a_store_elsewhere_is_left_as_mlflow_wrote_it(tmp_path, monkeypatch, fresh_tracking):
-    from pipelines import tracking
-    from pipelines.params import TrackingParams
+    from pipelines.config.params import TrackingParams
+    from pipelines.registry import tracking
 
     monkeypatch.chdir(tmp_path)
     db = tmp_path / "other" / "mlflow.db"

@@ -31,7 +31,7 @@ def test_train_writes_adapter_reports_merged_model_and_an_mlflow_run(tiny_train_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipelines.train import main
+    from pipelines.training.loop import main
 
     params = tiny_train_params(merge=True)
     main(params)
@@ -70,7 +70,7 @@ def test_train_writes_adapter_reports_merged_model_and_an_mlflow_run(tiny_train_
 
 
 def test_bf16_on_cpu_trains_under_autocast_and_passes_the_gate(tiny_train_params):
-    from pipelines.train import main
+    from pipelines.training.loop import main
 
     params = tiny_train_params(precision="bf16", max_steps=4, eval_steps=4, save_steps=4)
     main(params)
@@ -82,7 +82,7 @@ def test_bf16_on_cpu_trains_under_autocast_and_passes_the_gate(tiny_train_params
 def test_nan_loss_stops_the_run_without_an_adapter(tiny_train_params, monkeypatch):
     import torch
 
-    import pipelines.train as train_stage
+    import pipelines.training.loop as train_stage
 
     load = train_stage.load_model
 
@@ -110,8 +110,8 @@ def test_nan_loss_stops_the_run_without_an_adapter(tiny_train_params, monkeypatc
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_deepspeed_cpu_ranks_train_and_pass_the_adapter_gate(tiny_train_params, zero):
-    from pipelines.adapter_gate import adapter_tensor_problems
-    from pipelines.train import main
+    from pipelines.model.adapter_gate import adapter_tensor_problems
+    from pipelines.training.loop import main
 
     params = tiny_train_params(deepspeed={"config": str(REPO / "configs" / "deepspeed" / f"{zero}.json"),
                                           "num_processes": 2, "master_port": free_port()})
@@ -120,8 +120,8 @@ def test_two_deepspeed_cpu_ranks_train_and_pass_the_adapter_gate(tiny_train_para
     metrics = json.loads(params.paths.metrics("train").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 12
     assert metrics["gate_reloaded_loss"] == pytest.approx(metrics["gate_reference_loss"], rel=0.02)
-    from pipelines.adapter_gate import expected_shapes
-    from pipelines.train import meta_model
+    from pipelines.model.adapter_gate import expected_shapes
+    from pipelines.training.loop import meta_model
 
     expected = expected_shapes(meta_model(params.base_model.output_dir), params.train.lora.target_modules, 8)
     assert adapter_tensor_problems(params.train.adapter_dir, expected) == ([], 16)
@@ -141,8 +141,8 @@ def _llmops(*args: str) -> subprocess.Popen:
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_and_ends_like_an_uninterrupted_one(
         tiny_train_params, tmp_path):
-    from pipelines.checkpoints import MARKER, read_run, resume_point
-    from pipelines.train import main
+    from pipelines.training.checkpoints import MARKER, read_run, resume_point
+    from pipelines.training.loop import main
 
     common = {"max_steps": 80, "save_steps": 10, "eval_steps": 40, "per_device_batch_size": 8}
 

@@ -48,7 +48,7 @@ def test_the_bundled_smollm2_became_a_plain_transformers_folder_with_the_ggufs_l
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.model_source import resolve
+    from pipelines.model.sources import resolve
 
     out = demo.root / "models/base"
     record = json.loads((out / "source.json").read_text())
@@ -67,7 +67,7 @@ def test_the_bundled_smollm2_became_a_plain_transformers_folder_with_the_ggufs_l
 
 
 def test_adapter_lowers_validation_loss_below_the_base_model(demo):
-    from pipelines.lm import CausalLM
+    from pipelines.model.lm import CausalLM
 
     root = demo.root
     validation = pd.read_parquet(root / "data/prepared/validation.parquet").head(64)
@@ -98,8 +98,8 @@ def test_llmops_serve_answers_with_the_demo_champion_as_evaluated_and_logs_the_r
     `evaluate` scored (transformers' generate on the same weights): the gate judged what is served."""
     import requests
 
-    from pipelines.inference_log import read_records
-    from pipelines.params import load_params
+    from pipelines.config.params import load_params
+    from pipelines.serving.inference_log import read_records
 
     url = f"http://127.0.0.1:{free_port()}"
     body = {"messages": [{"role": "user", "content": 'What does the noun "harbour" mean?'}], "max_tokens": 32}

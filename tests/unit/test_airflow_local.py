@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from pipelines.airflow_local import AirflowError, LocalAirflow
+from pipelines.commands.airflow import AirflowError, LocalAirflow
 
 
 def test_a_port_in_use_is_a_clear_error(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.checkpoints import MARKER, is_complete, mark_complete, prepare_resume, resume_point
+from pipelines.training.checkpoints import MARKER, is_complete, mark_complete, prepare_resume, resume_point
 
 
 def _checkpoint(root: Path, step: int, max_steps: int = 40) -> Path:
@@ -61,7 +61,7 @@ def test_a_corrupt_checkpoint_is_skipped_with_a_warning_and_the_previous_one_is_
     previous = _checkpoint(tmp_path, 20)
     newest = _checkpoint(tmp_path, 30)
     _flip_a_byte(newest / "adapter_model.safetensors")
-    with caplog.at_level(logging.WARNING, logger="pipelines.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.training.checkpoints"):
         assert resume_point(tmp_path) == previous
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(newest) in w and "adapter_model.safetensors" in w and "sha256" in w for w in warnings), warnings
@@ -72,7 +72,7 @@ def test_prepare_resume_removes_the_corrupt_checkpoint_and_resumes_from_the_prev
     previous = _checkpoint(tmp_path, 20)
     newest = _checkpoint(tmp_path, 30)
     (newest / "trainer_state.json").write_text(json.dumps({"global_step": 31, "max_steps": 40}))  # same size
-    with caplog.at_level(logging.WARNING, logger="pipelines.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.training.checkpoints"):
         assert prepare_resume(tmp_path, "run-a") == previous
     assert not newest.exists() and previous.exists()
     assert any("checkpoint-30" in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)

@@ -194,7 +194,7 @@ def test_the_serve_service_gets_a_gpu_shared_memory_and_a_persistent_engine_cach
 
 
 def test_the_stack_configures_the_pipeline_only_through_the_settings_rule(resolved):
-    """The services get the variables pipelines/settings.py reads, and MLflow runs with auth."""
+    """The services get the variables pipelines/config/settings.py reads, and MLflow runs with auth."""
     env = resolved["config"]["services"]["airflow-worker"]["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["LLMOPS_INFERENCE_LOG_URL"].startswith("postgresql+psycopg2://llmops:")

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from pipelines.config.params import InferenceLogParams
 from pipelines.errors import LLMOpsError
-from pipelines.inference_log import READ_COLUMNS, Feedback, InferenceLog, InferenceRecord, read_records
-from pipelines.params import InferenceLogParams
+from pipelines.serving.inference_log import READ_COLUMNS, Feedback, InferenceLog, InferenceRecord, read_records
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 EMAIL = "jane.doe@example.com"
@@ -130,7 +130,7 @@ def test_redaction_can_be_turned_off(tmp_path):
 def test_store_down_spools_redacted_then_flushes_every_record_once(tmp_path, down, caplog):
     url, up = down
     log = make_log(url, tmp_path / "spool", batch_size=3)
-    with caplog.at_level(logging.INFO, logger="pipelines.inference_log"):
+    with caplog.at_level(logging.INFO, logger="pipelines.serving.inference_log"):
         log.start()
         try:
             for n in range(20):
@@ -208,7 +208,7 @@ def test_a_table_from_an_older_version_is_named_with_the_fix_and_records_wait_fo
                            "NULL, latency_ms FLOAT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens "
                            "INTEGER NOT NULL, error TEXT)")
     log = make_log(f"sqlite:///{db}", tmp_path / "spool")
-    with caplog.at_level(logging.WARNING, logger="pipelines.inference_log"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.serving.inference_log"):
         log.start()
         try:
             for n in range(3):
@@ -238,7 +238,7 @@ def test_a_crashed_spool_is_flushed_at_start_and_corrupt_lines_are_counted(tmp_p
     url = f"sqlite:///{tmp_path / 'inference.db'}"
     log = make_log(url, spool)
     assert log.pending == 7  # the cut line counts until it is read
-    with caplog.at_level(logging.WARNING, logger="pipelines.inference_log"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.serving.inference_log"):
         log.start()
         assert log.flush(10)
     log.close()
@@ -320,7 +320,7 @@ def test_when_neither_store_nor_spool_can_be_written_records_wait_in_memory(tmp_
     (spool / "spool.lock").unlink()
     spool.rmdir()
     spool.write_text("a file where the spool folder should be")  # every append fails (like a full disk)
-    with caplog.at_level(logging.ERROR, logger="pipelines.inference_log"):
+    with caplog.at_level(logging.ERROR, logger="pipelines.serving.inference_log"):
         log.start()
         try:
             for n in range(6):
@@ -356,7 +356,7 @@ def test_a_row_the_store_refuses_is_set_aside_and_the_rest_is_written(tmp_path, 
     url = f"sqlite:///{tmp_path / 'inference.db'}"
     log = make_log(url, tmp_path / "spool")
     log.start()
-    with caplog.at_level(logging.WARNING, logger="pipelines.inference_log"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.serving.inference_log"):
         log.record(rec(0))
         log.record(rec(1, prompt=None))  # NOT NULL: the store refuses it, whatever the retries
         log.record(rec(2))
@@ -509,7 +509,7 @@ def test_sqlite_runs_with_synchronous_full_whatever_the_library_default(tmp_path
 
 
 def test_a_second_log_on_the_same_spool_is_refused_in_one_line_until_the_first_is_closed(tmp_path):
-    from pipelines.inference_log import SpoolInUse
+    from pipelines.serving.inference_log import SpoolInUse
 
     url, spool = f"sqlite:///{tmp_path / 'inference.db'}", tmp_path / "spool"
     first = make_log(url, spool)
@@ -525,7 +525,7 @@ def test_a_second_log_on_the_same_spool_is_refused_in_one_line_until_the_first_i
 # Holds the spool of argv[1] until killed.
 HOLDER = """
 import sys, time
-from pipelines.inference_log import InferenceLog
+from pipelines.serving.inference_log import InferenceLog
 log = InferenceLog(sys.argv[2], sys.argv[1])
 print("holding", flush=True)
 time.sleep(600)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipelines.config.params import BundledSource, FileSource, HFSource
+from pipelines.data.sources import SCHEMA, ingest
 from pipelines.errors import DataError
-from pipelines.ingest import SCHEMA, ingest
-from pipelines.params import BundledSource, FileSource, HFSource
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.metrics import (
+from pipelines.evaluation.metrics import (
     Scores,
     corpus_metrics,
     exact_match,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.errors import LLMOpsError
-from pipelines.model_source import load_tokenizer, resolve
+from pipelines.model.sources import load_tokenizer, resolve
 
 
 def test_bundled_default_is_found_through_package_metadata():

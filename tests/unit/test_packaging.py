@@ -16,8 +16,8 @@ import torch
 import yaml
 from mlflow.pyfunc import PythonModelContext
 
-from pipelines.lm import CausalLM, Decoding
-from pipelines.packaging import (
+from pipelines.model.lm import CausalLM, Decoding
+from pipelines.model.packaging import (
     ADAPTER_ARTIFACT,
     CONFIG_ARTIFACT,
     MERGED_ARTIFACT,
@@ -43,7 +43,7 @@ def test_the_registered_model_loads_in_the_dtype_the_consumer_asks_for(tmp_path,
         weights = {parameter.dtype for parameter in model.lm.model.parameters()}
         inv_freq = {buffer.dtype for name, buffer in model.lm.model.named_buffers() if name.endswith("inv_freq")}
         # peft leaves merged weights frozen; frozen bfloat16 output layers run 2.2x slower on this
-        # CPU (pipelines/lm.py, CausalLM.load), so the loaded model's weights require grad again
+        # CPU (pipelines/model/lm.py, CausalLM.load), so the loaded model's weights require grad again
         assert all(parameter.requires_grad for parameter in model.lm.model.parameters())
         return weights, inv_freq
 
@@ -111,8 +111,8 @@ def test_a_registered_version_holds_no_pickle_and_mlflow_loads_it_with_unpicklin
         workspace, tmp_path, no_unpickling):
     import mlflow
 
-    from pipelines.packaging import load_registered
-    from pipelines.registry import Registry
+    from pipelines.model.packaging import load_registered
+    from pipelines.registry.model_registry import Registry
 
     version = register(workspace, evaluation(0.02))
     registry = Registry(workspace.params())
@@ -133,7 +133,7 @@ def log_version(workspace, python_model, merged: Path, config: Path) -> str:
     """A version logged as an older release (or an attacker with write access) would have logged it."""
     import mlflow
 
-    from pipelines.registry import Registry
+    from pipelines.registry.model_registry import Registry
 
     registry = Registry(workspace.params())
     mlflow.set_tracking_uri(registry.uri)
@@ -165,7 +165,7 @@ class Tampered(LoraTextGenerator):
 
 def test_a_pickled_version_is_loaded_by_the_project_without_its_pickle_being_read(
         workspace, tmp_path, tiny_tokenizer_dir):
-    from pipelines.registry import champion_model
+    from pipelines.registry.model_registry import champion_model
 
     merged = write_merged(workspace.params().base_model.output_dir, workspace.adapter, tmp_path / "merged")
     marker = tmp_path / "unpickled"
@@ -178,7 +178,7 @@ def test_a_pickled_version_is_loaded_by_the_project_without_its_pickle_being_rea
 
 
 def test_served_weights_in_a_pickle_format_are_refused_with_the_fix(workspace, tmp_path):
-    from pipelines.engine import fetch_version
+    from pipelines.serving.engine import fetch_version
 
     merged = write_merged(workspace.params().base_model.output_dir, workspace.adapter, tmp_path / "merged")
     for weights in merged.glob("*.safetensors"):
@@ -192,7 +192,7 @@ def test_served_weights_in_a_pickle_format_are_refused_with_the_fix(workspace, t
 
 def test_no_project_module_loads_a_version_through_mlflows_pickle_capable_loader():
     """`mlflow.pyfunc.load_model` unpickles a pickled version (MLflow's default); the project's modules
-    load versions with pipelines.packaging.load_registered instead (the docs may name it)."""
+    load versions with pipelines.model.packaging.load_registered instead (the docs may name it)."""
     def uses_pyfunc_loader(path: Path) -> bool:
         return any(isinstance(node, ast.Attribute) and node.attr == "load_model"
                    and isinstance(node.value, ast.Attribute) and node.value.attr == "pyfunc"

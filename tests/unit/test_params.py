@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.config.params import BundledSource, FileSource, load_params, parse_params
 from pipelines.errors import ParamsError
-from pipelines.params import BundledSource, FileSource, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,7 +103,7 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(bad)
 
 
-# --- what one run may override (pipelines/experiment.py enforces it) ---------------------
+# --- what one run may override (pipelines/commands/experiment.py enforces it) ---------------------
 
 def _model_has(model: type, dotted: str) -> bool:
     """Whether the Params model has the dotted key (sections are nested pydantic models)."""
@@ -122,8 +122,8 @@ def _model_has(model: type, dotted: str) -> bool:
 
 
 def test_every_run_overridable_key_exists_and_none_is_a_deployment_setting_or_a_path():
-    from pipelines.params import RUN_OVERRIDABLE, Params, run_overridable
-    from pipelines.settings import DEPLOYMENT_SETTINGS
+    from pipelines.config.params import RUN_OVERRIDABLE, Params, run_overridable
+    from pipelines.config.settings import DEPLOYMENT_SETTINGS
 
     assert all(_model_has(Params, key) for key in RUN_OVERRIDABLE), RUN_OVERRIDABLE
     assert not any(run_overridable(key) for key in DEPLOYMENT_SETTINGS)
@@ -137,7 +137,7 @@ def test_every_run_overridable_key_exists_and_none_is_a_deployment_setting_or_a_
 def test_docs_table_lists_exactly_the_run_overridable_keys():
     import re
 
-    from pipelines.params import RUN_OVERRIDABLE
+    from pipelines.config.params import RUN_OVERRIDABLE
 
     text = (REPO / "docs" / "orchestration.md").read_text()
     section = text.split("## What a run may override", 1)[1].split("\n## ", 1)[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.pii import find_pii, redact
+from pipelines.data.pii import find_pii, redact
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipelines.params import PromoteParams
-from pipelines.promote import decide, gate
+from pipelines.config.params import PromoteParams
+from pipelines.stages.promote import decide, gate
 
 
 def results(vs_base=(0.10, 0.05, 0.15), vs_champion=None, slices=None, champion_version=None):

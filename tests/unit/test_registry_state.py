@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.registry import (
+from pipelines.registry.model_registry import (
     CARD_MARKER,
     actor,
     alias_status,
@@ -111,7 +111,7 @@ def checkout(tmp_path: Path) -> Path:
 
 
 def test_a_pipeline_run_alone_leaves_the_version_clean(checkout: Path):
-    from pipelines.tracking import git_state
+    from pipelines.registry.tracking import git_state
 
     # what `dvc repro` does with core.autostage: rewrite dvc.lock and the metrics, and stage them
     (checkout / "dvc.lock").write_text((checkout / "dvc.lock").read_text().replace("md5: a", "md5: c"))
@@ -123,7 +123,7 @@ def test_a_pipeline_run_alone_leaves_the_version_clean(checkout: Path):
 
 
 def test_a_dirty_version_says_which_files(checkout: Path):
-    from pipelines.tracking import git_state
+    from pipelines.registry.tracking import git_state
 
     (checkout / "dvc.lock").write_text((checkout / "dvc.lock").read_text() + "# changed\n")
     (checkout / "pipelines" / "train.py").write_text("print('edited')\n")
@@ -136,7 +136,7 @@ def test_a_dirty_version_says_which_files(checkout: Path):
 
 
 def test_a_project_in_a_subfolder_of_the_repository(checkout: Path, tmp_path: Path):
-    from pipelines.tracking import git_state
+    from pipelines.registry.tracking import git_state
 
     outer = tmp_path / "outer"
     outer.mkdir()
@@ -154,6 +154,6 @@ def test_a_project_in_a_subfolder_of_the_repository(checkout: Path, tmp_path: Pa
 
 
 def test_outside_git_there_is_no_state(tmp_path: Path):
-    from pipelines.tracking import git_state
+    from pipelines.registry.tracking import git_state
 
     assert git_state(tmp_path) == {}

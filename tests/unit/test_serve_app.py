@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.params import load_params
+from pipelines.config.params import load_params
 from tests.support import REPO, TEST_TOKEN
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
@@ -24,7 +24,7 @@ def gateway(tmp_path):
     """A gateway whose engine thread never started: no version is being served."""
     from fastapi.testclient import TestClient
 
-    from pipelines.serve import Service, create_app
+    from pipelines.serving.app import Service, create_app
 
     params = load_params(REPO / "params.yaml", [f"serve.engine.cache_dir={tmp_path}",
                                                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
@@ -74,7 +74,7 @@ def test_no_token_no_answer_and_no_open_api_pages(gateway):
 
 
 def test_admission_refuses_past_capacity_with_a_retry_after(gateway):
-    from pipelines.serve import RequestError
+    from pipelines.serving.app import RequestError
 
     service, _ = gateway
     for _ in range(service.capacity):
@@ -87,7 +87,7 @@ def test_admission_refuses_past_capacity_with_a_retry_after(gateway):
 
 
 def test_engine_command_environment_and_core_list(tmp_path):
-    from pipelines.engine import EngineConfig, _cpu_bind, engine_command, engine_environment
+    from pipelines.serving.engine import EngineConfig, _cpu_bind, engine_command, engine_environment
 
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 256}))
     params = load_params(REPO / "params.yaml", ["serve.engine.device=cpu", "serve.engine.kv_cache_gib=0.5"])
@@ -110,7 +110,7 @@ def test_the_cpu_engine_preloads_the_venvs_openmp_through_the_venv_symlink(tmp_p
     vLLM's libiomp5 was never preloaded (vLLM then warned and fell back to torch's libgomp)."""
     import ctypes.util
 
-    from pipelines.engine import EngineConfig, engine_environment
+    from pipelines.serving.engine import EngineConfig, engine_environment
 
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
@@ -133,7 +133,7 @@ def test_the_cpu_engine_preloads_the_venvs_openmp_through_the_venv_symlink(tmp_p
 
 
 def test_a_missing_vllm_interpreter_is_named_with_the_fix(tmp_path):
-    from pipelines.engine import EngineError, check_python
+    from pipelines.serving.engine import EngineError, check_python
 
     with pytest.raises(EngineError, match="make install"):
         check_python(str(tmp_path / "no-such-python"))
@@ -144,8 +144,8 @@ def test_a_missing_vllm_interpreter_is_named_with_the_fix(tmp_path):
 def test_a_one_turn_template_takes_one_user_message(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from pipelines.engine import ServedVersion
-    from pipelines.serve import RequestError, Served
+    from pipelines.serving.app import RequestError, Served
+    from pipelines.serving.engine import ServedVersion
 
     version = ServedVersion("tiny", "1", Path("."), {"template": "alpaca", "system_prompt": "Be brief."})
     served = Served(version, engine=None, tokenizer=AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
@@ -166,8 +166,8 @@ def test_an_answer_goes_out_only_once_its_record_is_on_disk(tmp_path):
 
     from fastapi.testclient import TestClient
 
-    from pipelines.inference_log import InferenceLog
-    from pipelines.serve import Service, create_app
+    from pipelines.serving.app import Service, create_app
+    from pipelines.serving.inference_log import InferenceLog
 
     db, spool = tmp_path / "inference.db", tmp_path / "spool"
     params = load_params(REPO / "params.yaml", [f"serve.engine.cache_dir={tmp_path}",
@@ -204,8 +204,8 @@ def serving(tmp_path, tiny_tokenizer_dir):
     from fastapi.testclient import TestClient
     from transformers import AutoTokenizer
 
-    from pipelines.engine import EngineConfig, ServedVersion, external_engine
-    from pipelines.serve import Served, Service, create_app
+    from pipelines.serving.app import Served, Service, create_app
+    from pipelines.serving.engine import EngineConfig, ServedVersion, external_engine
 
     def make(*overrides: str):
         params = load_params(REPO / "params.yaml", [f"serve.engine.cache_dir={tmp_path}",
@@ -252,7 +252,7 @@ def test_a_client_system_message_is_refused_unless_allowed(serving):
 
 
 def test_escape_turns_control_tokens_into_plain_text_and_training_renders_as_before(tiny_tokenizer):
-    from pipelines.templates import ControlTokenInContent, guard_content, render_prompt
+    from pipelines.data.templates import ControlTokenInContent, guard_content, render_prompt
 
     special = set(tiny_tokenizer.all_special_ids)
     ids = tiny_tokenizer(INJECTION, add_special_tokens=False)["input_ids"]

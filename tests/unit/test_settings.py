@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import settings
+from pipelines.config import settings
+from pipelines.config.params import DeployParams, DvcRemoteParams, InferenceLogParams, ServeParams, TrackingParams
 from pipelines.errors import LLMOpsError
-from pipelines.params import DeployParams, DvcRemoteParams, InferenceLogParams, ServeParams, TrackingParams
 from tests.support import REPO
 
 # setting -> (function, params with the param set, env variable, embedded default)
@@ -97,9 +97,9 @@ def test_passwords_never_show():
 
 
 def test_the_stages_read_the_same_settings(monkeypatch, tmp_path):
-    """tracking.py, the inference log and deploy go through pipelines/settings.py."""
-    from pipelines.inference_log import InferenceLog
-    from pipelines.tracking import tracking_uri
+    """tracking.py, the inference log and deploy go through pipelines/config/settings.py."""
+    from pipelines.registry.tracking import tracking_uri
+    from pipelines.serving.inference_log import InferenceLog
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-mlflow:5000")
     assert tracking_uri(TrackingParams()) == "http://env-mlflow:5000"
@@ -114,7 +114,7 @@ def test_the_stages_read_the_same_settings(monkeypatch, tmp_path):
 
 
 def test_deploy_finds_the_service_in_the_environment(monkeypatch):
-    from pipelines import deploy
+    from pipelines.serving import deploy
 
     monkeypatch.setenv("LLMOPS_SERVICE_URL", "http://serve:8000")
     assert settings.service_url(DeployParams()).value == "http://serve:8000"
@@ -160,7 +160,7 @@ def test_llmops_settings_configures_dvc_from_the_environment_and_back(tmp_path):
 
 
 def test_the_server_reads_its_token_by_the_same_rule_and_refuses_a_short_one(tmp_path, monkeypatch):
-    from pipelines.serve import read_token
+    from pipelines.serving.app import read_token
 
     token_file = tmp_path / "token"
     token_file.write_text("from-file-0123456789\n")
@@ -175,7 +175,7 @@ def test_the_server_reads_its_token_by_the_same_rule_and_refuses_a_short_one(tmp
 def test_every_deployment_setting_is_listed_as_one_no_run_may_change(tmp_path):
     """A new setting added to all_settings without an entry in DEPLOYMENT_SETTINGS would be
     overridable by a run's params: this fails first."""
-    from pipelines.params import load_params, run_overridable
+    from pipelines.config.params import load_params, run_overridable
 
     params = load_params(REPO / "params.yaml")
     for setting in settings.all_settings(params, tmp_path, {}):

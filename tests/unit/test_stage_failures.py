@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines import ingest, prepare, validate
-from pipelines.params import load_params
+from pipelines.config.params import load_params
+from pipelines.data import sources as ingest
+from pipelines.stages import prepare, validate
 from tests.support import REPO
 
 FIXTURES = REPO / "tests" / "data" / "fixtures"
@@ -77,7 +78,7 @@ def _with_conflict_in(split_name: str, tmp_path: Path, params) -> Path:
     """good.jsonl plus a second, different answer to a prompt that `prepare` puts in `split_name`."""
     import json
 
-    from pipelines.prepare import split_of
+    from pipelines.stages.prepare import split_of
 
     rows = [json.loads(line) for line in (FIXTURES / "good.jsonl").read_text().splitlines()]
     settings = params.prepare

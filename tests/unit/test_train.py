@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.config.params import DeepSpeedParams, TrackingParams, TrainParams, parse_params
 from pipelines.errors import LLMOpsError, ParamsError
-from pipelines.params import DeepSpeedParams, TrackingParams, TrainParams, parse_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 # --- loss only on the completion ---------------------------------------------------------
 
 def test_prompt_tokens_are_masked_and_completion_tokens_are_the_labels(tiny_tokenizer):
-    from pipelines.train import IGNORE_INDEX, encode_pair
+    from pipelines.training.loop import IGNORE_INDEX, encode_pair
 
     prompt = "<|im_start|>user\nWhat is a cat?<|im_end|>\n<|im_start|>assistant\n"
     completion = "A small pet.<|im_end|>\n"
@@ -30,7 +30,7 @@ def test_prompt_tokens_are_masked_and_completion_tokens_are_the_labels(tiny_toke
 
 
 def test_truncation_keeps_the_mask_aligned_and_drops_examples_without_completion(tiny_tokenizer):
-    from pipelines.train import IGNORE_INDEX, encode_pair
+    from pipelines.training.loop import IGNORE_INDEX, encode_pair
 
     prompt, completion = "a b c d e f g h", " the answer is long enough"
     n_prompt = len(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -43,7 +43,7 @@ def test_truncation_keeps_the_mask_aligned_and_drops_examples_without_completion
 
 
 def test_collate_pads_inputs_with_pad_and_labels_with_ignore_index():
-    from pipelines.train import IGNORE_INDEX, collate
+    from pipelines.training.loop import IGNORE_INDEX, collate
 
     batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
                     pad_token_id=0)
@@ -57,7 +57,7 @@ def test_model_loss_is_the_mean_over_completion_tokens_only(tiny_base_model_dir,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipelines.train import collate, encode_pair
+    from pipelines.training.loop import collate, encode_pair
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base_model_dir).eval()
     example = encode_pair("<|im_start|>user\nDefine dog.<|im_end|>\n<|im_start|>assistant\n",
@@ -103,7 +103,7 @@ def test_params_yaml_train_section_matches_the_code_defaults():
 # --- checks on the base model and the machine --------------------------------------------
 
 def test_unknown_target_modules_list_the_modules_that_exist(tiny_base_model_dir):
-    from pipelines.train import ModelMismatch, check_target_modules, meta_model
+    from pipelines.training.loop import ModelMismatch, check_target_modules, meta_model
 
     with pytest.raises(ModelMismatch) as error:
         check_target_modules(["q_proj", "c_attn"], meta_model(tiny_base_model_dir), str(tiny_base_model_dir))
@@ -113,7 +113,7 @@ def test_unknown_target_modules_list_the_modules_that_exist(tiny_base_model_dir)
 
 
 def test_max_seq_length_beyond_the_model_context_is_refused(tiny_base_model_dir):
-    from pipelines.train import ModelMismatch, check_context, meta_model
+    from pipelines.training.loop import ModelMismatch, check_context, meta_model
 
     config = meta_model(tiny_base_model_dir).config  # the tiny model has 256 positions
     check_context(256, config, "tiny")
@@ -122,7 +122,7 @@ def test_max_seq_length_beyond_the_model_context_is_refused(tiny_base_model_dir)
 
 
 def test_qlora_and_fp16_without_cuda_fail_clearly():
-    from pipelines.train import HardwareError, check_hardware
+    from pipelines.training.loop import HardwareError, check_hardware
 
     with pytest.raises(HardwareError, match="train.qlora is true but no CUDA GPU"):
         check_hardware(TrainParams(qlora=True), cuda=False)
@@ -132,7 +132,7 @@ def test_qlora_and_fp16_without_cuda_fail_clearly():
 
 
 def test_auto_precision_is_fp32_on_cpu_and_bf16_on_a_gpu_that_has_it():
-    from pipelines.train import resolve_precision
+    from pipelines.training.loop import resolve_precision
 
     assert resolve_precision("auto", cuda=False) == "fp32"
     assert resolve_precision("auto", cuda=True, cuda_bf16=True) == "bf16"
@@ -147,7 +147,7 @@ def test_auto_precision_is_fp32_on_cpu_and_bf16_on_a_gpu_that_has_it():
     ({"deepspeed": {"config": "configs/deepspeed/zero5.json"}}, "zero5.json does not exist"),
 ])
 def test_plan_rejects_bad_input_before_any_work(tiny_train_params, change, message, monkeypatch):
-    from pipelines.train import plan
+    from pipelines.training.loop import plan
 
     monkeypatch.chdir(REPO)  # the configs/ paths are relative to the project
     with pytest.raises(LLMOpsError, match=message):
@@ -155,7 +155,7 @@ def test_plan_rejects_bad_input_before_any_work(tiny_train_params, change, messa
 
 
 def test_plan_names_the_stage_to_run_when_the_base_model_is_missing(tiny_train_params, tmp_path):
-    from pipelines.train import plan
+    from pipelines.training.loop import plan
 
     params = tiny_train_params()
     params = params.model_copy(update={"base_model": params.base_model.model_copy(
@@ -165,7 +165,7 @@ def test_plan_names_the_stage_to_run_when_the_base_model_is_missing(tiny_train_p
 
 
 def test_a_changed_param_changes_the_fingerprint_but_an_output_path_does_not(tiny_train_params, tmp_path):
-    from pipelines.train import plan
+    from pipelines.training.loop import plan
 
     base = plan(tiny_train_params()).fingerprint
     assert plan(tiny_train_params(learning_rate=1e-4)).fingerprint != base
@@ -176,7 +176,7 @@ def test_a_changed_param_changes_the_fingerprint_but_an_output_path_does_not(tin
 
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])
 def test_shipped_zero_configs_pass_deepspeed_validation(name):
-    from pipelines.distributed import check_deepspeed_config
+    from pipelines.training.distributed import check_deepspeed_config
 
     config = check_deepspeed_config(REPO / "configs" / "deepspeed" / f"{name}.json", 8, 1, "fp32", 1.0)
     assert config["zero_allow_untested_optimizer"] is True  # the Trainer's torch AdamW, no CPU-Adam build
@@ -190,7 +190,7 @@ def test_shipped_zero_configs_pass_deepspeed_validation(name):
     ({"zero_optimization": {"stage": 4}}, "stage"),
 ])
 def test_a_config_deepspeed_rejects_fails_with_its_reason(tmp_path, config, message):
-    from pipelines.distributed import LaunchError, check_deepspeed_config
+    from pipelines.training.distributed import LaunchError, check_deepspeed_config
 
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(config))
@@ -199,7 +199,7 @@ def test_a_config_deepspeed_rejects_fails_with_its_reason(tmp_path, config, mess
 
 
 def test_a_config_that_is_not_json_is_refused(tmp_path):
-    from pipelines.distributed import LaunchError, check_deepspeed_config
+    from pipelines.training.distributed import LaunchError, check_deepspeed_config
 
     path = tmp_path / "broken.json"
     path.write_text('{"zero_optimization": {"stage": 2,}}')
@@ -208,19 +208,19 @@ def test_a_config_that_is_not_json_is_refused(tmp_path):
 
 
 def test_launch_command_on_one_cpu_machine():
-    from pipelines.distributed import launch_command
+    from pipelines.training.distributed import launch_command
 
     command, env = launch_command(DeepSpeedParams(num_processes=2, master_port=29600), ["--params-json", "p.json"],
                                   cuda=False, cpu_count=2, launcher=["deepspeed"])
     assert command == ["deepspeed", "--num_accelerators", "2", "--master_port", "29600",
-                       "--master_addr", "127.0.0.1", "--no_local_rank", "--module", "pipelines.train",
+                       "--master_addr", "127.0.0.1", "--no_local_rank", "--module", "pipelines.training.loop",
                        "--params-json", "p.json"]
     assert "--bind_cores_to_rank" not in command
     assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == "1"
 
 
 def test_launch_command_with_a_hostfile_uses_its_first_host_as_master(tmp_path):
-    from pipelines.distributed import launch_command
+    from pipelines.training.distributed import launch_command
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two CPU nodes\nnode-a slots=4\n\nnode-b slots=4\n")
@@ -233,7 +233,7 @@ def test_launch_command_with_a_hostfile_uses_its_first_host_as_master(tmp_path):
 
 
 def test_multi_node_launch_command_on_cpu_nodes_with_an_explicit_master(tmp_path):
-    from pipelines.distributed import launch_command
+    from pipelines.training.distributed import launch_command
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-1 slots=8  # the first host\nworker-2 slots=8\n")
@@ -242,7 +242,7 @@ def test_multi_node_launch_command_on_cpu_nodes_with_an_explicit_master(tmp_path
                                   launcher=["deepspeed"])
     assert command == ["deepspeed", "--num_accelerators", "2", "--master_port", "29700",
                        "--hostfile", str(hostfile), "--master_addr", "10.0.0.5",
-                       "--no_local_rank", "--module", "pipelines.train", "--params-json", "p.json"]
+                       "--no_local_rank", "--module", "pipelines.training.loop", "--params-json", "p.json"]
     assert env == {"PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "8"}
 
 
@@ -252,7 +252,7 @@ def test_the_train_stage_launches_the_ranks_on_every_host_of_the_hostfile(tmp_pa
 
     import torch
 
-    from pipelines import train
+    from pipelines.training import loop as train
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("gpu-node-1 slots=4\ngpu-node-2 slots=4\n")
@@ -280,8 +280,8 @@ def test_the_train_stage_launches_the_ranks_on_every_host_of_the_hostfile(tmp_pa
     assert command[command.index("--hostfile") + 1] == str(hostfile)
     assert command[command.index("--master_addr") + 1] == "gpu-node-1"
     assert command[command.index("--num_accelerators") + 1] == "4"
-    assert command[command.index("--module") + 1] == "pipelines.train"
-    rank_args = command[command.index("pipelines.train") + 1:]
+    assert command[command.index("--module") + 1] == "pipelines.training.loop"
+    rank_args = command[command.index("pipelines.training.loop") + 1:]
     assert rank_args == ["--params-json", str(tmp_path / "checkpoints" / "launch-params.json"),
                          "--error-file", str(tmp_path / "checkpoints" / "launch-error.txt")]
     # every rank reads the same params; the launcher gets this process's environment (DeepSpeed
@@ -299,7 +299,7 @@ def test_the_train_stage_launches_the_ranks_on_every_host_of_the_hostfile(tmp_pa
     ("node-a slots=1\n", r"fewer slots on node-a \(1\)"),
 ])
 def test_bad_hostfiles_are_refused(tmp_path, text, message):
-    from pipelines.distributed import LaunchError, launch_command
+    from pipelines.training.distributed import LaunchError, launch_command
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(text)
@@ -308,7 +308,7 @@ def test_bad_hostfiles_are_refused(tmp_path, text, message):
 
 
 def test_only_multi_process_or_deepspeed_runs_relaunch():
-    from pipelines.distributed import needs_launch
+    from pipelines.training.distributed import needs_launch
 
     assert not needs_launch(DeepSpeedParams())
     assert needs_launch(DeepSpeedParams(num_processes=2))
@@ -318,7 +318,7 @@ def test_only_multi_process_or_deepspeed_runs_relaunch():
 # --- checkpoints: only complete ones are resumed -----------------------------------------
 
 def _checkpoint(root: Path, step: int, max_steps: int = 30, complete: bool = True) -> Path:
-    from pipelines.checkpoints import mark_complete
+    from pipelines.training.checkpoints import mark_complete
 
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True)
@@ -330,7 +330,7 @@ def _checkpoint(root: Path, step: int, max_steps: int = 30, complete: bool = Tru
 
 
 def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
-    from pipelines.checkpoints import is_complete, resume_point
+    from pipelines.training.checkpoints import is_complete, resume_point
 
     good = _checkpoint(tmp_path, 10)
     unmarked = _checkpoint(tmp_path, 20, complete=False)
@@ -341,7 +341,7 @@ def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
 
 
 def test_a_checkpoint_without_trainer_state_is_not_complete(tmp_path):
-    from pipelines.checkpoints import is_complete
+    from pipelines.training.checkpoints import is_complete
 
     folder = _checkpoint(tmp_path, 10)
     (folder / "trainer_state.json").unlink()
@@ -349,7 +349,7 @@ def test_a_checkpoint_without_trainer_state_is_not_complete(tmp_path):
 
 
 def test_the_final_checkpoint_is_not_a_resume_point(tmp_path):
-    from pipelines.checkpoints import resume_point
+    from pipelines.training.checkpoints import resume_point
 
     _checkpoint(tmp_path, 20)
     _checkpoint(tmp_path, 30, max_steps=30)  # resuming there makes the Trainer step past max_steps
@@ -357,7 +357,7 @@ def test_the_final_checkpoint_is_not_a_resume_point(tmp_path):
 
 
 def test_prepare_resume_cleans_up_and_discards_checkpoints_of_another_run(tmp_path):
-    from pipelines.checkpoints import list_checkpoints, prepare_resume, read_run
+    from pipelines.training.checkpoints import list_checkpoints, prepare_resume, read_run
 
     _checkpoint(tmp_path, 10)
     _checkpoint(tmp_path, 20, complete=False)
@@ -382,7 +382,7 @@ def _adapter_file(folder: Path, tensors: dict) -> Path:
 def test_gate_finds_empty_misshapen_missing_and_untrained_lora_tensors(tmp_path):
     import torch
 
-    from pipelines.adapter_gate import adapter_tensor_problems
+    from pipelines.model.adapter_gate import adapter_tensor_problems
 
     prefix = "base_model.model.model.layers.0.self_attn"
     expected = {"model.layers.0.self_attn.q_proj": {"lora_A": (4, 64), "lora_B": (64, 4)},
@@ -414,8 +414,8 @@ def test_gate_fails_when_the_reloaded_adapter_does_not_reproduce_the_loss(tiny_b
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from pipelines.adapter_gate import AdapterCheckFailed, batch_loss, check_adapter
-    from pipelines.train import collate, encode_pair
+    from pipelines.model.adapter_gate import AdapterCheckFailed, batch_loss, check_adapter
+    from pipelines.training.loop import collate, encode_pair
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base_model_dir),
@@ -439,7 +439,7 @@ def test_gate_fails_when_the_reloaded_adapter_does_not_reproduce_the_loss(tiny_b
 # --- reports and tracking helpers --------------------------------------------------------
 
 def test_log_history_becomes_per_step_csv_tables():
-    from pipelines.train import log_history_tables
+    from pipelines.training.loop import log_history_tables
 
     history = [{"loss": 2.0, "learning_rate": 1e-3, "grad_norm": 0.5, "step": 1},
                {"eval_loss": 1.9, "step": 1}, {"loss": 1.5, "learning_rate": 5e-4, "grad_norm": 0.4, "step": 2},
@@ -451,7 +451,7 @@ def test_log_history_becomes_per_step_csv_tables():
 
 
 def test_tracking_uri_prefers_params_then_env_then_the_embedded_sqlite(monkeypatch, tmp_path):
-    from pipelines.tracking import artifact_location, tracking_uri
+    from pipelines.registry.tracking import artifact_location, tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri(TrackingParams(), root=tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -467,8 +467,8 @@ def test_tracking_uri_prefers_params_then_env_then_the_embedded_sqlite(monkeypat
 def test_a_rank_error_is_written_for_the_launcher_and_reraised(tiny_train_params, tmp_path, monkeypatch):
     import sys
 
-    import pipelines.distributed as distributed
-    import pipelines.train as train_stage
+    import pipelines.training.distributed as distributed
+    import pipelines.training.loop as train_stage
 
     # a stand-in launcher: behaves like rank 0 failing with a user error
     script = ("import sys; a = sys.argv; p = a[a.index('--error-file') + 1]; "
@@ -481,7 +481,7 @@ def test_a_rank_error_is_written_for_the_launcher_and_reraised(tiny_train_params
 
 
 def test_rank_main_writes_user_errors_to_the_error_file(tiny_train_params, tmp_path, monkeypatch, capsys):
-    import pipelines.train as train_stage
+    import pipelines.training.loop as train_stage
 
     params_file = tmp_path / "params.json"
     params_file.write_text(json.dumps(tiny_train_params().model_dump(mode="json", by_alias=True)))

@@ -1,0 +1,545 @@
+"""Typed parameters: params.yaml parsed into frozen pydantic models that validate themselves.
+
+Every section of params.yaml maps to one model here. Loading rejects unknown keys and
+out-of-range values with a one-line message that names the key (`prepare.test_fraction`),
+what was wrong, and the allowed range or keys.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from pipelines.errors import ParamsError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+# What one run may change on top of the committed params.yaml: `llmops experiment start -S`,
+# which every Airflow run goes through (the trigger form's fields and its free-form overrides).
+# A key is overridable when it is listed or lies under a listed key. Hyperparameters and the
+# choice of data only: everything else stays what the commit says, because it decides where
+# secrets go or what counts as good enough, which the person who triggers a run must not change:
+# - service endpoints and credentials (tracking.uri, deploy.service_url, serve.token_file, ...)
+#   are deployment settings: the environment of the workers (pipelines/config/settings.py);
+# - paths.* and every *_dir: the project's layout, which dvc.yaml reads too;
+# - validate.*, evaluate.*, promote.*, registry.*, deploy.*: the checks and gates and their
+#   evidence (skip the gate on purpose with the form's skip_gate: that is recorded as forced);
+# - train.deepspeed.* (hostfile, master_addr: hosts to ssh to) and the other compute settings.
+# docs/orchestration.md shows this list as a table (a test keeps the two equal).
+RUN_OVERRIDABLE: tuple[str, ...] = (
+    "base_model.source", "base_model.revision", "base_model.dtype", "base_model.licence",
+    "ingest.sources",
+    "prepare",
+    "train.lora", "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio", "train.warmup_steps",
+    "train.epochs", "train.max_steps", "train.per_device_batch_size", "train.gradient_accumulation_steps",
+    "train.max_seq_length", "train.seed", "train.precision", "train.gradient_checkpointing", "train.qlora",
+    "train.weight_decay", "train.max_grad_norm", "train.logging_steps", "train.eval_steps", "train.save_steps",
+    "train.save_total_limit", "train.max_train_samples", "train.max_eval_samples", "train.merge",
+)
+
+
+def run_overridable(key: str) -> bool:
+    """Whether one run may set the dotted `key` (RUN_OVERRIDABLE or below one of its entries)."""
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in RUN_OVERRIDABLE)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        # pydantic's own extra="forbid" error does not say which keys are allowed.
+        if isinstance(data, dict):
+            allowed = {field.alias or name for name, field in cls.model_fields.items()}
+            unknown = sorted(str(key) for key in data if key not in allowed and key not in cls.model_fields)
+            if unknown:
+                raise PydanticCustomError(
+                    "unknown_key", "unknown key", {"unknown": unknown, "allowed": sorted(allowed)}
+                )
+        return data
+
+
+class Paths(Section):
+    sample_dir: Path = Path("data/sample")
+    raw_dir: Path = Path("data/raw")
+    ingested: Path = Path("data/ingested/pairs.parquet")
+    validate_dir: Path = Path("reports/validate")
+    prepared_dir: Path = Path("data/prepared")
+    reports_dir: Path = Path("reports")
+
+    def metrics(self, stage: str) -> Path:
+        return self.reports_dir / stage / "metrics.json"
+
+
+class BaseModelParams(Section):
+    source: str = Field("bundled:smollm2-135m-instruct", min_length=1)
+    revision: str | None = None
+    # stage `base_model`: where the plain transformers folder is written, in which dtype,
+    # and the licence to record when the model card does not state one (SPDX id).
+    output_dir: Path = Path("models/base")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    licence: str | None = None
+
+
+class _SourceCommon(Section):
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    id_field: str | None = None
+    domain: str | None = None  # set on every row of this source when the data has no `domain`
+    max_rows: int | None = Field(None, gt=0)
+
+
+class BundledSource(_SourceCommon):
+    kind: Literal["bundled"]
+    name: Literal["wordnet", "foldoc"]
+
+
+class FileSource(_SourceCommon):
+    kind: Literal["file"]
+    path: Path
+    format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
+
+
+class HFSource(_SourceCommon):
+    kind: Literal["hf"]
+    name: str = Field(min_length=1)  # a hub dataset id, a local dataset folder, or a builder name
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    data_files: list[str] | None = None
+
+
+Source = Annotated[BundledSource | FileSource | HFSource, Field(discriminator="kind")]
+
+
+class IngestParams(Section):
+    sources: list[Source] = Field(min_length=1)
+
+
+class ConflictingAnswersParams(Section):
+    """Per split, what one prompt with two different answers does: block the run or warn."""
+
+    train: Literal["block", "warn"] = "warn"
+    validation: Literal["block", "warn"] = "warn"
+    test: Literal["block", "warn"] = "block"  # contradictory references make every test metric wrong
+
+
+class ValidateParams(Section):
+    min_rows: int = Field(1000, ge=1)
+    prompt_chars: tuple[int, int] = (8, 1000)
+    response_chars: tuple[int, int] = (2, 2000)
+    prompt_tokens: tuple[int, int] = (2, 256)
+    response_tokens: tuple[int, int] = (1, 512)
+    allowed_values: dict[str, list[str]] = Field(default_factory=dict)
+    pii_columns: list[Literal["prompt", "response"]] = ["prompt", "response"]
+    warn_only: list[str] = Field(default_factory=list)
+    conflicting_answers: ConflictingAnswersParams = ConflictingAnswersParams()
+
+    @field_validator("prompt_chars", "response_chars", "prompt_tokens", "response_tokens")
+    @classmethod
+    def _check_bounds(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] <= value[1]:
+            raise ValueError("must be [min, max] with 0 <= min <= max")
+        return value
+
+
+class PrepareParams(Section):
+    template: Literal["chat", "alpaca", "plain"] = "chat"
+    system_prompt: str | None = None
+    near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    seed: int = Field(42, ge=0)
+
+
+class LoraParams(Section):
+    r: int = Field(8, gt=0, le=1024)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # names of the Linear layers to adapt (the last part of the module name, e.g. q_proj)
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_modules(cls, value: list[str]) -> list[str]:
+        if any(not name.strip() for name in value):
+            raise ValueError("module names must be non-empty, e.g. [q_proj, v_proj]")
+        return value
+
+
+class DeepSpeedParams(Section):
+    # a ZeRO config file (configs/deepspeed/zero2.json, ...) or null for plain PyTorch
+    config: Path | None = None
+    # processes per node; > 1 (or a hostfile) re-launches the stage through `deepspeed`
+    num_processes: int = Field(1, ge=1, le=1024)
+    hostfile: Path | None = None  # "host slots=N" lines for multi-node runs
+    master_addr: str | None = None  # defaults to 127.0.0.1, or the first hostfile host
+    master_port: int = Field(29500, ge=1024, le=65535)
+
+
+class TrackingParams(Section):
+    # MLflow tracking (and registry) URI; null: env MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the
+    # project root (the rule of every deployment setting: pipelines/config/settings.py)
+    uri: str | None = None
+    experiment: str = Field("llmops", min_length=1)
+    system_metrics: bool = True
+    system_metrics_interval: float = Field(5.0, gt=0)  # seconds between samples
+
+
+class TrainParams(Section):
+    adapter_dir: Path = Path("models/adapter")
+    merged_dir: Path = Path("models/merged")
+    checkpoint_dir: Path = Path("models/checkpoints")  # kept between runs for resume
+    lora: LoraParams = LoraParams()
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of the optimizer steps
+    warmup_steps: int = Field(0, ge=0)  # exclusive with warmup_ratio
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(30, gt=0)  # demo-sized; null trains for `epochs`
+    per_device_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_seq_length: int = Field(128, ge=8)
+    seed: int = Field(42, ge=0)
+    # auto: bf16 on a CUDA GPU that has it (else fp16), fp32 on CPU (measured faster there than bf16 autocast)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    qlora: bool = False  # 4-bit base weights (bitsandbytes); needs a CUDA GPU
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    logging_steps: int = Field(1, ge=1)
+    eval_steps: int = Field(10, ge=1)
+    save_steps: int = Field(10, ge=1)  # a resumable checkpoint every N optimizer steps
+    save_total_limit: int = Field(2, ge=2)  # >= 2: the previous checkpoint stays until the next is complete
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(64, gt=0)
+    merge: bool = False  # also write base + adapter merged into one model (merge_and_unload)
+    sanity_tolerance: float = Field(0.02, gt=0.0, le=1.0)  # relative loss difference allowed on reload
+    deepspeed: DeepSpeedParams = DeepSpeedParams()
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> TrainParams:
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("set either train.warmup_ratio or train.warmup_steps, not both")
+        return self
+
+
+class DecodingParams(Section):
+    max_new_tokens: int = Field(48, ge=1, le=4096)
+    do_sample: bool = False  # greedy by default: deterministic evaluation
+    temperature: float = Field(1.0, gt=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, ge=1.0, le=3.0)
+    seed: int = Field(0, ge=0)
+
+
+class EvaluateParams(Section):
+    max_examples: int | None = Field(200, gt=0)  # a seeded subset of the test split (null: all of it)
+    batch_size: int = Field(16, ge=1, le=1024)
+    max_length: int = Field(512, ge=8)  # prompt + reference tokens scored for perplexity
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    decoding: DecodingParams = DecodingParams()
+    primary_metric: Literal["rouge_l", "bleu", "exact_match", "normalised_match", "perplexity"] = "rouge_l"
+    slices: list[str] = ["pos", "response_length"]  # test-split columns, or response_length (word buckets)
+    length_buckets: list[int] = Field([5, 10, 20], min_length=1)
+    min_slice_size: int = Field(10, ge=1)
+    bootstrap_samples: int = Field(1000, ge=50, le=100_000)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    seed: int = Field(0, ge=0)
+    sample_size: int = Field(20, ge=0)  # rows in the sample-generations table
+    compare_champion: bool = True
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(value, value[1:])) or value[0] <= 0:
+            raise ValueError("must be positive and strictly increasing, e.g. [5, 10, 20]")
+        return value
+
+
+class RegistryParams(Section):
+    model_name: str = Field("llmops-dictionary", min_length=1, max_length=200)
+    retries: int = Field(5, ge=1, le=20)  # attempts per registry call on transient errors
+    retry_wait_seconds: float = Field(0.5, gt=0.0, le=60.0)  # first backoff; doubles per attempt
+    lock_timeout_seconds: float = Field(120.0, gt=0.0)  # how long a promotion waits for another one
+    lock_lease_seconds: float = Field(600.0, gt=0.0)  # after this a lock left by a dead process is taken over
+    intended_use: str = ("Answer short dictionary-style definition questions in English. Not for advice, "
+                         "facts beyond the training glossaries, or any safety-critical use.")
+    data_licence: str = ("WordNet 3.0 licence (Princeton University); FOLDOC entries under the GNU FDL 1.1 or "
+                         "later where the foldoc source is used")
+
+
+    @field_validator("model_name")
+    @classmethod
+    def _mlflow_name(cls, value: str) -> str:
+        if not value.strip() or "/" in value or ":" in value:
+            raise ValueError("an MLflow registered model name must not be blank or contain '/' or ':'")
+        return value
+
+
+class PromoteParams(Section):
+    mode: Literal["auto", "manual"] = "auto"  # manual: the gate only recommends
+    min_improvement: float = 0.0  # lower CI bound of (candidate - base) on the primary metric must exceed this
+    champion_tolerance: float = Field(0.01, ge=0.0)  # allowed drop vs the champion on the primary metric
+    slice_tolerance: float = Field(0.05, ge=0.0)  # allowed drop vs the champion on any slice
+
+
+class InferenceLogParams(Section):
+    # Where `llmops serve` records every request (SQLAlchemy URL), e.g. postgresql+psycopg2://user@host/db
+    # for a team; `monitor` reads the same store. null: env LLMOPS_INFERENCE_LOG_URL, else
+    # sqlite:///data/inference/inference.db (SQLite in WAL mode). See pipelines/config/settings.py.
+    url: str | None = None
+    # The write-ahead journal (JSONL, fsynced before an answer goes out) and where records wait while
+    # the store is unreachable; one process at a time (locked: spool.lock), so one per gateway replica.
+    spool_dir: Path = Path("data/inference/spool")
+    redact_pii: bool = True  # mask e-mails, phones, IBANs, IPs, SSNs, card numbers and keys before storing
+    flush_interval_seconds: float = Field(1.0, gt=0.0, le=60.0)  # retry period of the writer while the store is down
+    batch_size: int = Field(256, ge=1, le=10000)  # records per fsync of the journal and per database transaction
+    # How long an answer waits for its record to be on disk; past it (a hung disk) the answer goes
+    # out anyway, the record is written when it can, and llmops_inference_log_late_total counts it.
+    durable_wait_seconds: float = Field(5.0, gt=0.0, le=600.0)
+
+
+class DvcRemoteParams(Section):
+    # Where `dvc push` / `dvc pull` go once `llmops settings --configure-dvc` has run (pipelines/config/settings.py).
+    # null: env LLMOPS_DVC_REMOTE, else the default remote .dvc/config names (the local .dvc-storage/).
+    url: str | None = None  # e.g. s3://llmops-dvc/store
+    endpoint_url: str | None = None  # an S3-compatible store such as MinIO; null: env LLMOPS_DVC_REMOTE_ENDPOINT
+
+
+class ServeLimits(Section):
+    max_body_bytes: int = Field(65536, ge=1024)
+    max_prompt_tokens: int = Field(512, ge=1)
+    max_tokens: int = Field(256, ge=1)  # a request asking for more gets 422
+    default_max_tokens: int = Field(64, ge=1)
+    max_temperature: float = Field(2.0, ge=0.0)  # larger values are clamped to this
+
+
+class EngineParams(Section):
+    """The vLLM engine `llmops serve` starts and supervises (pipelines/serving/engine.py)."""
+
+    # The engine's interpreter (vLLM's own virtualenv): null: env LLMOPS_VLLM_PYTHON, else
+    # .venv-vllm/bin/python in the project (made by `make install`).
+    python: str | None = None
+    # An engine started elsewhere (compose, Kubernetes): the gateway forwards to it and starts,
+    # supervises and swaps nothing. null: env LLMOPS_VLLM_URL, else start one per version.
+    url: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when nvidia-smi lists a GPU
+    kv_cache_gib: float = Field(1.0, gt=0.0)  # KV-cache memory (CPU RAM or GPU memory)
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)  # cuda: instead of kv_cache_gib
+    max_model_len: int | None = Field(None, ge=16)  # null: serve.limits (prompt + answer), within the model's
+    max_num_seqs: int = Field(16, ge=1, le=1024)  # requests decoding together
+    enforce_eager: bool = True  # no torch.compile: start-up 20-25 s instead of 60-90 s (benchmarks/RESULTS.md)
+    omp_threads_bind: str = "all"  # CPU: all (every core this process may use) | auto | a vLLM core list "0-7"
+    # CPU: LD_PRELOAD tcmalloc and vLLM's Intel OpenMP, as vLLM's CPU guide says (benchmarks/RESULTS.md)
+    cpu_preload: bool = True
+    # false: the engine core runs in the API server's process (VLLM_ENABLE_V1_MULTIPROCESSING=0):
+    # a faster start (tests, small machines), a lower throughput under load (benchmarks/RESULTS.md)
+    multiprocessing: bool = True
+    startup_timeout_seconds: float = Field(600.0, gt=0.0)
+    # A new champion: blue_green starts its engine beside the old one and switches when it is
+    # ready (memory and cores for two engines); stop_first drains and stops the old one, then
+    # starts the new one while requests wait in the gateway; auto: blue_green on a GPU,
+    # stop_first on a CPU, where a second engine bound to the same cores starved (docs/serving.md).
+    swap: Literal["auto", "blue_green", "stop_first"] = "auto"
+    restart_backoff_seconds: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0, 60.0])
+    cache_dir: Path = Path("models/serving")  # the versions' merged weights, downloaded from the registry
+    extra_args: list[str] = Field(default_factory=list)  # more `vllm serve` arguments, e.g. ["--seed", "1"]
+
+    @field_validator("omp_threads_bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        if value not in ("all", "auto", "nobind") and not re.fullmatch(r"[0-9,\-|]+", value):
+            raise ValueError(f"serve.engine.omp_threads_bind={value!r}: use all, auto, nobind or a core list "
+                             "such as 0-7")
+        return value
+
+    @field_validator("restart_backoff_seconds")
+    @classmethod
+    def _backoff(cls, value: list[float]) -> list[float]:
+        if not value or any(v < 0 for v in value):
+            raise ValueError("serve.engine.restart_backoff_seconds: give one or more waits >= 0 (seconds)")
+        return value
+
+
+class ServeParams(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # What to serve: models:/<registry.model_name>@<alias> unless model_uri names one.
+    alias: str = Field("champion", min_length=1)
+    model_uri: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Bearer token: read from this environment variable, else from token_file; never from the repo.
+    token_env: str = "LLMOPS_API_TOKEN"
+    token_file: Path | None = None
+    # Admission: up to engine.max_num_seqs requests decode, queue_size more wait in the engine;
+    # beyond that 429 with Retry-After.
+    queue_size: int = Field(64, ge=0)
+    request_timeout_seconds: float = Field(120.0, gt=0.0)  # 504 after this
+    # Client text holding the written-out form of a control token (<|im_start|>, <|endoftext|>, the
+    # tokenizer's special and markup-like added tokens), which vLLM would parse as the real token:
+    # reject (422) | escape (a zero-width space breaks it: plain text) | allow (the tokens act).
+    special_tokens_in_content: Literal["reject", "escape", "allow"] = "reject"
+    # A client `system` message: configured (refused with 422; the version's configured system prompt,
+    # or none, is what the model gets, as in training and evaluation) | allow (it replaces the configured one).
+    client_system_prompt: Literal["configured", "allow"] = "configured"
+    poll_interval_seconds: float = Field(30.0, gt=0.0)  # how often the alias is checked for a new version
+    limits: ServeLimits = ServeLimits()
+    engine: EngineParams = EngineParams()
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> ServeParams:
+        if self.limits.default_max_tokens > self.limits.max_tokens:
+            raise ValueError(f"serve.limits.default_max_tokens ({self.limits.default_max_tokens}) must be <= "
+                             f"serve.limits.max_tokens ({self.limits.max_tokens})")
+        return self
+
+
+class DeployParams(Section):
+    # The running service to roll out to; null: env LLMOPS_SERVICE_URL; neither: only record the intent.
+    service_url: str | None = None
+    ready_timeout_seconds: float = Field(300.0, gt=0.0)
+    canary_examples: int = Field(8, ge=1, le=1000)  # prompts from the test split sent after the switch
+    canary_max_tokens: int = Field(48, ge=1)
+    min_success_rate: float = Field(1.0, ge=0.0, le=1.0)  # share of canaries answered (HTTP 200, non-empty)
+    min_rouge_l: float = Field(0.0, ge=0.0, le=1.0)  # mean ROUGE-L of the canary answers vs their references
+    max_p95_latency_seconds: float = Field(30.0, gt=0.0)
+    rollback_on_failure: bool = True
+
+
+class DriftParams(Section):
+    # Text descriptors compared between the reference and the window (Kolmogorov-Smirnov p-value).
+    signals: list[Literal["prompt_length", "prompt_words", "prompt_oov", "prompt_non_letter", "response_length",
+                          "response_words", "response_oov", "response_non_letter", "prompt_embedding"]] = [
+        "prompt_length", "prompt_words", "prompt_oov", "prompt_non_letter", "response_length", "response_words",
+        "prompt_embedding"]
+    p_value: float = Field(0.01, gt=0.0, lt=1.0)  # a descriptor drifted when its K-S p-value is below this
+    # Embedding drift: ROC AUC of a classifier telling reference from window prompts (0.5: alike).
+    embedding_threshold: float = Field(0.65, gt=0.5, le=1.0)
+    embedding_sample_size: int = Field(2000, ge=50)  # rows per side given to the classifier
+    min_drifted_signals: int = Field(2, ge=1)  # the window counts as drifted from this many signals on
+
+
+class OperationalParams(Section):
+    max_p95_latency_ms: float = Field(10000.0, gt=0.0)
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    min_feedback_score: float = Field(0.5)  # mean feedback (1 = thumbs up) when any was given
+
+
+class RetrainParams(Section):
+    k: int = Field(2, ge=1)  # drift in k of the last n windows requests a retrain
+    n: int = Field(3, ge=1)
+    cooldown_hours: float = Field(72.0, ge=0.0)  # no new request this soon after the last one
+    require_new_data: bool = True  # request only when enough new labelled rows exist
+    min_new_rows: int = Field(500, ge=0)
+    # Labelled data collected from production, in the `ingest` source format (the FOLDOC stream
+    # stands in for it here); rows whose prompt the training data lacks count as new.
+    new_data: Source | None = None
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> RetrainParams:
+        if self.k > self.n:
+            raise ValueError(f"monitor.retrain.k ({self.k}) must be <= monitor.retrain.n ({self.n})")
+        return self
+
+
+class MonitorParams(Section):
+    window_hours: float = Field(24.0, gt=0.0)  # the window ends at the logical date given to `llmops monitor`
+    reports_dir: Path = Path("reports/monitor")
+    reference_size: int = Field(400, ge=20)  # training prompts sampled (seeded) as the reference
+    reference_outputs: int = Field(64, ge=0)  # of which the champion answers this many (0: use training answers)
+    min_rows: int = Field(30, ge=1)  # fewer requests in a window: "insufficient data", no drift verdict
+    seed: int = 0
+    embedding_cache: Path = Path("data/monitor/embeddings.npz")
+    experiment: str = Field("llmops-monitoring", min_length=1)
+    drift: DriftParams = DriftParams()
+    operational: OperationalParams = OperationalParams()
+    retrain: RetrainParams = RetrainParams()
+
+
+class Params(Section):
+    paths: Paths = Paths()
+    base_model: BaseModelParams = BaseModelParams()
+    ingest: IngestParams
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    prepare: PrepareParams = PrepareParams()
+    train: TrainParams = TrainParams()
+    tracking: TrackingParams = TrackingParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
+    promote: PromoteParams = PromoteParams()
+    inference_log: InferenceLogParams = InferenceLogParams()
+    dvc_remote: DvcRemoteParams = DvcRemoteParams()
+    serve: ServeParams = ServeParams()
+    deploy: DeployParams = DeployParams()
+    monitor: MonitorParams = MonitorParams()
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    """One line per problem, naming the dotted key, e.g. `prepare.seed: ...`."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        shown = [p for p in loc if p not in ("bundled", "file", "hf")]
+        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in shown).replace(".[", "[")
+        if item["type"] == "unknown_key":
+            ctx = item["ctx"]
+            for name in ctx["unknown"]:
+                dotted = f"{key}.{name}" if key else name
+                lines.append(f"{origin}: unknown key '{dotted}' (allowed here: {', '.join(ctx['allowed'])})")
+        elif item["type"] == "missing":
+            lines.append(f"{origin}: missing required key '{key}'")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "value_error" and isinstance(item.get("input"), dict):  # a check across keys
+                lines.append(f"{origin}: {message}")
+                continue
+            got = repr(item.get("input"))
+            got = got if len(got) <= 80 else got[:77] + "..."
+            lines.append(f"{origin}: {key}: {message} (got {got})")
+    return "; ".join(lines)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts (for --set overrides)."""
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"--set {dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_params(data: Any, origin: str = "params.yaml") -> Params:
+    if not isinstance(data, dict):
+        raise ParamsError(f"{origin}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as error:
+        raise ParamsError(format_validation_error(error, origin)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """Read and validate params.yaml; `overrides` are `key.sub=value` strings (YAML values)."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found; run from the project root or pass --params PATH")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    for override in overrides or []:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--set {override!r}: expected KEY=VALUE, e.g. --set prepare.seed=7")
+        set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return parse_params(data, str(path))

@@ -1,0 +1,233 @@
+"""Command `settings`: where the services are (tracking, inference log, DVC remote, service, token), and why.
+
+    llmops settings                   # every deployment setting, its value (passwords hidden), where it came from
+    llmops settings --configure-dvc   # also make the resolved DVC remote the default in .dvc/config.local
+
+The embedded default (one workstation: SQLite files, the local DVC remote `.dvc-storage/`)
+and the team stack (docker/compose.yaml: PostgreSQL, MinIO, an MLflow server with auth, a
+served model) run the same code and differ only in these settings. Every one is resolved by
+the same rule, here and nowhere else:
+
+    1. the value in params.yaml (or `--set` / `dvc exp run -S` for one run), when it is not null;
+    2. else the environment variable;
+    3. else the embedded default.
+
+    setting            param                    environment variable          embedded default
+    tracking           tracking.uri             MLFLOW_TRACKING_URI           sqlite:///<project>/mlflow.db
+    inference log      inference_log.url        LLMOPS_INFERENCE_LOG_URL      sqlite:///data/inference/inference.db
+    DVC remote         dvc_remote.url           LLMOPS_DVC_REMOTE             .dvc/config's default (.dvc-storage/)
+    DVC S3 endpoint    dvc_remote.endpoint_url  LLMOPS_DVC_REMOTE_ENDPOINT    none (AWS S3 itself)
+    deploy target      deploy.service_url       LLMOPS_SERVICE_URL            none: `deploy` records the intent
+    serving token      serve.token_file         $<serve.token_env>            none: `serve` refuses to start
+                                                (LLMOPS_API_TOKEN)
+    engine Python      serve.engine.python      LLMOPS_VLLM_PYTHON            .venv-vllm/bin/python (make install)
+    engine URL         serve.engine.url         LLMOPS_VLLM_URL               none: `serve` starts its engines
+
+The Model Registry is the tracking server's (MLflow's own default: the registry URI is the
+tracking URI), so `tracking` names both. The committed params.yaml leaves every one of these
+null, so a deployment's environment decides; a value written in params.yaml is a visible,
+versioned decision that wins. Why not the environment first: MLflow writes
+MLFLOW_TRACKING_URI into the process environment whenever a tracking URI is set, so an
+environment-first rule would let one store's URI override an explicit param later in the
+same process.
+
+These are deployment settings, never run parameters: a run (`llmops experiment start`, so
+every Airflow run and its trigger form) cannot change any of them, nor anything else outside
+params.RUN_OVERRIDABLE, and is refused with the variable to set instead (DEPLOYMENT_SETTINGS).
+Otherwise whoever may trigger a run could send the serving token and the MLflow credentials
+to a host of their choosing. A value committed to params.yaml stays readable (a reviewed
+change, by people who can change the code anyway; test projects and benchmarks use it), and
+`--set` on the command line is for someone who already holds the workspace.
+
+Secrets are never params: the token comes from the file `serve.token_file` names or from the
+variable `serve.token_env` names, and database or S3 passwords travel in the environment
+(a URL in LLMOPS_INFERENCE_LOG_URL, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.config.params import (
+    DeployParams,
+    DvcRemoteParams,
+    InferenceLogParams,
+    Params,
+    ServeParams,
+    TrackingParams,
+)
+from pipelines.errors import LLMOpsError
+
+logger = logging.getLogger(__name__)
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+INFERENCE_LOG_ENV = "LLMOPS_INFERENCE_LOG_URL"
+DVC_REMOTE_ENV = "LLMOPS_DVC_REMOTE"
+DVC_ENDPOINT_ENV = "LLMOPS_DVC_REMOTE_ENDPOINT"
+SERVICE_URL_ENV = "LLMOPS_SERVICE_URL"
+VLLM_PYTHON_ENV = "LLMOPS_VLLM_PYTHON"
+VLLM_URL_ENV = "LLMOPS_VLLM_URL"
+# vLLM's own virtualenv, next to the project's (scripts/install.sh)
+DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+
+DEFAULT_TRACKING_DB = "mlflow.db"
+DEFAULT_INFERENCE_LOG = "sqlite:///data/inference/inference.db"
+DVC_REMOTE_NAME = "team"  # the remote `--configure-dvc` writes to .dvc/config.local
+
+# Every deployment setting's param -> where a deployment sets it instead (the run refusal names
+# it). serve.token_env names the variable that holds the token; changing it would read another
+# variable of the worker's environment, so it is a deployment setting too.
+DEPLOYMENT_SETTINGS: dict[str, str] = {
+    "tracking.uri": TRACKING_ENV,
+    "inference_log.url": INFERENCE_LOG_ENV,
+    "dvc_remote.url": DVC_REMOTE_ENV,
+    "dvc_remote.endpoint_url": DVC_ENDPOINT_ENV,
+    "deploy.service_url": SERVICE_URL_ENV,
+    "serve.token_file": "LLMOPS_API_TOKEN (the variable serve.token_env names)",
+    "serve.token_env": "LLMOPS_API_TOKEN",
+    "serve.engine.python": VLLM_PYTHON_ENV,
+    "serve.engine.url": VLLM_URL_ENV,
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    value: str | None
+    source: str  # "params" | "env" | "default" | "unset"
+    param: str
+    env: str
+    secret: bool = False  # never print the value
+    when_unset: str = ""  # what happens without a value
+
+    def shown(self) -> str:
+        if self.value is None:
+            return "-"
+        return "(set, hidden)" if self.secret else hide_password(self.value)
+
+    def where(self) -> str:
+        if self.source == "unset":
+            return f"unset: {self.when_unset}" if self.when_unset else "unset"
+        return {"params": f"params: {self.param}", "env": f"env: {self.env}"}.get(self.source, self.source)
+
+
+def resolve(name: str, param: str, param_value: object, env: str, default: str | None,
+            environ: Mapping[str, str] | None = None, secret: bool = False, when_unset: str = "") -> Setting:
+    """The one rule: a non-null param, else a non-empty environment variable, else the default."""
+    environ = os.environ if environ is None else environ
+    if param_value is not None and str(param_value).strip():
+        return Setting(name, str(param_value), "params", param, env, secret, when_unset)
+    if environ.get(env, "").strip():
+        return Setting(name, environ[env].strip(), "env", param, env, secret, when_unset)
+    return Setting(name, default, "default" if default is not None else "unset", param, env, secret, when_unset)
+
+
+def hide_password(value: str) -> str:
+    """A URL without its password (`scheme://user:***@host/...`); other strings unchanged."""
+    return re.sub(r"(://[^:/@\s]*:)[^@/\s]+@", r"\1***@", value)
+
+
+# --- the settings --------------------------------------------------------------------------
+
+def tracking_uri(params: TrackingParams, root: Path | None = None,
+                 environ: Mapping[str, str] | None = None) -> Setting:
+    default = f"sqlite:///{(root or Path.cwd()).resolve() / DEFAULT_TRACKING_DB}"
+    return resolve("tracking", "tracking.uri", params.uri, TRACKING_ENV, default, environ)
+
+
+def inference_log_url(params: InferenceLogParams, environ: Mapping[str, str] | None = None) -> Setting:
+    return resolve("inference log", "inference_log.url", params.url, INFERENCE_LOG_ENV, DEFAULT_INFERENCE_LOG,
+                   environ)
+
+
+def dvc_remote(params: DvcRemoteParams, environ: Mapping[str, str] | None = None) -> Setting:
+    return resolve("DVC remote", "dvc_remote.url", params.url, DVC_REMOTE_ENV, None, environ,
+                   when_unset=".dvc/config's default remote")
+
+
+def dvc_remote_endpoint(params: DvcRemoteParams, environ: Mapping[str, str] | None = None) -> Setting:
+    return resolve("DVC S3 endpoint", "dvc_remote.endpoint_url", params.endpoint_url, DVC_ENDPOINT_ENV, None,
+                   environ, when_unset="AWS S3 itself, for s3:// remotes")
+
+
+def service_url(params: DeployParams, environ: Mapping[str, str] | None = None) -> Setting:
+    return resolve("deploy target", "deploy.service_url", params.service_url, SERVICE_URL_ENV, None, environ,
+                   when_unset="`llmops deploy` records the intent only")
+
+
+def api_token(params: ServeParams, environ: Mapping[str, str] | None = None) -> Setting:
+    """The bearer token: from the file serve.token_file names, else the variable serve.token_env names."""
+    environ = os.environ if environ is None else environ
+    if params.token_file is not None:
+        path = Path(params.token_file)
+        if not path.is_file():
+            raise LLMOpsError(f"serve.token_file {path} does not exist; create it with a secret token "
+                              f"(e.g. `openssl rand -hex 32 > {path}`), or set it to null and use {params.token_env}")
+        return Setting("serving token", path.read_text(encoding="utf-8").strip(), "params", "serve.token_file",
+                       params.token_env, secret=True)
+    return resolve("serving token", "serve.token_file", None, params.token_env, None, environ, secret=True,
+                   when_unset="`llmops serve` refuses to start")
+
+
+def vllm_python(params: ServeParams, environ: Mapping[str, str] | None = None) -> Setting:
+    return resolve("engine Python", "serve.engine.python", params.engine.python, VLLM_PYTHON_ENV,
+                   str(DEFAULT_VLLM_PYTHON), environ)
+
+
+def vllm_url(params: ServeParams, environ: Mapping[str, str] | None = None) -> Setting:
+    return resolve("engine URL", "serve.engine.url", params.engine.url, VLLM_URL_ENV, None, environ,
+                   when_unset="`llmops serve` starts and supervises its own engines")
+
+
+def all_settings(params: Params, root: Path | None = None,
+                 environ: Mapping[str, str] | None = None) -> list[Setting]:
+    return [tracking_uri(params.tracking, root, environ), inference_log_url(params.inference_log, environ),
+            dvc_remote(params.dvc_remote, environ), dvc_remote_endpoint(params.dvc_remote, environ),
+            service_url(params.deploy, environ), api_token(params.serve, environ),
+            vllm_python(params.serve, environ), vllm_url(params.serve, environ)]
+
+
+# --- the DVC remote --------------------------------------------------------------------------
+
+def dvc_remote_commands(url: str | None, endpoint: str | None) -> list[list[str]]:
+    """The `dvc` commands that make `url` the default remote in .dvc/config.local (git-ignored),
+    or, with no url, drop that local default so .dvc/config's remote applies again."""
+    if url is None:
+        return [["remote", "default", "--local", "--unset"]]
+    commands = [["remote", "add", "--local", "--force", "--default", DVC_REMOTE_NAME, url]]
+    if endpoint:
+        commands.append(["remote", "modify", "--local", DVC_REMOTE_NAME, "endpointurl", endpoint])
+    return commands
+
+
+def configure_dvc(root: Path, params: Params, environ: Mapping[str, str] | None = None) -> list[list[str]]:
+    """Apply the resolved DVC remote to the checkout at `root`; return the commands run."""
+    url = dvc_remote(params.dvc_remote, environ).value
+    endpoint = dvc_remote_endpoint(params.dvc_remote, environ).value
+    beside = Path(sys.executable).parent / "dvc"  # the dvc of this environment, whatever PATH says
+    dvc = str(beside) if beside.exists() else "dvc"
+    commands = dvc_remote_commands(url, endpoint)
+    for args in commands:
+        result = subprocess.run([dvc, *args], cwd=root, capture_output=True, text=True)
+        if result.returncode != 0 and not (url is None and "not set" in result.stderr + result.stdout):
+            raise LLMOpsError(f"`dvc {' '.join(args)}` failed in {root}: {(result.stderr or result.stdout).strip()}")
+    return commands
+
+
+def main(params: Params, configure_dvc_remote: bool = False) -> None:
+    settings = all_settings(params)
+    width = max(len(s.name) for s in settings)
+    for setting in settings:
+        print(f"{setting.name:<{width}}  {setting.shown():<60}  ({setting.where()})")
+    if configure_dvc_remote:
+        configure_dvc(Path.cwd(), params)
+        remote = dvc_remote(params.dvc_remote).value
+        print(f"DVC default remote: {hide_password(remote)} (in .dvc/config.local)" if remote
+              else "DVC default remote: the one .dvc/config names (no local override)")

@@ -1,0 +1,657 @@
+"""Stage `train`: LoRA fine-tuning of the base model on the prepared splits.
+
+Reads   `base_model.output_dir` (the `base_model` stage's folder), `paths.prepared_dir`
+        train/validation.parquet (prompt_text + completion_text), params `train`, and the
+        DeepSpeed config named by `train.deepspeed.config`.
+Writes  `train.adapter_dir` (the LoRA adapter and tokenizer), `train.merged_dir` when
+        `train.merge` is on, reports/train/metrics.json (final losses) and
+        reports/train/{train_loss,eval_loss}.csv (per step, for `dvc plots show`); all
+        appear whole or not at all. Checkpoints go to `train.checkpoint_dir` and are
+        removed after a successful run. Each run is an MLflow run.
+Run     `llmops train` or `dvc repro train`; with `train.deepspeed.num_processes: 2` the
+        stage re-launches itself on 2 ranks through the `deepspeed` launcher.
+
+The loss is computed on completion tokens only (prompt labels are -100). A killed run
+resumes from its last complete checkpoint when started again with the same params and
+data. Before publishing, the adapter is reloaded from disk and must reproduce the trained
+model's loss (pipelines/model/adapter_gate.py); a NaN or infinite loss stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.config.params import Params, TrainParams, parse_params
+from pipelines.errors import LLMOpsError
+from pipelines.io import atomic_path, atomic_write_json, atomic_write_text, read_parquet, remove_outputs
+from pipelines.model.adapter_gate import batch_loss, check_adapter
+from pipelines.model.encoding import IGNORE_INDEX, collate, encode_pair
+from pipelines.model.sources import file_sha256, read_source_record
+from pipelines.registry import tracking
+from pipelines.training import checkpoints, distributed
+from pipelines.training.distributed import (
+    LaunchError,
+    check_deepspeed_config,
+    configure_rank_logging,
+    in_launched_rank,
+    init_cpu_deepspeed_state,
+    is_rank_zero,
+    launch_command,
+    needs_launch,
+    parse_hostfile,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+GATE_BATCH = 8  # validation examples in the fixed batch of the adapter sanity gate
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+class ModelMismatch(LLMOpsError):
+    """The train params do not fit the base model (target modules, context length)."""
+
+
+class HardwareError(LLMOpsError):
+    """The requested precision or quantization needs hardware this machine lacks."""
+
+
+class TrainingDiverged(LLMOpsError):
+    """The loss became NaN or infinite."""
+
+
+# --- data --------------------------------------------------------------------------------
+
+def encode_frame(frame: pd.DataFrame, tokenizer: Any, max_length: int) -> tuple[list[dict[str, list[int]]], dict]:
+    """Encode every row; drop rows left without a completion token; count what was cut."""
+    examples, dropped = [], 0
+    for prompt, completion in zip(frame["prompt_text"], frame["completion_text"]):
+        example = encode_pair(prompt, completion, tokenizer, max_length)
+        if example is None:
+            dropped += 1
+        else:
+            examples.append(example)
+    stats = {
+        "rows": len(frame),
+        "examples": len(examples),
+        "dropped_no_completion": dropped,
+        "at_max_length": sum(1 for e in examples if len(e["input_ids"]) == max_length),
+        "completion_tokens": sum(sum(1 for label in e["labels"] if label != IGNORE_INDEX) for e in examples),
+    }
+    return examples, stats
+
+
+def sample_rows(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """At most `limit` rows, a seeded sample kept in the original order (all rows if None)."""
+    if limit is None or limit >= len(frame):
+        return frame
+    return frame.sample(n=limit, random_state=seed).sort_index()
+
+
+# --- checks on the base model and the machine ----------------------------------------------
+
+def adaptable_module_names(model: Any) -> list[str]:
+    """Last name parts of the Linear layers of `model` (what lora.target_modules can name)."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear)})
+
+
+def check_target_modules(targets: list[str], model: Any, where: str) -> None:
+    available = adaptable_module_names(model)
+    missing = [name for name in targets if name not in available]
+    if missing:
+        raise ModelMismatch(
+            f"train.lora.target_modules: {', '.join(missing)} not found in {type(model).__name__} ({where}); "
+            f"its Linear layers are: {', '.join(available)}; set train.lora.target_modules to some of these"
+        )
+
+
+def model_context(config: Any) -> tuple[int, str] | None:
+    """The model's context length and the config key it comes from."""
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value, key
+    return None
+
+
+def check_context(max_seq_length: int, config: Any, where: str) -> None:
+    found = model_context(config)
+    if found is not None and max_seq_length > found[0]:
+        raise ModelMismatch(
+            f"train.max_seq_length is {max_seq_length} but the base model in {where} handles at most "
+            f"{found[0]} positions ({config.model_type} {found[1]}); set train.max_seq_length <= {found[0]}"
+        )
+
+
+def resolve_precision(precision: str, cuda: bool, cuda_bf16: bool = True) -> str:
+    """`auto` -> bf16 on a GPU with bf16 (else fp16), fp32 on CPU; other values unchanged.
+
+    On CPU, LoRA steps of SmolLM2-135M under bf16 autocast measured ~1.7x slower than fp32
+    (2 cores, torch 2.13): the skinny matmuls and attention backward lose to fp32.
+    """
+    if precision != "auto":
+        return precision
+    if cuda:
+        return "bf16" if cuda_bf16 else "fp16"
+    return "fp32"
+
+
+def check_hardware(params: TrainParams, cuda: bool) -> None:
+    if params.qlora:
+        if not cuda:
+            raise HardwareError(
+                "train.qlora is true but no CUDA GPU is available: 4-bit QLoRA (bitsandbytes) runs on CUDA only; "
+                "set train.qlora: false to train LoRA on the unquantized base model, or run on a CUDA machine"
+            )
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise HardwareError("train.qlora is true but bitsandbytes is not installed; "
+                                "pip install bitsandbytes, or set train.qlora: false")
+    if params.precision == "fp16" and not cuda:
+        raise HardwareError("train.precision fp16 needs a CUDA GPU (fp16 mixed precision is GPU-only); "
+                            "use train.precision: bf16 or fp32 on CPU")
+    if params.precision == "bf16" and cuda:
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise HardwareError("train.precision bf16 is not supported by this GPU; use fp16 or fp32")
+
+
+def meta_model(base_dir: Path) -> Any:
+    """The base model's architecture without weights (for checks, no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+# --- the plan: every check before any work -------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    base_dir: Path
+    base_sha256: str
+    data_sha256: str
+    fingerprint: str
+    cuda: bool
+    precision: str  # resolved: fp32 | bf16 | fp16
+
+
+def data_files(params: Params) -> dict[str, Path]:
+    return {split: params.paths.prepared_dir / f"{split}.parquet" for split in ("train", "validation")}
+
+
+def plan(params: Params) -> Plan:
+    """Check everything a user can get wrong, before loading weights or starting ranks."""
+    import torch
+
+
+    train = params.train
+    cuda = torch.cuda.is_available()
+    check_hardware(train, cuda)
+    precision = resolve_precision(train.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    base_dir = params.base_model.output_dir
+    source = read_source_record(base_dir)
+    model = meta_model(base_dir)
+    check_context(train.max_seq_length, model.config, str(base_dir))
+    check_target_modules(train.lora.target_modules, model, str(base_dir))
+    if train.deepspeed.config is not None:
+        check_deepspeed_config(train.deepspeed.config, train.per_device_batch_size,
+                               train.gradient_accumulation_steps, precision, train.max_grad_norm)
+    if train.deepspeed.hostfile is not None:
+
+        parse_hostfile(train.deepspeed.hostfile)
+    hashes = {}
+    for split, path in data_files(params).items():
+        if not path.is_file():
+            raise LLMOpsError(f"{path} not found; run `llmops prepare` (or `dvc repro prepare`) first")
+        hashes[split] = file_sha256(path)
+    data_sha256 = checkpoints.fingerprint(hashes)
+    result_params = train.model_dump(mode="json", exclude={
+        "adapter_dir", "merged_dir", "checkpoint_dir", "merge", "sanity_tolerance", "save_total_limit"})
+    result_params["deepspeed"].pop("master_port", None)
+    result_params["deepspeed"].pop("master_addr", None)
+    fingerprint = checkpoints.fingerprint(
+        {"train": result_params, "base": source["content_sha256"], "data": data_sha256})
+    return Plan(base_dir=base_dir, base_sha256=source["content_sha256"], data_sha256=data_sha256,
+                fingerprint=fingerprint, cuda=cuda, precision=precision)
+
+
+# --- training (runs in every rank) ---------------------------------------------------------
+
+def _callbacks(params: TrainParams) -> list[Any]:
+    """Callbacks: NaN guard, checkpoint marker, progress log and MLflow (rank 0)."""
+    from transformers import TrainerCallback
+
+
+
+    class LossGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            for key in ("loss", "eval_loss"):
+                value = (logs or {}).get(key)
+                if value is not None and not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"train: the {key.replace('_', ' ')} became {value} at step {state.global_step}; "
+                        f"no adapter was written. Lower train.learning_rate (now {params.learning_rate}), "
+                        "keep train.max_grad_norm set, or use train.precision: fp32"
+                    )
+
+    class CheckpointMarker(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+            distributed.barrier()  # every rank has written its shards
+            if state.is_world_process_zero:
+                checkpoints.mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            distributed.barrier()
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if not state.is_world_process_zero or not logs:
+                return
+            metrics = {}
+            if "loss" in logs:
+                metrics.update(train_loss=logs["loss"], learning_rate=logs.get("learning_rate", 0.0))
+                if "grad_norm" in logs:
+                    metrics["grad_norm"] = logs["grad_norm"]
+                logger.info("step %d/%d loss=%.4f lr=%.3g", state.global_step, state.max_steps,
+                            logs["loss"], logs.get("learning_rate", 0.0))
+            if "eval_loss" in logs:
+                metrics["eval_loss"] = logs["eval_loss"]
+                logger.info("step %d/%d eval_loss=%.4f", state.global_step, state.max_steps, logs["eval_loss"])
+            if metrics:
+                tracking.log_metrics(metrics, step=state.global_step)
+
+    return [LossGuard(), CheckpointMarker(), Progress()]
+
+
+def _trainer_class() -> Any:
+    """Trainer that wraps the loss in CPU autocast when bf16 is asked for on CPU.
+
+    On CPU, TrainingArguments(bf16=True) needs use_cpu=True, which turns DeepSpeed off in
+    accelerate; so on CPU the stage keeps bf16 out of the Trainer and DeepSpeed (fp32
+    weights, gradients and optimizer) and runs forward passes under torch.autocast(bf16).
+    """
+    import torch
+    from transformers import Trainer
+
+    class AutocastTrainer(Trainer):
+        autocast_dtype: Any = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            if self.autocast_dtype is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with torch.autocast("cpu", dtype=self.autocast_dtype):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    return AutocastTrainer
+
+
+def training_arguments(params: TrainParams, cuda: bool, precision: str) -> Any:
+    from transformers import TrainingArguments
+
+
+    config = params.deepspeed.config
+    configured_state = config is not None and not cuda and in_launched_rank()
+    if configured_state:
+        init_cpu_deepspeed_state()
+    return TrainingArguments(
+        output_dir=str(params.checkpoint_dir),
+        per_device_train_batch_size=params.per_device_batch_size,
+        per_device_eval_batch_size=params.per_device_batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=params.warmup_steps or params.warmup_ratio,
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps or -1,
+        weight_decay=params.weight_decay,
+        max_grad_norm=params.max_grad_norm,
+        seed=params.seed,
+        data_seed=params.seed,
+        logging_steps=params.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the guard, not be averaged away
+        eval_strategy="steps",
+        eval_steps=params.eval_steps,
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=params.save_total_limit,
+        bf16=cuda and precision == "bf16",
+        fp16=cuda and precision == "fp16",
+        use_cpu=not cuda and config is None,
+        # On CPU, DeepSpeed ranks need the backend named: without it accelerate sees no
+        # device backend, counts one process and fills DeepSpeed's batch size for one.
+        ddp_backend="gloo" if not cuda and in_launched_rank() else None,
+        accelerator_config={"use_configured_state": True} if configured_state else None,
+        activation_checkpointing=params.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
+        deepspeed=str(config) if config else None,
+        report_to="none",
+        # Progress bars in a terminal; in logs (DVC under Airflow, CI) the per-step INFO lines
+        # are enough and a bar only adds carriage-return noise.
+        disable_tqdm=not sys.stderr.isatty(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        ddp_find_unused_parameters=False,
+        log_level="warning",
+        log_level_replica="error",
+    )
+
+
+def load_model(base_dir: Path, params: TrainParams, precision: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {}
+    if params.qlora:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if precision == "bf16" else torch.float16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **kwargs)
+    if params.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model: Any, params: TrainParams) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+                        target_modules=list(params.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def log_history_tables(history: list[dict[str, Any]]) -> tuple[str, str]:
+    """CSV text of the per-step train loss (with lr, grad norm) and of the eval loss."""
+    train_rows, eval_rows = {}, {}
+    for entry in history:
+        step = entry.get("step")
+        if step is None:
+            continue
+        if "loss" in entry:
+            train_rows[step] = (entry["loss"], entry.get("learning_rate", ""), entry.get("grad_norm", ""))
+        if "eval_loss" in entry:
+            eval_rows[step] = entry["eval_loss"]
+    train_csv = "step,train_loss,learning_rate,grad_norm\n" + "".join(
+        f"{step},{loss},{lr},{norm}\n" for step, (loss, lr, norm) in sorted(train_rows.items()))
+    eval_csv = "step,eval_loss\n" + "".join(f"{step},{loss}\n" for step, loss in sorted(eval_rows.items()))
+    return train_csv, eval_csv
+
+
+def _leave_zero3() -> None:
+    """Let rank 0 load plain models again after a ZeRO-3 run.
+
+    While the Trainer's DeepSpeed config is registered, transformers builds every model
+    under deepspeed.zero.Init, a collective the other ranks (done by then) never join.
+    """
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def _staging_dir(adapter_dir: Path) -> Path:
+    return adapter_dir.parent / f".{adapter_dir.name}.staging"
+
+
+def load_splits(params: Params, tokenizer: Any) -> tuple[dict[str, pd.DataFrame], dict[str, list], dict]:
+    """The (sampled) prepared splits, and their encoded examples and statistics."""
+    train = params.train
+    limits = {"train": train.max_train_samples, "validation": train.max_eval_samples}
+    frames, encoded, stats = {}, {}, {}
+    for split, path in data_files(params).items():
+        frames[split] = sample_rows(read_parquet(path, produced_by="prepare"), limits[split], train.seed)
+        encoded[split], stats[split] = encode_frame(frames[split], tokenizer, train.max_seq_length)
+        if not encoded[split]:
+            raise LLMOpsError(f"train: no {split} example keeps a completion token within train.max_seq_length="
+                              f"{train.max_seq_length}; raise train.max_seq_length")
+    return frames, encoded, stats
+
+
+def start_tracking(params: Params, the_plan: Plan, resume: Path | None, frames: dict[str, pd.DataFrame],
+                   encoded: dict[str, list]) -> str:
+    """Start the MLflow run (or reopen the interrupted one when resuming); log inputs."""
+
+    train = params.train
+    previous = checkpoints.read_run(train.checkpoint_dir).get("mlflow_run_id") if resume else None
+    run_id = tracking.start_run(
+        params.tracking, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", run_id=previous,
+        tags={**tracking.git_state(), "stage": "train", "base_model": params.base_model.source,
+              "base_model_sha256": the_plan.base_sha256, "data_sha256": the_plan.data_sha256,
+              "resumed_from": str(resume) if resume else ""})
+    checkpoints.update_run(train.checkpoint_dir, mlflow_run_id=run_id)
+    tracking.log_params({"train": train.model_dump(mode="json"), "base_model": params.base_model.source,
+                         "train_examples": len(encoded["train"]), "eval_examples": len(encoded["validation"]),
+                         "world_size": distributed.world_size(), "precision_resolved": the_plan.precision})
+    for split, context in (("train", "training"), ("validation", "evaluation")):
+        path = data_files(params)[split]
+        tracking.log_dataset(frames[split], path, name=split, digest=file_sha256(path), context=context)
+    return run_id
+
+
+def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
+    """Train in this process (one rank of many, or alone); rank 0 publishes and returns the metrics."""
+    import torch
+    from transformers import AutoTokenizer, PrinterCallback, set_seed
+
+
+
+    train = params.train
+    started = time.time()
+    rank_zero = distributed.is_rank_zero()
+    if not the_plan.cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed, when imported, need not probe for GPUs
+    autocast_dtype = torch.bfloat16 if (the_plan.precision == "bf16" and not the_plan.cuda) else None
+    args = training_arguments(train, the_plan.cuda, the_plan.precision)  # starts the process group in a rank
+    resume = checkpoints.resume_point(train.checkpoint_dir)
+
+    tokenizer = AutoTokenizer.from_pretrained(the_plan.base_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    frames, encoded, stats = load_splits(params, tokenizer)
+    run_id = None
+    if rank_zero:
+        logger.info("train: %d train / %d validation examples (%s)", len(encoded["train"]),
+                    len(encoded["validation"]), json.dumps(stats))
+        run_id = start_tracking(params, the_plan, resume, frames, encoded)
+    try:
+        set_seed(train.seed)
+        model = add_lora(load_model(the_plan.base_dir, train, the_plan.precision), train)
+        trainable, total = model.get_nb_trainable_parameters()
+        if rank_zero:
+            logger.info("train: LoRA r=%d on %s: %s trainable of %s parameters", train.lora.r,
+                        ",".join(train.lora.target_modules), f"{trainable:,}", f"{total:,}")
+        trainer_class = _trainer_class()
+        trainer_class.autocast_dtype = autocast_dtype
+        trainer = trainer_class(
+            model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["validation"],
+            data_collator=lambda batch: collate(batch, tokenizer.pad_token_id), processing_class=tokenizer,
+            callbacks=_callbacks(train),
+        )
+        trainer.remove_callback(PrinterCallback)  # progress is logged by the Progress callback
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if not any(e.get("step") == trainer.state.global_step for e in trainer.state.log_history
+                   if "eval_loss" in e):
+            trainer.evaluate()
+
+        # The gate's reference: the trained model's loss on a fixed batch (every rank takes part
+        # under ZeRO-3), then the adapter is saved beside its final place.
+        gate_batch = collate(encoded["validation"][:GATE_BATCH], tokenizer.pad_token_id)
+        reference = batch_loss(trainer.model, gate_batch, autocast_dtype)
+        staging = _staging_dir(train.adapter_dir)
+        if rank_zero:
+            shutil.rmtree(staging, ignore_errors=True)
+        distributed.barrier()
+        trainer.save_model(str(staging))  # collective under ZeRO-3; rank 0 writes
+        distributed.barrier()
+        if not rank_zero:
+            return None
+        metrics = publish(params, the_plan, trainer, tokenizer, staging, gate_batch, reference, autocast_dtype)
+        metrics.update(trainable_parameters=trainable, train_examples=len(encoded["train"]),
+                       eval_examples=len(encoded["validation"]), mlflow_run_id=run_id,
+                       resumed_from_step=checkpoints.checkpoint_step(resume) if resume else 0,
+                       runtime_seconds=round(time.time() - started, 1))
+        write_reports(params, trainer.state.log_history, metrics)
+        tracking.end_run("FINISHED")
+        checkpoints.clear(train.checkpoint_dir)
+        logger.info("train: done in %.0f s: train_loss=%.4f eval_loss=%.4f -> %s", metrics["runtime_seconds"],
+                    metrics["train_loss"], metrics["eval_loss"], train.adapter_dir)
+        return metrics
+    except BaseException as error:
+        if rank_zero:
+            if isinstance(error, LLMOpsError):  # a stale adapter must not pass for this run's result
+                remove_outputs(train.adapter_dir, train.merged_dir, params.paths.metrics("train"))
+            shutil.rmtree(_staging_dir(train.adapter_dir), ignore_errors=True)
+            tracking.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def publish(params: Params, the_plan: Plan, trainer: Any, tokenizer: Any, staging: Path, gate_batch: dict,
+            reference: float, autocast_dtype: Any) -> dict[str, Any]:
+    """Rank 0: gate the saved adapter, move it into place, merge if asked; the final metrics."""
+
+    train = params.train
+    history = trainer.state.log_history
+    final_eval = [e for e in history if "eval_loss" in e][-1]["eval_loss"]
+    if not math.isfinite(final_eval):
+        raise TrainingDiverged(f"train: the final eval loss is {final_eval}; no adapter was written. "
+                               "Lower train.learning_rate or use train.precision: fp32")
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the params are in MLflow
+    _leave_zero3()
+    gate, reloaded = check_adapter(staging, the_plan.base_dir, train.lora.target_modules, train.lora.r,
+                                   gate_batch, reference, train.sanity_tolerance, autocast_dtype,
+                                   trained=trainer.state.global_step > 0)
+    with atomic_path(train.adapter_dir) as tmp:
+        os.replace(staging, tmp)
+    if train.merge:
+        with atomic_path(train.merged_dir) as tmp:
+            reloaded.merge_and_unload().save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    else:
+        remove_outputs(train.merged_dir)  # a merged model of an earlier run is not this run's
+    train_losses = [e["loss"] for e in history if "loss" in e]
+    return {
+        "train_loss": train_losses[-1] if train_losses else math.nan,
+        "eval_loss": final_eval,
+        "steps": trainer.state.global_step,
+        "epochs": round(float(trainer.state.epoch or 0), 4),
+        "world_size": trainer.args.world_size,
+        "precision": the_plan.precision,
+        "gate_reference_loss": gate.reference_loss,
+        "gate_reloaded_loss": gate.reloaded_loss,
+    }
+
+
+def write_reports(params: Params, history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    """DVC metrics and plots files, and the same files plus the adapter as MLflow artifacts."""
+
+    reports = params.paths.reports_dir / "train"
+    train_csv, eval_csv = log_history_tables(history)
+    atomic_write_text(reports / "train_loss.csv", train_csv)
+    atomic_write_text(reports / "eval_loss.csv", eval_csv)
+    atomic_write_json(params.paths.metrics("train"), metrics)
+    tracking.log_metrics({"final_train_loss": metrics["train_loss"], "final_eval_loss": metrics["eval_loss"],
+                          "gate_reloaded_loss": metrics["gate_reloaded_loss"]})
+    tracking.log_artifacts(params.train.adapter_dir, "adapter")
+    for path in (params.paths.metrics("train"), reports / "train_loss.csv", reports / "eval_loss.csv"):
+        tracking.log_artifacts(path, "reports")
+
+
+# --- entry points --------------------------------------------------------------------------
+
+def launch(params: Params) -> None:
+    """Start the ranks through the deepspeed launcher and wait; re-raise a rank's error."""
+    import subprocess
+
+    import torch
+
+
+    workdir = params.train.checkpoint_dir
+    workdir.mkdir(parents=True, exist_ok=True)
+    params_file = workdir / "launch-params.json"
+    error_file = workdir / "launch-error.txt"
+    error_file.unlink(missing_ok=True)
+    params_file.write_text(json.dumps(params.model_dump(mode="json", by_alias=True)), encoding="utf-8")
+    command, env = launch_command(params.train.deepspeed,
+                                  ["--params-json", str(params_file), "--error-file", str(error_file)],
+                                  cuda=torch.cuda.is_available(), cpu_count=os.cpu_count() or 1)
+    logger.info("train: launching %d process(es) per node: %s", params.train.deepspeed.num_processes,
+                " ".join(command))
+    try:
+        result = subprocess.run(command, env={**os.environ, **env}, check=False)
+    finally:
+        params_file.unlink(missing_ok=True)
+    if error_file.is_file():
+        message = error_file.read_text(encoding="utf-8").strip()
+        error_file.unlink(missing_ok=True)
+        raise LLMOpsError(message)
+    if result.returncode != 0:
+        raise LaunchError(f"train: the deepspeed launcher exited with code {result.returncode}; the ranks' "
+                          "output above shows why (run with train.deepspeed.num_processes: 1 to debug in one process)")
+
+
+def main(params: Params) -> None:
+
+    the_plan = plan(params)
+    checkpoints.prepare_resume(params.train.checkpoint_dir, the_plan.fingerprint)
+    if needs_launch(params.train.deepspeed) and not _in_rank():
+        launch(params)
+    else:
+        run(params, the_plan)
+
+
+def _in_rank() -> bool:
+
+    return in_launched_rank()
+
+
+def _rank_main(argv: list[str]) -> int:
+    """Entry of each rank started by the deepspeed launcher (`python -m pipelines.training.loop`)."""
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.training.loop")
+    parser.add_argument("--params-json", required=True, type=Path)
+    parser.add_argument("--error-file", type=Path)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    configure_rank_logging(args.verbose)
+    try:
+        params = parse_params(json.loads(args.params_json.read_text(encoding="utf-8")), str(args.params_json))
+        run(params, plan(params))
+    except LLMOpsError as error:
+        if is_rank_zero() and args.error_file is not None:
+            args.error_file.write_text(str(error), encoding="utf-8")
+        print(f"llmops train: error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's entry, not this `__main__` copy, so the classes and the
+    # logger name are those of `pipelines.training.loop`.
+    from pipelines.training.loop import _rank_main as rank_main
+
+    sys.exit(rank_main(sys.argv[1:]))
