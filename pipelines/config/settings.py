@@ -75,7 +75,7 @@ SERVICE_URL_ENV = "LLMOPS_SERVICE_URL"
 VLLM_PYTHON_ENV = "LLMOPS_VLLM_PYTHON"
 VLLM_URL_ENV = "LLMOPS_VLLM_URL"
 # vLLM's own virtualenv, next to the project's (scripts/install.sh)
-DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
 DEFAULT_TRACKING_DB = "mlflow.db"
 DEFAULT_INFERENCE_LOG = "sqlite:///data/inference/inference.db"

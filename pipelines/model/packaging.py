@@ -116,7 +116,7 @@ def model_format(merged_dir: Path, adapter_dir: Path, config_path: Path) -> dict
         "python_model": str(MODEL_CODE),
         "artifacts": {MERGED_ARTIFACT: str(merged_dir), ADAPTER_ARTIFACT: str(adapter_dir),
                       CONFIG_ARTIFACT: str(config_path)},
-        "code_paths": [str(Path(__file__).parent)],
+        "code_paths": [str(Path(__file__).parents[1])],  # the whole pipelines package
         "signature": signature,
         "input_example": example,
     }

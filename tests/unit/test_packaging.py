@@ -121,6 +121,9 @@ def test_a_registered_version_holds_no_pickle_and_mlflow_loads_it_with_unpicklin
     assert pickle_files(folder) == []
     flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
     assert "python_model" not in flavor and flavor["model_code_path"].endswith("registered_model.py")
+    # the version carries the whole pipelines package its model code imports, not one subfolder
+    code = folder / flavor["code"]
+    assert (code / "pipelines" / "model" / "packaging.py").is_file() and (code / "pipelines" / "cli.py").is_file()
     # MLflow's own loader (models from code) and the project's (data only) both answer
     model = mlflow.pyfunc.load_model(str(folder))
     out = model.predict([{"prompt": 'What does the noun "bank" mean?'}], params={"max_new_tokens": 3})

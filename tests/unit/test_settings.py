@@ -182,3 +182,9 @@ def test_every_deployment_setting_is_listed_as_one_no_run_may_change(tmp_path):
         assert setting.param in settings.DEPLOYMENT_SETTINGS, setting.param
         assert not run_overridable(setting.param), setting.param
         assert settings.DEPLOYMENT_SETTINGS[setting.param].startswith(setting.env), setting.param
+
+
+def test_the_default_vllm_interpreter_is_beside_the_projects_virtualenv():
+    from pipelines.config.settings import DEFAULT_VLLM_PYTHON
+
+    assert (DEFAULT_VLLM_PYTHON.parents[2] / "pyproject.toml").is_file()  # .venv-vllm/bin/python at the root
