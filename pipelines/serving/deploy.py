@@ -178,7 +178,7 @@ def deploy(params: Params) -> dict[str, Any]:
 
 def main(params: Params, strict: bool = False) -> None:
     report = deploy(params)
-    atomic_write_json(params.paths.reports_dir / "deploy" / "deployment.json", report)
+    atomic_write_json(params.paths.report("deployment_report"), report)
     status = report["status"]
     if status in {"verified", "recorded", "nothing-to-deploy"}:
         logger.info("deploy: %s%s", status, f" ({report['reason']})" if report.get("reason") else
