@@ -60,7 +60,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.config.params import RUN_OVERRIDABLE, Params, load_params, run_overridable
+from pipelines.config.params import RUN_OVERRIDABLE, Params, Paths, load_params, run_overridable
 from pipelines.config.settings import DEPLOYMENT_SETTINGS
 from pipelines.errors import LLMOpsError, ParamsError
 from pipelines.io import atomic_copy, atomic_write_json
@@ -121,10 +121,9 @@ def _looks_local(value: str, root: Path) -> bool:
 
 def _path_problems(root: Path, base: dict, draft: dict, changed: list[str]) -> list[str]:
     """Data and model locations a run adds must stay inside the project (its data folders)."""
-    paths = base.get("paths") or {}
-    data_dirs = [root / str(paths.get("raw_dir", "data/raw")), root / str(paths.get("sample_dir", "data/sample"))]
-    shown = " or ".join(str(Path(str(paths.get(k, d)))) + "/" for k, d in
-                        (("raw_dir", "data/raw"), ("sample_dir", "data/sample")))
+    paths = {**Paths().model_dump(mode="json"), **(base.get("paths") or {})}
+    data_dirs = [root / str(paths["raw_dir"]), root / str(paths["sample_dir"])]
+    shown = " or ".join(str(Path(str(paths[k]))) + "/" for k in ("raw_dir", "sample_dir"))
     problems = []
     if any(key == "ingest.sources" or key.startswith("ingest.sources.") for key in changed):
         for index, source in enumerate((draft.get("ingest") or {}).get("sources") or []):

@@ -72,9 +72,21 @@ class Paths(Section):
     validate_dir: Path = Path("reports/validate")
     prepared_dir: Path = Path("data/prepared")
     reports_dir: Path = Path("reports")
+    # Files one stage writes and another reads, under reports_dir (the catalog: dvc.yaml names
+    # them as ${paths.reports_dir}/${paths.<name>}, the code as paths.report("<name>")).
+    evaluation_results: Path = Path("evaluate/results.json")
+    evaluation_samples: Path = Path("evaluate/samples.csv")
+    registered_version: Path = Path("register/version.json")
+    promotion_decision: Path = Path("promote/decision.json")
+    deployment_report: Path = Path("deploy/deployment.json")
 
     def metrics(self, stage: str) -> Path:
+        """A stage's DVC metrics file: <reports_dir>/<stage>/metrics.json, by rule."""
         return self.reports_dir / stage / "metrics.json"
+
+    def report(self, name: str) -> Path:
+        """A catalog file, e.g. report("evaluation_results") -> reports/evaluate/results.json."""
+        return self.reports_dir / getattr(self, name)
 
 
 class BaseModelParams(Section):

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pipelines.config.params import Params
 from pipelines.errors import LLMOpsError
 from pipelines.model.lm import CausalLM
-from pipelines.registry.tracking import client_environment, tracking_uri
+from pipelines.registry.tracking import client_environment, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -228,7 +228,7 @@ class Registry:
         self.params = params
         self.settings = params.registry
         self.name = params.registry.model_name
-        self.uri = tracking_uri(params.tracking)
+        self.uri = resolve_tracking_uri(params.tracking)
         self.client: MlflowClient = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self._held: dict[str, Any] | None = None  # the lock this object holds: name, token, expires
 

@@ -34,8 +34,8 @@ from pipelines.model.sources import file_sha256
 logger = logging.getLogger(__name__)
 
 
-def tracking_uri(params: TrackingParams, root: Path | None = None) -> str:
-
+def resolve_tracking_uri(params: TrackingParams, root: Path | None = None) -> str:
+    """The MLflow tracking URI to use (config.settings.tracking_uri is the same setting with where it came from)."""
     return str(settings.tracking_uri(params, root).value)  # never None: the setting has a default
 
 
@@ -194,7 +194,7 @@ def start_run(params: TrackingParams, run_name: str, run_id: str | None = None,
     import mlflow
 
     client_environment()
-    uri = tracking_uri(params)
+    uri = resolve_tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     if params.system_metrics:
         mlflow.set_system_metrics_sampling_interval(params.system_metrics_interval)

@@ -42,7 +42,7 @@ class DeployFailed(LLMOpsError):
     """Verification of the rollout failed (the report says why)."""
 
 
-class Service:
+class GatewayClient:
     """The running `llmops serve`, over HTTP."""
 
     def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
@@ -100,7 +100,7 @@ def canary_prompts(params: Params) -> list[tuple[str, str]]:
     return list(zip(sample["prompt"], sample["response"]))
 
 
-def verify(service: Service, version: str, canaries: list[tuple[str, str]], params: Params) -> dict[str, Any]:
+def verify(service: GatewayClient, version: str, canaries: list[tuple[str, str]], params: Params) -> dict[str, Any]:
     """Send the canaries; the figures and the list of failed checks."""
 
     settings = params.deploy
@@ -142,7 +142,7 @@ def deploy(params: Params) -> dict[str, Any]:
         reason = (f"no service configured (deploy.service_url or {SERVICE_URL_ENV}); v{version} will be "
                   "served when `llmops serve` starts or next checks the alias")
         return {**report, "status": "recorded", "reason": reason}
-    service = Service(url, read_token(params.serve))
+    service = GatewayClient(url, read_token(params.serve))
     try:
         before = service.ready_version()
     except requests.RequestException as error:
@@ -178,7 +178,7 @@ def deploy(params: Params) -> dict[str, Any]:
 
 def main(params: Params, strict: bool = False) -> None:
     report = deploy(params)
-    atomic_write_json(params.paths.reports_dir / "deploy" / "deployment.json", report)
+    atomic_write_json(params.paths.report("deployment_report"), report)
     status = report["status"]
     if status in {"verified", "recorded", "nothing-to-deploy"}:
         logger.info("deploy: %s%s", status, f" ({report['reason']})" if report.get("reason") else

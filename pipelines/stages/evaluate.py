@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.config.params import EvaluateParams, Params
+from pipelines.config.params import EvaluateParams, Params, Paths
 from pipelines.errors import LLMOpsError
 from pipelines.evaluation.metrics import Scores, corpus_metrics, length_bucket, paired_bootstrap
 from pipelines.io import atomic_path, atomic_write_json, atomic_write_text, read_parquet
@@ -139,14 +138,15 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
+def write_outputs(results: dict[str, Any], paths: Paths) -> None:
     import pandas as pd
 
     # One file at a time, each whole (the folder also holds DVC's .gitignore).
-    with atomic_path(out_dir / "samples.csv") as tmp:
+    with atomic_path(paths.report("evaluation_samples")) as tmp:
         pd.DataFrame(results["samples"]).to_csv(tmp, index=False)
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, sort_keys=True, default=float) + "\n")
-    atomic_write_json(out_dir / "metrics.json", headline(results))
+    atomic_write_text(paths.report("evaluation_results"),
+                      json.dumps(results, indent=2, sort_keys=True, default=float) + "\n")
+    atomic_write_json(paths.metrics("evaluate"), headline(results))
 
 
 def load_systems(params: Params) -> dict[str, CausalLM]:
@@ -176,10 +176,9 @@ def main(params: Params) -> None:
     results = evaluate(frame, systems, params.evaluate)
     champion = getattr(systems.get("champion"), "registry_version", None)
     results["champion_version"] = champion
-    out_dir = params.paths.reports_dir / "evaluate"
     run_id = tracking.log_evaluation(params, results, frame, source=test_path, started=started)
     results["mlflow_run_id"] = run_id
-    write_outputs(results, out_dir)
+    write_outputs(results, params.paths)
     primary = params.evaluate.primary_metric
     logger.info("evaluate: %s candidate=%.4f base=%.4f%s", primary, results["systems"]["candidate"][primary],
                 results["systems"]["base"][primary],

@@ -207,8 +207,7 @@ def apply(params: Params, results: dict[str, Any], version: str, force: bool = F
 
 
 def main(params: Params, force: bool = False, reason: str | None = None) -> None:
-    reports = params.paths.reports_dir
-    results_path, version_path = reports / "evaluate" / "results.json", reports / "register" / "version.json"
+    results_path, version_path = params.paths.report("evaluation_results"), params.paths.report("registered_version")
     for path, stage in ((results_path, "evaluate"), (version_path, "register")):
         if not path.exists():
             raise DataError(f"{path} not found; run `llmops {stage}` first")
@@ -217,7 +216,7 @@ def main(params: Params, force: bool = False, reason: str | None = None) -> None
     results = json.loads(results_path.read_text())
     version = json.loads(version_path.read_text())["version"]
     decision = apply(params, results, version, force=force, reason=reason)
-    atomic_write_json(reports / "promote" / "decision.json", {
+    atomic_write_json(params.paths.report("promotion_decision"), {
         **{k: v for k, v in asdict(decision).items() if k != "checks"},
         "passed": int(decision.passed), "promoted": int(decision.promoted), "forced": int(decision.forced),
         "changed": int(decision.changed),

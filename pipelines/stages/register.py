@@ -65,11 +65,9 @@ def file_sha256(path: Path) -> str:
 
 def evidence(params: Params, params_file: Path = Path("params.yaml")) -> dict[str, Any]:
     """Everything a reviewer needs to trust a version, gathered from the stage outputs."""
-
-    reports = params.paths.reports_dir
     base_source = read_json(params.base_model.output_dir / "source.json", "base_model")
-    train = read_json(reports / "train" / "metrics.json", "train")
-    results = read_json(reports / "evaluate" / "results.json", "evaluate")
+    train = read_json(params.paths.metrics("train"), "train")
+    results = read_json(params.paths.report("evaluation_results"), "evaluate")
     validation = read_json(params.paths.validate_dir / "metrics.json", "validate")
     hashes = dvc_hashes()
     git = git_state()
@@ -238,4 +236,4 @@ def _requirements() -> list[str]:
 
 def main(params: Params) -> None:
     record = register(params)
-    atomic_write_json(params.paths.reports_dir / "register" / "version.json", record)
+    atomic_write_json(params.paths.report("registered_version"), record)

@@ -73,7 +73,7 @@ def test_the_project_can_be_moved_with_its_runs_and_models(tmp_path, monkeypatch
     shutil.copytree(original, moved)
     shutil.rmtree(original)
     monkeypatch.chdir(moved)
-    mlflow.set_tracking_uri(tracking.tracking_uri(params))
+    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(params))
     report = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="validation/report.html",
                                                  dst_path=str(tmp_path / "download"))
     assert open(report).read() == "<html>data docs</html>"

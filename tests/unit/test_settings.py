@@ -98,12 +98,12 @@ def test_passwords_never_show():
 
 def test_the_stages_read_the_same_settings(monkeypatch, tmp_path):
     """tracking.py, the inference log and deploy go through pipelines/config/settings.py."""
-    from pipelines.registry.tracking import tracking_uri
+    from pipelines.registry.tracking import resolve_tracking_uri
     from pipelines.serving.inference_log import InferenceLog
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-mlflow:5000")
-    assert tracking_uri(TrackingParams()) == "http://env-mlflow:5000"
-    assert tracking_uri(TrackingParams(uri="sqlite:////x/m.db")) == "sqlite:////x/m.db"
+    assert resolve_tracking_uri(TrackingParams()) == "http://env-mlflow:5000"
+    assert resolve_tracking_uri(TrackingParams(uri="sqlite:////x/m.db")) == "sqlite:////x/m.db"
     url = f"sqlite:///{tmp_path / 'env.db'}"
     monkeypatch.setenv("LLMOPS_INFERENCE_LOG_URL", url)
     log = InferenceLog.from_params(InferenceLogParams(spool_dir=tmp_path / "spool"))

@@ -451,13 +451,13 @@ def test_log_history_becomes_per_step_csv_tables():
 
 
 def test_tracking_uri_prefers_params_then_env_then_the_embedded_sqlite(monkeypatch, tmp_path):
-    from pipelines.registry.tracking import artifact_location, tracking_uri
+    from pipelines.registry.tracking import artifact_location, resolve_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri(TrackingParams(), root=tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri(TrackingParams(), root=tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking_uri(TrackingParams()) == "http://127.0.0.1:5000"
-    assert tracking_uri(TrackingParams(uri="sqlite:////x/m.db")) == "sqlite:////x/m.db"
+    assert resolve_tracking_uri(TrackingParams()) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri(TrackingParams(uri="sqlite:////x/m.db")) == "sqlite:////x/m.db"
     assert artifact_location("sqlite:////x/m.db") == "file:///x/mlruns"
     assert artifact_location("http://127.0.0.1:5000") is None
 
