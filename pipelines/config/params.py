@@ -79,6 +79,11 @@ class Paths(Section):
     registered_version: Path = Path("register/version.json")
     promotion_decision: Path = Path("promote/decision.json")
     deployment_report: Path = Path("deploy/deployment.json")
+    validation_result: Path = Path("result.json")  # under validate_dir: validate -> prepare, register
+
+    def validation_file(self) -> Path:
+        """validate's verdict, which prepare checks before it splits: <validate_dir>/<validation_result>."""
+        return self.validate_dir / self.validation_result
 
     def metrics(self, stage: str) -> Path:
         """A stage's DVC metrics file: <reports_dir>/<stage>/metrics.json, by rule."""

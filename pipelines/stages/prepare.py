@@ -101,18 +101,17 @@ def token_stats(frame: pd.DataFrame) -> dict[str, float]:
     return stats
 
 
-def check_validation(validate_dir: Path, data_path: Path, params: PrepareParams | None = None) -> None:
-    """Refuse to prepare data that did not pass validation, or whose result is stale (other data,
-    or, given `params`, other split settings than the conflicting-answers check assumed)."""
-
-    result_path = validate_dir / "result.json"
+def check_validation(result_path: Path, data_path: Path, params: PrepareParams | None = None) -> None:
+    """Refuse to prepare data that did not pass validation, or whose result (validate's
+    `paths.validation_file()`) is stale: other data, or, given `params`, other split settings
+    than the conflicting-answers check assumed."""
     if not result_path.exists():
         raise DataError(f"{result_path} not found; run `llmops validate` before `llmops prepare`")
     result = json.loads(result_path.read_text())
     if not result.get("success"):
         raise ValidationFailed(
             f"prepare: validation of {data_path} failed ({result.get('blocking_failures')} blocking "
-            f"expectation(s)); see {validate_dir / 'data_docs' / 'index.html'}, fix the data and re-run validate"
+            f"expectation(s)); see {result_path.parent / 'data_docs' / 'index.html'}, fix the data and re-run validate"
         )
     if result.get("data_md5") != file_md5(data_path):
         raise DataError(f"{result_path} was computed for another version of {data_path}; re-run `llmops validate`")
@@ -136,7 +135,7 @@ def prepare(frame: pd.DataFrame, params: PrepareParams, tokenizer: Any) -> tuple
 def main(params: Params) -> None:
 
     paths = params.paths
-    check_validation(paths.validate_dir, paths.ingested, params.prepare)
+    check_validation(paths.validation_file(), paths.ingested, params.prepare)
     frame = read_parquet(paths.ingested, produced_by="ingest")
     tokenizer = load_tokenizer(params.base_model.source, params.base_model.revision)
     splits, metrics = prepare(frame, params.prepare, tokenizer)

@@ -132,8 +132,8 @@ def log_validation_report(params: Params, run_id: str) -> str:
         logger.warning("register: no Data Docs in %s; the version records none", docs)
         return ""
     tracking.log_artifacts(docs, "validation/data_docs")
-    for name in ("result.json", "metrics.json"):
-        tracking.log_artifacts(params.paths.validate_dir / name, "validation")
+    for path in (params.paths.validation_file(), params.paths.validate_dir / "metrics.json"):
+        tracking.log_artifacts(path, "validation")
     return f"runs:/{run_id}/validation/data_docs/index.html"
 
 

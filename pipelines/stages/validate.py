@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.config.params import Params, PrepareParams, ValidateParams
+from pipelines.config.params import Params, Paths, PrepareParams, ValidateParams
 from pipelines.data.pii import PII_PATTERNS
 from pipelines.data.sources import SCHEMA
 from pipelines.data.splits import SPLITS, file_md5, normalise_text, split_of, split_settings
@@ -280,14 +280,15 @@ def summarise(outcomes: list[Outcome]) -> dict[str, Any]:
     }
 
 
-def format_report(outcomes: list[Outcome], rows: int, data_path: Path, report_dir: Path) -> str:
+def format_report(outcomes: list[Outcome], rows: int, data_path: Path, paths: Paths) -> str:
     """The short report printed when validation fails (and logged as warnings otherwise)."""
     blocking = [o for o in outcomes if not o.success and o.blocking]
     lines = [f"validate: {len(blocking)} blocking expectation(s) failed on {data_path} ({rows} rows):"]
     for outcome in blocking:
         lines.append("  - " + describe_failure(outcome))
-    where = report_dir.resolve()  # absolute: the line is read in Airflow's task log, far from the checkout
-    lines.append(f"Full report: {where / 'data_docs' / 'index.html'} and {where / 'result.json'}")
+    # absolute: the line is read in Airflow's task log, far from the checkout
+    lines.append(f"Full report: {paths.validate_dir.resolve() / 'data_docs' / 'index.html'} and "
+                 f"{paths.validation_file().resolve()}")
     lines.append("Fix the source data, or list an expectation in validate.warn_only (params.yaml) "
                  "to make it a warning.")
     return "\n".join(lines)
@@ -335,7 +336,7 @@ def main(params: Params, list_only: bool = False) -> None:
         "expectations": [o.__dict__ for o in outcomes],
         "gx_validation_result": without_run_details(gx_result),
     }
-    atomic_write_text(report_dir / "result.json", json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(params.paths.validation_file(), json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     metrics = {"rows": len(frame), **{k: v for k, v in summary.items() if k != "success"},
                "success": int(summary["success"])}
     atomic_write_json(report_dir / "metrics.json", metrics)
@@ -343,7 +344,7 @@ def main(params: Params, list_only: bool = False) -> None:
         if not outcome.success and not outcome.blocking:
             logger.warning("validate: warning only: %s", describe_failure(outcome))
     if not summary["success"]:
-        raise ValidationFailed(format_report(outcomes, len(frame), data_path, report_dir))
+        raise ValidationFailed(format_report(outcomes, len(frame), data_path, params.paths))
     logger.info("validate: %d/%d expectations passed on %d rows; report in %s",
                 summary["passed"], summary["evaluated"], len(frame), report_dir / "data_docs" / "index.html")
 

@@ -7,7 +7,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines.config.params import ConflictingAnswersParams, FileSource, PrepareParams, ValidateParams, load_params
+from pipelines.config.params import (
+    ConflictingAnswersParams,
+    FileSource,
+    Paths,
+    PrepareParams,
+    ValidateParams,
+    load_params,
+)
 from pipelines.data.sources import ingest
 from pipelines.stages.validate import annotate, describe_failure, format_report, run_suite, summarise
 from tests.data.make_fixtures import SPLIT_SETTINGS
@@ -102,7 +109,7 @@ def test_wrong_types_fail_the_type_expectation(tiny_tokenizer):
 
 def test_failure_report_names_expectation_column_count_and_rows(tiny_tokenizer):
     frame, outcomes, _ = validate_file("pii.jsonl", tiny_tokenizer)
-    report = format_report(list(outcomes.values()), len(frame), Path("data/x.parquet"), Path("reports/validate"))
+    report = format_report(list(outcomes.values()), len(frame), Path("data/x.parquet"), Paths())
     assert "blocking expectation(s) failed on data/x.parquet (150 rows)" in report
     assert "response_no_email (expect_column_values_to_not_match_regex on 'response'): 1 row(s)" in report
     assert "jane.doe@example.com" in report
@@ -151,7 +158,7 @@ def test_conflicting_answers_block_in_the_test_split_and_warn_in_train(tiny_toke
     conflict = frame[frame["id"] == "conflict-test"].iloc[0]
     assert {e["prompt"] for e in test.examples} == {conflict["prompt"]}
     assert len({e["response"] for e in test.examples}) == 2
-    report = format_report(list(outcomes.values()), len(frame), Path("data/x.parquet"), Path("reports/validate"))
+    report = format_report(list(outcomes.values()), len(frame), Path("data/x.parquet"), Paths())
     assert "conflicting_answers_test (expect_column_values_to_be_between on 'answers_per_prompt'): 2 row(s)" in report
     assert "conflicting_answers_train" not in report  # a warning: not in the blocking report
 

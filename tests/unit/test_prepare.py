@@ -132,14 +132,14 @@ def test_prepare_refuses_failed_or_stale_validation(tmp_path):
     data = tmp_path / "pairs.parquet"
     data.write_bytes(b"v1")
     with pytest.raises(DataError, match="run `llmops validate` before"):
-        check_validation(tmp_path, data)
+        check_validation(tmp_path / "result.json", data)
     (tmp_path / "result.json").write_text(json.dumps({"success": False, "blocking_failures": 2}))
     with pytest.raises(ValidationFailed, match="failed \\(2 blocking"):
-        check_validation(tmp_path, data)
+        check_validation(tmp_path / "result.json", data)
     from pipelines.stages.validate import file_md5
 
     (tmp_path / "result.json").write_text(json.dumps({"success": True, "data_md5": file_md5(data)}))
-    check_validation(tmp_path, data)
+    check_validation(tmp_path / "result.json", data)
     data.write_bytes(b"v2")
     with pytest.raises(DataError, match="another version"):
-        check_validation(tmp_path, data)
+        check_validation(tmp_path / "result.json", data)
