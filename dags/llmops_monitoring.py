@@ -6,7 +6,6 @@ import json
 import logging
 from datetime import UTC, datetime
 
-from airflow.providers.standard.operators.bash import BashOperator
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import DAG, task
@@ -46,19 +45,17 @@ with DAG(
     default_args={**DEFAULT_ARGS, "on_failure_callback": notify_failure},
     tags=["llmops", "monitoring"],
 ) as dag:
-    monitor = BashOperator(
-        task_id="monitor",
+    # The decision is `llmops monitor`'s only stdout line; `tail` prints it after the last log line
+    # (stderr), so it is the last line of the output: the task's return value, decide's argument.
+    @task.bash
+    def monitor(data_interval_end=None, dag_run=None) -> str:  # noqa: ANN001 - Airflow's context values
         # The window is the run's data interval: a re-run of the same run reports the same window.
-        # The decision is the command's only stdout line; `tail` prints it after the last log line
-        # (stderr), so it is the last line of the output, which BashOperator pushes to XCom.
-        bash_command=shell('llmops monitor --end "{{ (data_interval_end or dag_run.run_after).isoformat() }}" '
-                           "--json | tail -n 1"),
-        do_xcom_push=True,
-    )
+        end = (data_interval_end or dag_run.run_after).isoformat()
+        return shell(f'llmops monitor --end "{end}" --json | tail -n 1')
 
-    @task.branch(task_id="decide", retries=0)
-    def decide(ti=None) -> str:  # noqa: ANN001 - Airflow's task instance
-        decision = json.loads(ti.xcom_pull(task_ids="monitor"))
+    @task.branch(retries=0)
+    def decide(output: str, ti=None) -> str:  # noqa: ANN001 - Airflow's task instance
+        decision = json.loads(output)
         retrain = decision["retrain"]
         why = "; ".join(retrain.get("reasons") or []) or "no reason given"
         drift = decision.get("drift", {})
@@ -83,4 +80,4 @@ with DAG(
         skip_when_already_exists=True,  # a re-run of this window does not train twice
         retries=0,
     )
-    monitor >> decide() >> [trigger, EmptyOperator(task_id="no_retrain")]
+    decide(monitor()) >> [trigger, EmptyOperator(task_id="no_retrain")]

@@ -139,6 +139,8 @@ with DAG(
         return name
 
     start = experiment_start()
+    # BashOperator, not @task.bash: @task.bash renders its env a second time when it executes, which
+    # would evaluate template syntax typed in the form's Reason (tests/dags/test_task_commands.py).
     tasks = {}
     for stage in STAGES:
         command = f"dvc --wait-for-lock repro --single-item {stage}"

@@ -154,15 +154,11 @@ def test_the_overrides_parse_in_dvcs_grammar(tmp_path):
 
 
 class TaskInstanceStandIn:
-    """Just the XCom calls `decide` makes (the DAG runs with real task instances in
+    """Just the XCom call `decide` makes (the DAG runs with real task instances in
     tests/integration/test_airflow.py)."""
 
-    def __init__(self, decision: dict) -> None:
-        self.decision, self.pushed = decision, {}
-
-    def xcom_pull(self, task_ids: str) -> str:
-        assert task_ids == "monitor"
-        return json.dumps(self.decision)
+    def __init__(self) -> None:
+        self.pushed = {}
 
     def xcom_push(self, key: str, value: object) -> None:
         self.pushed[key] = value
@@ -176,16 +172,17 @@ DECISION = {"window": {"start": "2026-11-23T00:00:00+00:00", "end": "2026-11-24T
 def test_decide_without_a_retrain_request_ends_the_run_with_the_reason_in_the_log(dagbag, caplog):
     decide = dagbag.dags["llmops_monitoring"].get_task("decide").python_callable
     retrain = {"requested": False, "reasons": ["cooldown: last request 5 h ago"]}
-    ti = TaskInstanceStandIn({**DECISION, "retrain": retrain})
+    ti = TaskInstanceStandIn()
     with caplog.at_level(logging.INFO, logger="llmops.dags"):
-        assert decide(ti=ti) == "no_retrain"
+        assert decide(json.dumps({**DECISION, "retrain": retrain}), ti=ti) == "no_retrain"
     assert "no retraining: cooldown: last request 5 h ago" in caplog.text
     assert "/x/reports/monitor/2026-11-24T00-00-00Z" in caplog.text and ti.pushed == {}
 
 
 def test_decide_with_a_retrain_request_hands_the_reason_and_report_to_the_trigger(dagbag):
     decide = dagbag.dags["llmops_monitoring"].get_task("decide").python_callable
-    ti = TaskInstanceStandIn({**DECISION, "retrain": {"requested": True, "reasons": ["drift in 2 of the last 3"]}})
-    assert decide(ti=ti) == "trigger_training"
+    ti = TaskInstanceStandIn()
+    retrain = {"requested": True, "reasons": ["drift in 2 of the last 3"]}
+    assert decide(json.dumps({**DECISION, "retrain": retrain}), ti=ti) == "trigger_training"
     assert ti.pushed == {"reason": "drift in window ending 2026-11-24T00:00:00+00:00: drift in 2 of the last 3",
                          "report": "/x/reports/monitor/2026-11-24T00-00-00Z"}
