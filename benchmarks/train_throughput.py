@@ -2,16 +2,20 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_throughput.py \
         [--base-model models/base] [--batch-size 8] [--seq-len 128] [--warmup-steps 2] \
-        [--steps 8] [--rounds 3] [--ds-steps 16] [--ds-rounds 2] [--skip-deepspeed]
+        [--steps 8] [--rounds 3] [--precision fp32|bf16] [--trl-loss] [--ds-steps 16] [--ds-rounds 2] [--skip-deepspeed]
 
-1. Tokens/s of the stage's loop, in this process: `training_arguments`, `load_model`,
-   `add_lora`, `load_splits` (encode_frame), `collate`, `_trainer_class` and `_callbacks` of
+1. Tokens/s of the stage's loop, in this process: `training_arguments` (TRL's SFTConfig),
+   `load_model`, `add_lora`, `load_splits`, `build_trainer` (TRL's SFTTrainer, which
+   tokenizes, masks and collates), `_trainer_class` and `_callbacks` of
    pipelines/training/loop.py with params.yaml's `train` section (only batch size, sequence length,
-   max_steps and the output folders overridden; outputs and the MLflow run, which gets the
+   max_steps, precision and the output folders overridden; outputs and the MLflow run, which gets the
    per-step metrics as in the stage, go to a temporary folder). Versus a minimal loop: the
    same base model + LoRA (same seeded init), the same micro-batches in the Trainer's order
-   (recorded from its collator), fp32, torch.optim.AdamW with the same lr and weight decay,
-   forward + backward + step + zero_grad. The machine is shared and noisy, so the two are
+   (recorded from TRL's collator), fp32, torch.optim.AdamW with the same lr and weight decay,
+   forward (the model's own loss) + backward + step + zero_grad. With --precision bf16 the
+   stage runs under CPU bf16 autocast (as train.precision: bf16 does) and the hand-written
+   loop too, and the stage's final validation loss is printed for comparison with fp32.
+   The machine is shared and noisy, so the two are
    interleaved step by step: hand-written step k runs on Trainer step k's micro-batch right
    after it (odd k) or right before it (even k), from a Trainer callback; its time (and that
    of the Trainer's evaluations and checkpoint saves) is subtracted from the Trainer's step
@@ -155,22 +159,29 @@ class Bench:
         self.max_steps = args.warmup_steps + args.steps
         overrides = [
             f"base_model.output_dir={args.base_model}", f"paths.prepared_dir={args.data_dir}",
-            f"train.per_device_batch_size={args.batch_size}", f"train.max_seq_length={args.seq_len}",
+            f"train.per_device_train_batch_size={args.batch_size}", f"train.max_length={args.seq_len}",
             f"train.max_steps={self.max_steps}", "train.deepspeed.config=null", "train.deepspeed.num_processes=1",
+            f"train.precision={args.precision}",
             f"train.adapter_dir={tmp}/adapter", f"train.merged_dir={tmp}/merged",
             f"train.checkpoint_dir={tmp}/checkpoints", f"paths.reports_dir={tmp}/reports",
             f"tracking.uri=sqlite:///{tmp}/mlflow.db",
         ]
         self.params = load_params(REPO / "params.yaml", overrides)
         self.plan = stage.plan(self.params)
-        assert self.plan.precision == "fp32" and not self.plan.cuda, self.plan
+        assert self.plan.precision == args.precision and not self.plan.cuda, self.plan
+        self.autocast = None
+        if args.precision == "bf16":
+            import torch
+
+            self.autocast = torch.bfloat16
         self.tokenizer = AutoTokenizer.from_pretrained(self.plan.base_dir)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        _, self.encoded, self.stats = stage.load_splits(self.params, self.tokenizer)
-        self.index = {id(example): i for i, example in enumerate(self.encoded["train"])}
-        self.order: list[tuple[int, ...]] | None = None  # the Trainer's micro-batches, as example indices
+        self.frames, self.datasets = stage.load_splits(self.params)
+        self.order: list[tuple[int, ...]] | None = None  # the Trainer's micro-batches (their input ids)
         self.flops: FlopModel | None = None
+        self.stats: dict = {}
+        self.eval_losses: list[float] = []
 
     def fresh_model(self):
         from transformers import set_seed
@@ -184,12 +195,12 @@ class Bench:
             self.flops = flop_model(model)
         return model
 
-    def measure(self, durations: list[float], batches: list[tuple[int, ...]]) -> Measure:
+    def measure(self, durations: list[float], batches: list[dict]) -> Measure:
         """Tokens, FLOPs and seconds of the timed steps (after the warm-up steps)."""
         w, m = self.args.warmup_steps, self.args.steps
         timed = batches[w:w + m]
-        lengths = [len(self.encoded["train"][i]["input_ids"]) for batch in timed for i in batch]
-        padded = sum(len(batch) * max(len(self.encoded["train"][i]["input_ids"]) for i in batch) for batch in timed)
+        lengths = [int(n) for batch in timed for n in batch["attention_mask"].sum(dim=1)]
+        padded = sum(batch["input_ids"].numel() for batch in timed)
         steps = durations[w:w + m]
         return Measure(sum(lengths), sum(steps), self.flops.batch_flops(lengths), padded, extra={"steps": steps})
 
@@ -199,43 +210,42 @@ class Bench:
         when k is odd and right before it when k is even, on the same micro-batch. The
         hand-written steps (and the Trainer's evaluations and checkpoint saves) are timed
         and subtracted from the Trainer's step intervals."""
+        import contextlib
+
         import torch
-        from transformers import PrinterCallback, TrainerCallback
+        from transformers import TrainerCallback
 
         from pipelines.registry import tracking
         from pipelines.training import loop as stage
 
         train = self.params.train.model_copy(update={"checkpoint_dir": self.tmp / f"checkpoints-{round_no}"})
+        params = self.params.model_copy(update={"train": train})
         args = stage.training_arguments(train, self.plan.cuda, self.plan.precision)
-        pad = self.tokenizer.pad_token_id
-        examples = self.encoded["train"]
-        seen: list[tuple[int, ...]] = []  # the Trainer's micro-batches, as example indices
+        seen: list[dict] = []  # the Trainer's training micro-batches, as TRL's collator made them
+        evaluating = [False]
         step_ends: list[float] = []
         spans: list[tuple[str, float, float]] = []  # (hand | eval | save, start, end)
         hand_durations: dict[int, float] = {}
 
-        # the minimal loop: same base model and LoRA (same seeded init), fp32, AdamW, same lr
+        # the minimal loop: same base model and LoRA (same seeded init), AdamW, same lr
         hand_model = self.fresh_model()
         hand_model.train()
         optimizer = torch.optim.AdamW([p for p in hand_model.parameters() if p.requires_grad],
                                       lr=train.learning_rate, weight_decay=train.weight_decay)
+        autocast = self.autocast
 
         def hand_step(k: int) -> None:
             start = time.perf_counter()
-            inputs = stage.collate([examples[i] for i in seen[k - 1]], pad)
-            loss = hand_model(**inputs).loss
+            inputs = {key: value for key, value in seen[k - 1].items() if isinstance(value, torch.Tensor)}
+            context = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+            with context:
+                loss = hand_model(**inputs, use_cache=False).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             end = time.perf_counter()
             hand_durations[k] = end - start
             spans.append(("hand", start, end))
-
-        def data_collator(batch):  # the stage's collator, plus a record of which training examples
-            ids = tuple(self.index.get(id(e), -1) for e in batch)
-            if -1 not in ids:  # (evaluation batches use the same collator)
-                seen.append(ids)
-            return stage.collate(batch, pad)
 
         class Interleave(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -248,14 +258,17 @@ class Bench:
                     hand_step(state.global_step)
 
         base = stage._trainer_class()
-        base.autocast_dtype = None  # fp32 on CPU: as run() sets it
+        base.autocast_dtype = autocast  # as run() sets them
+        base.model_loss = not self.plan.cuda and not self.args.trl_loss
 
         class TimedTrainer(base):  # only adds clocks around evaluation and checkpoint saving
             def _evaluate(self, *a, **k):  # noqa: ANN002, ANN003
                 start = time.perf_counter()
+                evaluating[0] = True
                 try:
                     return super()._evaluate(*a, **k)
                 finally:
+                    evaluating[0] = False
                     spans.append(("eval", start, time.perf_counter()))
 
             def _save_checkpoint(self, *a, **k):  # noqa: ANN002, ANN003
@@ -268,19 +281,29 @@ class Bench:
         model = self.fresh_model()
         tracking.start_run(self.params.tracking, run_name=f"bench-train-{round_no}")  # as run(): steps log to MLflow
         try:
-            trainer = TimedTrainer(
-                model=model, args=args, train_dataset=examples, eval_dataset=self.encoded["validation"],
-                data_collator=data_collator, processing_class=self.tokenizer,
-                callbacks=[*stage._callbacks(train), Interleave()],
-            )
-            trainer.remove_callback(PrinterCallback)
+            trainer, self.stats = stage.build_trainer(params, self.plan, model, self.tokenizer, self.frames,
+                                                      self.datasets, args, [*stage._callbacks(train), Interleave()],
+                                                      TimedTrainer)
+            collate = trainer.data_collator
+            self.mean_tokens = statistics.mean(len(ids) for ids in trainer.train_dataset["input_ids"])
+
+            def recording_collator(features):  # TRL's collator, plus a record of the training batches
+                batch = collate(features)
+                if not evaluating[0]:
+                    seen.append(dict(batch))
+                return batch
+
+            trainer.data_collator = recording_collator
             trainer.train()
+            self.eval_losses.append([e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e][-1]
+                                    if any("eval_loss" in e for e in trainer.state.log_history) else math.nan)
         finally:
             tracking.end_run("FINISHED")
         batches = seen[: self.max_steps]
+        order = [tuple(batch["input_ids"].flatten().tolist()) for batch in batches]
         if self.order is None:
-            self.order = batches
-        assert batches == self.order, "the Trainer's data order changed between rounds"
+            self.order = order
+        assert order == self.order, "the Trainer's data order changed between rounds"
         # Trainer step k: from the end of step k-1 to its own end (data, logging, callbacks
         # included), minus the hand-written step / evaluation / save that fell in between.
         stage_durations = [math.nan]
@@ -307,7 +330,7 @@ def _fused(optimizer) -> str:
 
 # --- part 3: DeepSpeed ranks through `llmops train` --------------------------------------------
 
-_STEP_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*pipelines\.train: step (\d+)/(\d+) loss=")
+_STEP_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*pipelines\.training\.loop: step (\d+)/(\d+) loss=")
 
 
 def run_deepspeed(args: argparse.Namespace, tmp: Path, ranks: int, steps: int, tag: str) -> dict:
@@ -316,7 +339,7 @@ def run_deepspeed(args: argparse.Namespace, tmp: Path, ranks: int, steps: int, t
     max_steps = args.warmup_steps + steps
     overrides = {
         "base_model.output_dir": args.base_model, "paths.prepared_dir": args.data_dir,
-        "train.per_device_batch_size": args.batch_size, "train.max_seq_length": args.seq_len,
+        "train.per_device_train_batch_size": args.batch_size, "train.max_length": args.seq_len,
         "train.max_steps": max_steps,
         # evaluation and checkpointing only at the end, after the timed steps
         "train.eval_steps": max_steps, "train.save_steps": max_steps,
@@ -358,6 +381,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round and loop")
     parser.add_argument("--rounds", type=int, default=3,
                         help="Trainer runs, each with the hand-written loop interleaved")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: CPU autocast in the stage (train.precision: bf16) and the hand-written loop")
+    parser.add_argument("--trl-loss", action="store_true",
+                        help="stage with TRL's fused-LM-head loss (its GPU path), not the model's own")
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--ds-config", default="configs/deepspeed/zero2.json")
     parser.add_argument("--ds-steps", type=int, default=16,
@@ -374,6 +401,7 @@ def main() -> None:
     import peft
     import torch
     import transformers
+    import trl
 
     # quieter output (model loading, outside the timed steps); the timed work is unchanged
     transformers.utils.logging.disable_progress_bar()
@@ -389,19 +417,21 @@ def main() -> None:
         pass
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
           f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"peft {peft.__version__}, deepspeed {ds_version}")
+          f"peft {peft.__version__}, trl {trl.__version__}, deepspeed {ds_version}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M')}; load average at start: {loadavg()}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still remove the temporary folder
     tmp = Path(tempfile.mkdtemp(prefix="train-bench-"))
     try:
         bench = Bench(args, tmp)
         t = bench.params.train
-        print(f"train params: batch {t.per_device_batch_size}, max_seq_length {t.max_seq_length}, "
+        print(f"train params: batch {t.per_device_train_batch_size}, max_length {t.max_length}, "
+              f"precision {t.precision}, loss {'TRL fused LM head' if args.trl_loss else 'the model own'}, "
               f"lr {t.learning_rate}, "
-              f"LoRA r={t.lora.r} alpha={t.lora.alpha} dropout={t.lora.dropout} on {','.join(t.lora.target_modules)}, "
+              f"LoRA r={t.lora.r} lora_alpha={t.lora.lora_alpha} lora_dropout={t.lora.lora_dropout} on "
+              f"{','.join(t.lora.target_modules)}, "
               f"max_grad_norm {t.max_grad_norm}, logging_steps {t.logging_steps}, eval/save every "
-              f"{t.eval_steps}/{t.save_steps} steps, scheduler {t.lr_scheduler}; "
-              f"{len(bench.encoded['train'])} train examples")
+              f"{t.eval_steps}/{t.save_steps} steps, scheduler {t.lr_scheduler_type}; "
+              f"{len(bench.frames['train'])} train rows")
 
         peaks = [matmul_peak(args.matmul_size)]
         stage_runs, hand_runs = [], []
@@ -435,7 +465,7 @@ def main() -> None:
               f"(median {statistics.median(peaks):.0f}); measurements {', '.join(f'{p:.0f}' for p in peaks)}")
         print("\n| loop | tokens/s per round | median tokens/s | median s/step | achieved GFLOP/s | MFU |")
         print("|---|---|---:|---:|---:|---:|")
-        for name, runs, med in (("stage (HF Trainer, pipelines/training/loop.py)", stage_runs, med_stage),
+        for name, runs, med in (("stage (TRL SFTTrainer, pipelines/training/loop.py)", stage_runs, med_stage),
                                 ("hand-written PyTorch loop", hand_runs, med_hand)):
             gflops = med * flops_per_token / 1e9
             step_s = statistics.median(x.seconds / m for x in runs)
@@ -448,10 +478,13 @@ def main() -> None:
         evals = [x for s in stage_runs for x in s.extra["eval"]]
         saves = [x for s in stage_runs for x in s.extra["save"]]
         if evals or saves:
-            print(f"outside the timed window, the stage's evaluation ({len(bench.encoded['validation'])} examples) "
+            evaluated = bench.stats["validation"]["examples"]
+            print(f"outside the timed window, the stage's evaluation ({evaluated} examples) "
                   f"took median {statistics.median(evals) if evals else float('nan'):.2f} s and a checkpoint save "
                   f"{statistics.median(saves) if saves else float('nan'):.2f} s (each every "
                   f"{t.eval_steps}/{t.save_steps} steps)")
+        print(f"stage's final validation loss per round ({args.precision}, after {bench.max_steps} steps): "
+              f"{', '.join(f'{x:.4f}' for x in bench.eval_losses)}")
         print(f"Trainer optimizer: {stage_runs[0].extra['optim']} fused={stage_runs[0].extra['fused']}; "
               "hand-written: torch.optim.AdamW defaults")
 
@@ -468,7 +501,7 @@ def main() -> None:
                 print(f"  deepspeed {ranks} rank(s): {result['examples']} examples in {result['seconds']:.2f} s = "
                       f"{result['examples_per_s']:.2f} ex/s (whole `llmops train` {result['wall']:.0f} s; other "
                       f"processes used {others.cores:.2f} cores; load {loadavg()})", flush=True)
-            mean_tokens = statistics.mean(len(e["input_ids"]) for e in bench.encoded["train"])
+            mean_tokens = bench.mean_tokens
             print(f"\nPart 3: `llmops train` with {args.ds_config}, {args.ds_steps} timed steps on 1 rank, {half} on 2 "
                   f"ranks (batch {args.batch_size} per rank), after {args.warmup_steps} warm-up steps; "
                   f"{args.ds_rounds} runs each")

@@ -59,7 +59,7 @@ def tiny_train_params(tmp_path: Path, tiny_base_model_dir: Path, tiny_prepared_d
         section = {
             "adapter_dir": str(tmp_path / "adapter"), "merged_dir": str(tmp_path / "merged"),
             "checkpoint_dir": str(tmp_path / "checkpoints"), "max_steps": 12, "eval_steps": 6, "save_steps": 6,
-            "learning_rate": 2e-3, "max_eval_samples": 16, "per_device_batch_size": 4,
+            "learning_rate": 2e-3, "max_eval_samples": 16, "per_device_train_batch_size": 4,
         }
         for key, value in train.items():
             if isinstance(value, dict) and isinstance(section.get(key), dict):

@@ -124,8 +124,8 @@ def tiny_pipeline_project(root: Path, tokenizer_dir: Path, tracking_uri: str) ->
     project.set_params(
         base_model={"source": str(raw)},
         ingest={"sources": [{"kind": "bundled", "name": "wordnet", "max_rows": 1500}]},
-        train={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "max_eval_samples": 8, "per_device_batch_size": 4,
-               "learning_rate": 2e-3},
+        train={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "max_eval_samples": 8,
+               "per_device_train_batch_size": 4, "learning_rate": 2e-3},
         tracking={"uri": tracking_uri, "system_metrics": False},
         evaluate={"max_examples": 16, "bootstrap_samples": 50, "decoding": {"max_new_tokens": 8}},
         deploy={"service_url": None},

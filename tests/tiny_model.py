@@ -40,15 +40,16 @@ def write_prepared_sample(directory: Path, tokenizer_dir: Path, rows: int = 400,
                           test: int = 48, system_prompt: str = "Answer with a short definition.") -> Path:
     """train/validation/test.parquet in the `prepare` stage's format, from the WordNet sample.
 
-    Rendered with the tokenizer's chat template (pipelines.data.templates), so the prompt and
-    completion texts are what the prepare stage would write for this tokenizer.
+    Formatted by the prepare stage's own `format_split` with the tokenizer's chat template, so
+    the columns (rendered text, messages, token counts) are what prepare writes for this tokenizer.
     """
     import json
 
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from pipelines.data.templates import render_pair
+    from pipelines.config.params import PrepareParams
+    from pipelines.stages.prepare import format_split
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "wordnet.jsonl"
@@ -56,11 +57,8 @@ def write_prepared_sample(directory: Path, tokenizer_dir: Path, rows: int = 400,
     with open(sample, encoding="utf-8") as handle:
         for line, _ in zip(handle, range(rows + validation + test)):
             row = json.loads(line)
-            prompt_text, completion_text = render_pair(row["prompt"], row["response"], "chat", system_prompt,
-                                                       tokenizer)
-            records.append({"id": row["id"], "prompt": row["prompt"], "response": row["response"],
-                            "prompt_text": prompt_text, "completion_text": completion_text})
-    frame = pd.DataFrame(records)
+            records.append({"id": row["id"], "prompt": row["prompt"], "response": row["response"]})
+    frame = format_split(pd.DataFrame(records), PrepareParams(template="chat", system_prompt=system_prompt), tokenizer)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     bounds = {"train": (0, rows), "validation": (rows, rows + validation), "test": (rows + validation, None)}

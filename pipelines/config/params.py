@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,11 +35,13 @@ RUN_OVERRIDABLE: tuple[str, ...] = (
     "base_model.source", "base_model.revision", "base_model.dtype", "base_model.licence",
     "ingest.sources",
     "prepare",
-    "train.lora", "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio", "train.warmup_steps",
-    "train.epochs", "train.max_steps", "train.per_device_batch_size", "train.gradient_accumulation_steps",
-    "train.max_seq_length", "train.seed", "train.precision", "train.gradient_checkpointing", "train.qlora",
-    "train.weight_decay", "train.max_grad_norm", "train.logging_steps", "train.eval_steps", "train.save_steps",
-    "train.save_total_limit", "train.max_train_samples", "train.max_eval_samples", "train.merge",
+    "train.lora", "train.learning_rate", "train.lr_scheduler_type", "train.warmup_steps",
+    "train.num_train_epochs", "train.max_steps", "train.per_device_train_batch_size",
+    "train.per_device_eval_batch_size", "train.gradient_accumulation_steps", "train.max_length", "train.packing",
+    "train.completion_only_loss", "train.seed", "train.precision", "train.activation_checkpointing",
+    "train.qlora", "train.weight_decay", "train.max_grad_norm", "train.logging_steps", "train.eval_steps",
+    "train.save_steps", "train.save_total_limit", "train.max_train_samples", "train.max_eval_samples",
+    "train.merge",
 )
 
 
@@ -50,12 +52,19 @@ def run_overridable(key: str) -> bool:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # Keys an earlier release used: {old name: (new name, a note on the value)}, so that a
+    # params.yaml or an override written for it gets the new name in its error, not a list.
+    _renamed: ClassVar[dict[str, tuple[str, str]]] = {}
 
     @model_validator(mode="before")
     @classmethod
     def _reject_unknown_keys(cls, data: Any) -> Any:
         # pydantic's own extra="forbid" error does not say which keys are allowed.
         if isinstance(data, dict):
+            renamed = sorted(str(key) for key in data if key in cls._renamed and key not in cls.model_fields)
+            if renamed:
+                raise PydanticCustomError("renamed_key", "renamed key", {
+                    "renamed": [(key, *cls._renamed[key]) for key in renamed]})
             allowed = {field.alias or name for name, field in cls.model_fields.items()}
             unknown = sorted(str(key) for key in data if key not in allowed and key not in cls.model_fields)
             if unknown:
@@ -175,10 +184,20 @@ class PrepareParams(Section):
     seed: int = Field(42, ge=0)
 
 
+# The train section speaks the vocabulary of the libraries that do the work: peft's LoraConfig
+# (lora.*), and TRL's SFTConfig / transformers' TrainingArguments (the rest), with the same
+# names and meanings, so their documentation is ours. Only what they lack is ours: the model
+# folders, precision: auto, qlora, the sample caps, merge, the adapter gate's tolerance, and
+# the DeepSpeed launch.
+_PEFT = "the name peft's LoraConfig uses"
+_TRL = "the name TRL's SFTConfig and transformers use"
+
+
 class LoraParams(Section):
+    _renamed = {"alpha": ("lora_alpha", _PEFT), "dropout": ("lora_dropout", _PEFT)}
     r: int = Field(8, gt=0, le=1024)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # names of the Linear layers to adapt (the last part of the module name, e.g. q_proj)
     target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
 
@@ -210,25 +229,36 @@ class TrackingParams(Section):
 
 
 class TrainParams(Section):
+    _renamed = {
+        "lr_scheduler": ("lr_scheduler_type", _TRL),
+        "warmup_ratio": ("warmup_steps", f"{_TRL}; a value below 1 is a fraction of the steps"),
+        "epochs": ("num_train_epochs", _TRL),
+        "per_device_batch_size": ("per_device_train_batch_size", f"{_TRL}; evaluation has per_device_eval_batch_size"),
+        "max_seq_length": ("max_length", _TRL),
+        "gradient_checkpointing": ("activation_checkpointing", _TRL),
+    }
     adapter_dir: Path = Path("models/adapter")
     merged_dir: Path = Path("models/merged")
     checkpoint_dir: Path = Path("models/checkpoints")  # kept between runs for resume
     lora: LoraParams = LoraParams()
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
-    lr_scheduler: Literal[
+    lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
     ] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of the optimizer steps
-    warmup_steps: int = Field(0, ge=0)  # exclusive with warmup_ratio
-    epochs: float = Field(1.0, gt=0.0)
-    max_steps: int | None = Field(30, gt=0)  # demo-sized; null trains for `epochs`
-    per_device_batch_size: int = Field(8, ge=1)
+    # as transformers reads it: a whole number of steps, or below 1 a fraction of the optimizer steps
+    warmup_steps: float = Field(0, ge=0.0)
+    num_train_epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(30, gt=0)  # demo-sized; null trains for `num_train_epochs`
+    per_device_train_batch_size: int = Field(8, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_seq_length: int = Field(128, ge=8)
+    max_length: int = Field(128, ge=8)  # tokens per sequence; longer examples are cut from the right
+    packing: bool = False  # TRL packing: examples share max_length sequences (no padding), attention kept apart
+    completion_only_loss: bool = True  # loss on the completion only; false trains on the prompt too
     seed: int = Field(42, ge=0)
-    # auto: bf16 on a CUDA GPU that has it (else fp16), fp32 on CPU (measured faster there than bf16 autocast)
+    # auto: bf16 on a CUDA GPU that has it (else fp16), fp32 on CPU (see training/loop.py resolve_precision)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False
     qlora: bool = False  # 4-bit base weights (bitsandbytes); needs a CUDA GPU
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
@@ -242,11 +272,12 @@ class TrainParams(Section):
     sanity_tolerance: float = Field(0.02, gt=0.0, le=1.0)  # relative loss difference allowed on reload
     deepspeed: DeepSpeedParams = DeepSpeedParams()
 
-    @model_validator(mode="after")
-    def _check_warmup(self) -> TrainParams:
-        if self.warmup_ratio and self.warmup_steps:
-            raise ValueError("set either train.warmup_ratio or train.warmup_steps, not both")
-        return self
+    @field_validator("warmup_steps")
+    @classmethod
+    def _whole_steps(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("a whole number of steps, or a fraction of the steps below 1 (e.g. 0.1)")
+        return value
 
 
 class DecodingParams(Section):
@@ -507,7 +538,11 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
         loc = tuple(item["loc"])
         shown = [p for p in loc if p not in ("bundled", "file", "hf")]
         key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in shown).replace(".[", "[")
-        if item["type"] == "unknown_key":
+        if item["type"] == "renamed_key":
+            for old, new, note in item["ctx"]["renamed"]:
+                prefix = f"{key}." if key else ""
+                lines.append(f"{origin}: '{prefix}{old}' is now '{prefix}{new}' ({note}); rename it")
+        elif item["type"] == "unknown_key":
             ctx = item["ctx"]
             for name in ctx["unknown"]:
                 dotted = f"{key}.{name}" if key else name

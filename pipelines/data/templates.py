@@ -76,6 +76,15 @@ def render_pair(prompt: str, response: str, template: Template, system_prompt: s
     return prompt_text, response + (tokenizer.eos_token or "")
 
 
+def conversation(prompt: str, response: str, system_prompt: str | None) -> tuple[list[dict], list[dict]]:
+    """The chat template's input as messages: (system + user turns, the assistant turn).
+
+    `prepare` stores them beside the rendered text for TRL, which applies the tokenizer's chat
+    template to them itself; the train stage checks that this gives the tokens of the rendered
+    text that evaluation and serving use."""
+    return _messages(prompt, system_prompt), [{"role": "assistant", "content": response}]
+
+
 def _messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return messages + [{"role": "user", "content": prompt}]

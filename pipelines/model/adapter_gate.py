@@ -93,11 +93,14 @@ def batch_loss(model: Any, batch: dict[str, Any], autocast_dtype: Any = None) ->
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    inputs = {key: value.to(device) for key, value in batch.items()}
+    # TRL's padding-free batches (packing) also carry plain ints (max_length_q, ...)
+    inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
     context = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                else contextlib.nullcontext())
     with torch.no_grad(), context:
-        loss = model(**inputs).loss
+        # no cache: with one, transformers does not build the per-document mask of a packed
+        # (padding-free) batch, and packed examples would attend to each other
+        loss = model(**inputs, use_cache=False).loss
     if was_training:
         model.train()
     return float(loss.float().item())

@@ -5,9 +5,10 @@ Reads   `paths.ingested` and `paths.validate_dir`/result.json (it refuses data w
         fractions or seed: validate checks conflicting answers per split), params `prepare`
         and `base_model` (tokenizer and chat template).
 Writes  `paths.prepared_dir`/{train,validation,test}.parquet with `prompt_text` and
-        `completion_text` (the model's input and what it learns to produce) and token
-        counts; reports/prepare/metrics.json (rows, duplicates removed, token length
-        percentiles). The folder is built aside and swapped in whole.
+        `completion_text` (the model's input and what it learns to produce), with the chat
+        template also `prompt_messages` and `completion_messages` (the same as messages,
+        which the train stage hands to TRL), and token counts; reports/prepare/metrics.json
+        (rows, duplicates removed, token length percentiles). The folder is built aside and swapped in whole.
 Run     `llmops prepare` or `dvc repro prepare`.
 
 Splits are assigned per prompt by a seeded hash of the normalised prompt, so one prompt
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.config.params import Params, PrepareParams
 from pipelines.data.splits import SPLITS, file_md5, normalise_text, split_of, split_settings
-from pipelines.data.templates import render_pair
+from pipelines.data.templates import conversation, render_pair
 from pipelines.errors import DataError, ValidationFailed
 from pipelines.io import atomic_path, atomic_write_json, read_parquet
 from pipelines.model.sources import load_tokenizer
@@ -87,6 +88,10 @@ def format_split(frame: pd.DataFrame, params: PrepareParams, tokenizer: Any) -> 
     out = frame.copy()
     out["prompt_text"] = [p for p, _ in rendered]
     out["completion_text"] = [c for _, c in rendered]
+    if params.template == "chat":
+        turns = [conversation(p, r, params.system_prompt) for p, r in zip(frame["prompt"], frame["response"])]
+        out["prompt_messages"] = [p for p, _ in turns]
+        out["completion_messages"] = [c for _, c in turns]
     for column, target in (("prompt_text", "n_prompt_tokens"), ("completion_text", "n_completion_tokens")):
         ids = tokenizer(list(out[column]), add_special_tokens=False)["input_ids"] if len(out) else []
         out[target] = [len(i) for i in ids]

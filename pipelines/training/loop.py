@@ -22,7 +22,7 @@ from pipelines.config.params import Params, TrainParams, parse_params
 from pipelines.errors import LLMOpsError
 from pipelines.io import atomic_path, atomic_write_json, atomic_write_text, read_parquet, remove_outputs
 from pipelines.model.adapter_gate import batch_loss, check_adapter
-from pipelines.model.encoding import IGNORE_INDEX, collate, encode_pair
+from pipelines.model.encoding import IGNORE_INDEX
 from pipelines.model.sources import file_sha256, read_source_record
 from pipelines.registry import tracking
 from pipelines.training import checkpoints, distributed
@@ -59,25 +59,80 @@ class TrainingDiverged(LLMOpsError):
     """The loss became NaN or infinite."""
 
 
-# --- data --------------------------------------------------------------------------------
+class TemplateMismatch(LLMOpsError):
+    """TRL's tokens of an example are not those of the text evaluation and serving render."""
 
-def encode_frame(frame: pd.DataFrame, tokenizer: Any, max_length: int) -> tuple[list[dict[str, list[int]]], dict]:
-    """Encode every row; drop rows left without a completion token; count what was cut."""
-    examples, dropped = [], 0
-    for prompt, completion in zip(frame["prompt_text"], frame["completion_text"]):
-        example = encode_pair(prompt, completion, tokenizer, max_length)
-        if example is None:
-            dropped += 1
+
+# --- data ----------------------------------------------------------------------------------
+#
+# TRL does the encoding: it applies the chat template to the messages prepare stored (or
+# takes the rendered text of the alpaca/plain templates), masks the prompt out of the loss
+# (completion_only_loss), cuts at max_length, drops examples left without a completion token,
+# and packs when asked. What TRL cannot know is that evaluation and serving render prompts
+# with prepare's function (pipelines/data/templates.py): `check_rendering` holds the two
+# equal, token for token, so the model is trained on exactly what it will be sent.
+
+def sft_dataset(frame: pd.DataFrame) -> Any:
+    """TRL's prompt-completion dataset of one prepared split, plus the rendered text to check.
+
+    Conversational (TRL applies the tokenizer's chat template) where prepare stored messages;
+    the rendered prompt and completion text otherwise (they end with EOS, so TRL adds none)."""
+    from datasets import Dataset
+
+    rendered = [p + c for p, c in zip(frame["prompt_text"], frame["completion_text"])]
+    if "prompt_messages" in frame.columns:
+        prompt = [[dict(turn) for turn in turns] for turns in frame["prompt_messages"]]
+        completion = [[dict(turn) for turn in turns] for turns in frame["completion_messages"]]
+    else:
+        prompt, completion = list(frame["prompt_text"]), list(frame["completion_text"])
+    return Dataset.from_dict({"prompt": prompt, "completion": completion, "rendered": rendered,
+                              "rendered_prompt": list(frame["prompt_text"])})
+
+
+def check_rendering(dataset: Any, tokenizer: Any, max_length: int, completion_only_loss: bool, split: str) -> None:
+    """Refuse to train when TRL's tokens differ from those of prepare's rendered text.
+
+    For every example TRL kept: input_ids must be the tokens of prompt_text + completion_text
+    (cut at max_length), and with completion_only_loss exactly the prompt's tokens masked."""
+    if "rendered" not in dataset.column_names:  # packed: TRL keeps only the token columns
+        return
+    rendered, rendered_prompt = list(dataset["rendered"]), list(dataset["rendered_prompt"])
+    full = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    prompts = tokenizer(rendered_prompt, add_special_tokens=False)["input_ids"]
+    bad = []
+    for row, (ids, labels, want, prompt) in enumerate(zip(dataset["input_ids"], dataset["labels"], full, prompts)):
+        masked = sum(1 for label in labels if label == IGNORE_INDEX)
+        want_masked = min(len(prompt), max_length) if completion_only_loss else 0
+        if ids != want[:max_length] or masked != want_masked:
+            bad.append(row)
+    if bad:
+        if isinstance(dataset[0]["prompt"], list):  # conversational: TRL applied the chat template
+            cause = ("the tokenizer's chat template renders the stored messages differently from prepare's "
+                     "rendering; set prepare.template: alpaca or plain, or give the base model a chat template "
+                     "that renders the generation prompt as a prefix of the answered conversation")
         else:
-            examples.append(example)
+            cause = ("TRL tokenizes the rendered text differently (it appends EOS to a completion that does not end "
+                     "with it); with prepare.template: chat, prepare stores messages for TRL: re-run `llmops "
+                     "prepare` (`dvc repro prepare`) to write them")
+        raise TemplateMismatch(
+            f"train: TRL's tokens of {len(bad)} of {len(full)} {split} examples differ from the tokens of the text "
+            f"that evaluation and serving send (first: row {bad[0]}, {rendered_prompt[bad[0]][:60]!r}): {cause}"
+        )
+
+
+def dataset_stats(rows: int, dataset: Any, max_length: int, packing: bool) -> dict[str, Any]:
+    """What TRL made of a split: examples kept, cut at max_length, completion tokens."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
     stats = {
-        "rows": len(frame),
-        "examples": len(examples),
-        "dropped_no_completion": dropped,
-        "at_max_length": sum(1 for e in examples if len(e["input_ids"]) == max_length),
-        "completion_tokens": sum(sum(1 for label in e["labels"] if label != IGNORE_INDEX) for e in examples),
+        "rows": rows,
+        "examples": rows if packing else len(dataset),
+        "dropped_no_completion": 0 if packing else rows - len(dataset),
+        "at_max_length": sum(1 for n in lengths if n == max_length),
+        "completion_tokens": sum(sum(1 for label in labels if label != IGNORE_INDEX) for labels in dataset["labels"]),
     }
-    return examples, stats
+    if packing:
+        stats["packed_sequences"] = len(dataset)
+    return stats
 
 
 def sample_rows(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
@@ -116,12 +171,12 @@ def model_context(config: Any) -> tuple[int, str] | None:
     return None
 
 
-def check_context(max_seq_length: int, config: Any, where: str) -> None:
+def check_context(max_length: int, config: Any, where: str) -> None:
     found = model_context(config)
-    if found is not None and max_seq_length > found[0]:
+    if found is not None and max_length > found[0]:
         raise ModelMismatch(
-            f"train.max_seq_length is {max_seq_length} but the base model in {where} handles at most "
-            f"{found[0]} positions ({config.model_type} {found[1]}); set train.max_seq_length <= {found[0]}"
+            f"train.max_length is {max_length} but the base model in {where} handles at most "
+            f"{found[0]} positions ({config.model_type} {found[1]}); set train.max_length <= {found[0]}"
         )
 
 
@@ -198,10 +253,10 @@ def plan(params: Params) -> Plan:
     base_dir = params.base_model.output_dir
     source = read_source_record(base_dir)
     model = meta_model(base_dir)
-    check_context(train.max_seq_length, model.config, str(base_dir))
+    check_context(train.max_length, model.config, str(base_dir))
     check_target_modules(train.lora.target_modules, model, str(base_dir))
     if train.deepspeed.config is not None:
-        check_deepspeed_config(train.deepspeed.config, train.per_device_batch_size,
+        check_deepspeed_config(train.deepspeed.config, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps, precision, train.max_grad_norm)
     if train.deepspeed.hostfile is not None:
 
@@ -269,45 +324,62 @@ def _callbacks(params: TrainParams) -> list[Any]:
 
 
 def _trainer_class() -> Any:
-    """Trainer that wraps the loss in CPU autocast when bf16 is asked for on CPU.
+    """TRL's SFTTrainer, with two CPU adjustments.
 
-    On CPU, TrainingArguments(bf16=True) needs use_cpu=True, which turns DeepSpeed off in
-    accelerate; so on CPU the stage keeps bf16 out of the Trainer and DeepSpeed (fp32
-    weights, gradients and optimizer) and runs forward passes under torch.autocast(bf16).
+    - bf16 on CPU: TrainingArguments(bf16=True) needs use_cpu=True, which turns DeepSpeed off in
+      accelerate; so on CPU the stage keeps bf16 out of the Trainer and DeepSpeed (fp32
+      weights, gradients and optimizer) and runs forward passes under torch.autocast(bf16).
+    - The loss on CPU (`model_loss`): TRL computes it with a fused LM head that scores the
+      vocabulary in chunks and recomputes them in the backward pass. On GPUs it scores only
+      the completion positions (Triton) and saves the memory of the logits; on CPU it scores
+      every position, and a LoRA step of SmolLM2-135M took ~1.5x as long as with the model's
+      own loss (2 cores; benchmarks/RESULTS.md). The model's own loss is the same quantity:
+      the mean negative log-likelihood of the completion tokens (labels -100 elsewhere),
+      so on CPU the stage asks the model for it, as transformers' Trainer does.
     """
+    import contextlib
+
     import torch
     from transformers import Trainer
+    from trl import SFTTrainer
 
-    class AutocastTrainer(Trainer):
+    class StageTrainer(SFTTrainer):
         autocast_dtype: Any = None
+        model_loss: bool = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-            if self.autocast_dtype is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            with torch.autocast("cpu", dtype=self.autocast_dtype):
+            context = (torch.autocast("cpu", dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                       else contextlib.nullcontext())
+            with context:
+                if self.model_loss:
+                    return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    return AutocastTrainer
+    return StageTrainer
 
 
 def training_arguments(params: TrainParams, cuda: bool, precision: str) -> Any:
-    from transformers import TrainingArguments
-
+    """TRL's SFTConfig: train params of the same names go through as they are."""
+    from trl import SFTConfig
 
     config = params.deepspeed.config
     configured_state = config is not None and not cuda and in_launched_rank()
     if configured_state:
         init_cpu_deepspeed_state()
-    return TrainingArguments(
+    warmup = params.warmup_steps
+    return SFTConfig(
         output_dir=str(params.checkpoint_dir),
-        per_device_train_batch_size=params.per_device_batch_size,
-        per_device_eval_batch_size=params.per_device_batch_size,
+        per_device_train_batch_size=params.per_device_train_batch_size,
+        per_device_eval_batch_size=params.per_device_eval_batch_size,
         gradient_accumulation_steps=params.gradient_accumulation_steps,
         learning_rate=params.learning_rate,
-        lr_scheduler_type=params.lr_scheduler,
-        warmup_steps=params.warmup_steps or params.warmup_ratio,
-        num_train_epochs=params.epochs,
+        lr_scheduler_type=params.lr_scheduler_type,
+        warmup_steps=int(warmup) if warmup >= 1 else warmup,
+        num_train_epochs=params.num_train_epochs,
         max_steps=params.max_steps or -1,
+        max_length=params.max_length,
+        packing=params.packing,
+        completion_only_loss=params.completion_only_loss,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm,
         seed=params.seed,
@@ -326,14 +398,13 @@ def training_arguments(params: TrainParams, cuda: bool, precision: str) -> Any:
         # device backend, counts one process and fills DeepSpeed's batch size for one.
         ddp_backend="gloo" if not cuda and in_launched_rank() else None,
         accelerator_config={"use_configured_state": True} if configured_state else None,
-        activation_checkpointing=params.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
+        activation_checkpointing=params.activation_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if params.activation_checkpointing else None,
         deepspeed=str(config) if config else None,
         report_to="none",
         # Progress bars in a terminal; in logs (DVC under Airflow, CI) the per-step INFO lines
         # are enough and a bar only adds carriage-return noise.
         disable_tqdm=not sys.stderr.isatty(),
-        remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda,
@@ -360,7 +431,7 @@ def load_model(base_dir: Path, params: TrainParams, precision: str) -> Any:
     if params.qlora:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.activation_checkpointing)
     model.config.use_cache = False
     return model
 
@@ -368,7 +439,7 @@ def load_model(base_dir: Path, params: TrainParams, precision: str) -> Any:
 def add_lora(model: Any, params: TrainParams) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+    config = LoraConfig(r=params.lora.r, lora_alpha=params.lora.lora_alpha, lora_dropout=params.lora.lora_dropout,
                         target_modules=list(params.lora.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
@@ -405,22 +476,50 @@ def _staging_dir(adapter_dir: Path) -> Path:
     return adapter_dir.parent / f".{adapter_dir.name}.staging"
 
 
-def load_splits(params: Params, tokenizer: Any) -> tuple[dict[str, pd.DataFrame], dict[str, list], dict]:
-    """The (sampled) prepared splits, and their encoded examples and statistics."""
+def load_splits(params: Params) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """The (sampled) prepared splits, and TRL's datasets of them (not yet tokenized)."""
     train = params.train
     limits = {"train": train.max_train_samples, "validation": train.max_eval_samples}
-    frames, encoded, stats = {}, {}, {}
-    for split, path in data_files(params).items():
-        frames[split] = sample_rows(read_parquet(path, produced_by="prepare"), limits[split], train.seed)
-        encoded[split], stats[split] = encode_frame(frames[split], tokenizer, train.max_seq_length)
-        if not encoded[split]:
-            raise LLMOpsError(f"train: no {split} example keeps a completion token within train.max_seq_length="
-                              f"{train.max_seq_length}; raise train.max_seq_length")
-    return frames, encoded, stats
+    frames = {split: sample_rows(read_parquet(path, produced_by="prepare"), limits[split], train.seed)
+              for split, path in data_files(params).items()}
+    return frames, {split: sft_dataset(frame) for split, frame in frames.items()}
+
+
+def build_trainer(params: Params, the_plan: Plan, model: Any, tokenizer: Any, frames: dict[str, pd.DataFrame],
+                  datasets: dict[str, Any], args: Any, callbacks: list[Any],
+                  trainer_class: Any = None) -> tuple[Any, dict]:
+    """TRL's trainer over the splits (TRL tokenizes them here), checked against prepare's rendering;
+    and what TRL made of each split."""
+    from datasets.utils.logging import disable_progress_bar
+    from transformers import PrinterCallback
+
+    if not sys.stderr.isatty():  # TRL's map/filter bars: noise in logs, as the Trainer's are
+        disable_progress_bar()
+    train = params.train
+    trainer_class = trainer_class or _trainer_class()
+    trainer = trainer_class(model=model, args=args, train_dataset=datasets["train"],
+                            eval_dataset=datasets["validation"], processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # progress is logged by the Progress callback
+    stats = {}
+    for split, dataset in (("train", trainer.train_dataset), ("validation", trainer.eval_dataset)):
+        if len(dataset) == 0:
+            raise LLMOpsError(f"train: no {split} example keeps a completion token within train.max_length="
+                              f"{train.max_length}; raise train.max_length")
+        check_rendering(dataset, tokenizer, train.max_length, trainer.completion_only_loss, split)
+        stats[split] = dataset_stats(len(frames[split]), dataset, train.max_length, train.packing)
+    return trainer, stats
+
+
+def gate_batch(trainer: Any) -> dict[str, Any]:
+    """The adapter gate's fixed batch: the first validation examples, through TRL's collator."""
+    dataset = trainer.eval_dataset
+    columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in dataset.column_names]
+    rows = dataset.select(range(min(GATE_BATCH, len(dataset)))).select_columns(columns)
+    return trainer.data_collator(list(rows))
 
 
 def start_tracking(params: Params, the_plan: Plan, resume: Path | None, frames: dict[str, pd.DataFrame],
-                   encoded: dict[str, list]) -> str:
+                   stats: dict[str, dict]) -> str:
     """Start the MLflow run (or reopen the interrupted one when resuming); log inputs."""
 
     train = params.train
@@ -432,7 +531,8 @@ def start_tracking(params: Params, the_plan: Plan, resume: Path | None, frames: 
               "resumed_from": str(resume) if resume else ""})
     checkpoints.update_run(train.checkpoint_dir, mlflow_run_id=run_id)
     tracking.log_params({"train": train.model_dump(mode="json"), "base_model": params.base_model.source,
-                         "train_examples": len(encoded["train"]), "eval_examples": len(encoded["validation"]),
+                         "train_examples": stats["train"]["examples"],
+                         "eval_examples": stats["validation"]["examples"],
                          "world_size": distributed.world_size(), "precision_resolved": the_plan.precision})
     for split, context in (("train", "training"), ("validation", "evaluation")):
         path = data_files(params)[split]
@@ -443,9 +543,7 @@ def start_tracking(params: Params, the_plan: Plan, resume: Path | None, frames: 
 def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
     """Train in this process (one rank of many, or alone); rank 0 publishes and returns the metrics."""
     import torch
-    from transformers import AutoTokenizer, PrinterCallback, set_seed
-
-
+    from transformers import AutoTokenizer, set_seed
 
     train = params.train
     started = time.time()
@@ -459,27 +557,23 @@ def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
     tokenizer = AutoTokenizer.from_pretrained(the_plan.base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    frames, encoded, stats = load_splits(params, tokenizer)
+    frames, datasets = load_splits(params)
     run_id = None
-    if rank_zero:
-        logger.info("train: %d train / %d validation examples (%s)", len(encoded["train"]),
-                    len(encoded["validation"]), json.dumps(stats))
-        run_id = start_tracking(params, the_plan, resume, frames, encoded)
     try:
         set_seed(train.seed)
         model = add_lora(load_model(the_plan.base_dir, train, the_plan.precision), train)
         trainable, total = model.get_nb_trainable_parameters()
-        if rank_zero:
-            logger.info("train: LoRA r=%d on %s: %s trainable of %s parameters", train.lora.r,
-                        ",".join(train.lora.target_modules), f"{trainable:,}", f"{total:,}")
         trainer_class = _trainer_class()
         trainer_class.autocast_dtype = autocast_dtype
-        trainer = trainer_class(
-            model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["validation"],
-            data_collator=lambda batch: collate(batch, tokenizer.pad_token_id), processing_class=tokenizer,
-            callbacks=_callbacks(train),
-        )
-        trainer.remove_callback(PrinterCallback)  # progress is logged by the Progress callback
+        trainer_class.model_loss = not the_plan.cuda
+        trainer, stats = build_trainer(params, the_plan, model, tokenizer, frames, datasets, args,
+                                       _callbacks(train), trainer_class)
+        if rank_zero:
+            logger.info("train: %d train / %d validation examples (%s)", stats["train"]["examples"],
+                        stats["validation"]["examples"], json.dumps(stats))
+            logger.info("train: LoRA r=%d on %s: %s trainable of %s parameters", train.lora.r,
+                        ",".join(train.lora.target_modules), f"{trainable:,}", f"{total:,}")
+            run_id = start_tracking(params, the_plan, resume, frames, stats)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if not any(e.get("step") == trainer.state.global_step for e in trainer.state.log_history
                    if "eval_loss" in e):
@@ -487,8 +581,8 @@ def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
 
         # The gate's reference: the trained model's loss on a fixed batch (every rank takes part
         # under ZeRO-3), then the adapter is saved beside its final place.
-        gate_batch = collate(encoded["validation"][:GATE_BATCH], tokenizer.pad_token_id)
-        reference = batch_loss(trainer.model, gate_batch, autocast_dtype)
+        batch = gate_batch(trainer)
+        reference = batch_loss(trainer.model, batch, autocast_dtype)
         staging = _staging_dir(train.adapter_dir)
         if rank_zero:
             shutil.rmtree(staging, ignore_errors=True)
@@ -497,9 +591,9 @@ def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
         distributed.barrier()
         if not rank_zero:
             return None
-        metrics = publish(params, the_plan, trainer, tokenizer, staging, gate_batch, reference, autocast_dtype)
-        metrics.update(trainable_parameters=trainable, train_examples=len(encoded["train"]),
-                       eval_examples=len(encoded["validation"]), mlflow_run_id=run_id,
+        metrics = publish(params, the_plan, trainer, tokenizer, staging, batch, reference, autocast_dtype)
+        metrics.update(trainable_parameters=trainable, train_examples=stats["train"]["examples"],
+                       eval_examples=stats["validation"]["examples"], mlflow_run_id=run_id,
                        resumed_from_step=checkpoints.checkpoint_step(resume) if resume else 0,
                        runtime_seconds=round(time.time() - started, 1))
         write_reports(params, trainer.state.log_history, metrics)
@@ -517,7 +611,7 @@ def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
         raise
 
 
-def publish(params: Params, the_plan: Plan, trainer: Any, tokenizer: Any, staging: Path, gate_batch: dict,
+def publish(params: Params, the_plan: Plan, trainer: Any, tokenizer: Any, staging: Path, batch: dict,
             reference: float, autocast_dtype: Any) -> dict[str, Any]:
     """Rank 0: gate the saved adapter, move it into place, merge if asked; the final metrics."""
 
@@ -530,7 +624,7 @@ def publish(params: Params, the_plan: Plan, trainer: Any, tokenizer: Any, stagin
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the params are in MLflow
     _leave_zero3()
     gate, reloaded = check_adapter(staging, the_plan.base_dir, train.lora.target_modules, train.lora.r,
-                                   gate_batch, reference, train.sanity_tolerance, autocast_dtype,
+                                   batch, reference, train.sanity_tolerance, autocast_dtype,
                                    trained=trainer.state.global_step > 0)
     with atomic_path(train.adapter_dir) as tmp:
         os.replace(staging, tmp)

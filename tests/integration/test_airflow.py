@@ -270,7 +270,7 @@ def test_a_rest_trigger_and_a_drift_triggered_run_queue_one_after_the_other_and_
     # a learning rate too small to learn anything: the candidate answers as the base model does,
     # so the gate says no (a run may not change the gate's thresholds: docs/orchestration.md)
     conf = {**FORM_DEFAULTS, "reason": "more steps", "max_steps": 5, "learning_rate": 1e-9,
-            "overrides": ["train.lora.dropout=0.0"]}
+            "overrides": ["train.lora.lora_dropout=0.0"]}
     first = api.trigger("llmops_training", conf)
     # simulate-traffic answers with the champion promoted by the `dags test` run above (module
     # order), from the test split this first run prepares
@@ -307,7 +307,7 @@ def test_a_rest_trigger_and_a_drift_triggered_run_queue_one_after_the_other_and_
     saved = experiments(tiny)
     ours = saved["airflow-" + first.replace(":", "-").replace("+", "-")]
     assert ours["train"]["max_steps"] == 5 and ours["train"]["learning_rate"] == 1e-9
-    assert ours["train"]["lora"]["dropout"] == 0.0
+    assert ours["train"]["lora"]["lora_dropout"] == 0.0
     assert saved["airflow-" + second.replace(":", "-").replace("+", "-")]["train"]["max_steps"] == 4
 
 

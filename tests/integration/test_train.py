@@ -79,6 +79,17 @@ def test_bf16_on_cpu_trains_under_autocast_and_passes_the_gate(tiny_train_params
     assert metrics["gate_reloaded_loss"] == pytest.approx(metrics["gate_reference_loss"], rel=0.02)
 
 
+def test_packed_training_passes_the_adapter_gate(tiny_train_params):
+    """train.packing: TRL packs examples into max_length sequences (padding-free batches)."""
+    from pipelines.training.loop import main
+
+    params = tiny_train_params(packing=True, max_length=256, max_steps=4, eval_steps=4, save_steps=4)
+    main(params)
+    metrics = json.loads(params.paths.metrics("train").read_text())
+    assert metrics["steps"] == 4 and metrics["train_examples"] == 400
+    assert metrics["gate_reloaded_loss"] == pytest.approx(metrics["gate_reference_loss"], rel=1e-4)
+
+
 def test_nan_loss_stops_the_run_without_an_adapter(tiny_train_params, monkeypatch):
     import torch
 
@@ -144,7 +155,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_and_ends_like_an
     from pipelines.training.checkpoints import MARKER, read_run, resume_point
     from pipelines.training.loop import main
 
-    common = {"max_steps": 80, "save_steps": 10, "eval_steps": 40, "per_device_batch_size": 8}
+    common = {"max_steps": 80, "save_steps": 10, "eval_steps": 40, "per_device_train_batch_size": 8}
 
     reference = tiny_train_params(**common, adapter_dir=str(tmp_path / "ref" / "adapter"),
                                   checkpoint_dir=str(tmp_path / "ref" / "checkpoints"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,51 +14,148 @@ from pipelines.errors import LLMOpsError, ParamsError
 REPO = Path(__file__).resolve().parents[2]
 
 
-# --- loss only on the completion ---------------------------------------------------------
+# --- TRL's encoding: loss only on the completion, as evaluation and serving render it --------
 
-def test_prompt_tokens_are_masked_and_completion_tokens_are_the_labels(tiny_tokenizer):
-    from pipelines.training.loop import IGNORE_INDEX, encode_pair
+def _sft_trainer(params, frames):
+    """The stage's TRL trainer over `frames` (TRL tokenizes them), as run() builds it."""
+    from transformers import AutoTokenizer
 
-    prompt = "<|im_start|>user\nWhat is a cat?<|im_end|>\n<|im_start|>assistant\n"
-    completion = "A small pet.<|im_end|>\n"
-    prompt_ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    completion_ids = tiny_tokenizer(completion, add_special_tokens=False)["input_ids"]
+    from pipelines.training import loop
 
-    example = encode_pair(prompt, completion, tiny_tokenizer, max_length=512)
-
-    assert example["input_ids"] == prompt_ids + completion_ids
-    assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-
-
-def test_truncation_keeps_the_mask_aligned_and_drops_examples_without_completion(tiny_tokenizer):
-    from pipelines.training.loop import IGNORE_INDEX, encode_pair
-
-    prompt, completion = "a b c d e f g h", " the answer is long enough"
-    n_prompt = len(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"])
-
-    cut = encode_pair(prompt, completion, tiny_tokenizer, max_length=n_prompt + 2)
-    assert len(cut["input_ids"]) == len(cut["labels"]) == n_prompt + 2
-    assert cut["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert all(label != IGNORE_INDEX for label in cut["labels"][n_prompt:])
-    assert encode_pair(prompt, completion, tiny_tokenizer, max_length=n_prompt) is None
+    the_plan = loop.plan(params)
+    tokenizer = AutoTokenizer.from_pretrained(the_plan.base_dir)
+    model = loop.add_lora(loop.load_model(the_plan.base_dir, params.train, "fp32"), params.train)
+    args = loop.training_arguments(params.train, False, "fp32")
+    datasets = {split: loop.sft_dataset(frame) for split, frame in frames.items()}
+    return loop.build_trainer(params, the_plan, model, tokenizer, frames, datasets, args, []), tokenizer
 
 
-def test_collate_pads_inputs_with_pad_and_labels_with_ignore_index():
-    from pipelines.training.loop import IGNORE_INDEX, collate
+def _frames(params):
+    import pandas as pd
 
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
-                    pad_token_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    return {split: pd.read_parquet(params.paths.prepared_dir / f"{split}.parquet").head(24)
+            for split in ("train", "validation")}
+
+
+def test_trl_masks_the_prompt_and_learns_the_completion_as_serving_renders_it(tiny_train_params):
+    """TRL applies the chat template to prepare's messages: the tokens equal those of the rendered
+    text (what evaluation and serving send), and exactly the prompt's tokens are masked."""
+    from pipelines.model.encoding import IGNORE_INDEX
+
+    params = tiny_train_params(max_length=256)
+    frames = _frames(params)
+    assert "prompt_messages" in frames["train"].columns  # conversational: TRL's chat-template path
+    (trainer, stats), tokenizer = _sft_trainer(params, frames)
+    row = trainer.train_dataset[0]
+    prompt_ids = tokenizer(frames["train"]["prompt_text"][0], add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(frames["train"]["completion_text"][0], add_special_tokens=False)["input_ids"]
+    assert row["input_ids"] == prompt_ids + completion_ids
+    assert row["labels"] == [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    assert stats["train"] == {"rows": 24, "examples": 24, "dropped_no_completion": 0, "at_max_length": 0,
+                              "completion_tokens": sum(
+                                  sum(1 for label in labels if label != IGNORE_INDEX)
+                                  for labels in trainer.train_dataset["labels"])}
+
+
+def test_truncation_drops_examples_left_without_a_completion_token(tiny_train_params):
+    from transformers import AutoTokenizer
+
+    params = tiny_train_params()
+    frames = _frames(params)
+    tokenizer = AutoTokenizer.from_pretrained(params.base_model.output_dir)
+    prompt_lengths = [len(ids) for ids in tokenizer(list(frames["train"]["prompt_text"]),
+                                                      add_special_tokens=False)["input_ids"]]
+    cut = sorted(prompt_lengths)[len(prompt_lengths) // 2]  # about half the prompts fill it alone
+    params = tiny_train_params(max_length=cut)
+    (trainer, stats), _ = _sft_trainer(params, frames)
+    full_lengths = [len(ids) for ids in tokenizer([p + c for p, c in zip(frames["train"]["prompt_text"],
+                                                                          frames["train"]["completion_text"])],
+                                                   add_special_tokens=False)["input_ids"]]
+    kept = sum(1 for n in prompt_lengths if n < cut)
+    assert 0 < kept < 24
+    assert stats["train"]["examples"] == kept and stats["train"]["dropped_no_completion"] == 24 - kept
+    assert all(len(ids) <= cut for ids in trainer.train_dataset["input_ids"])
+    assert stats["train"]["at_max_length"] == sum(1 for p, n in zip(prompt_lengths, full_lengths) if p < cut <= n)
+
+
+def test_without_completion_only_loss_the_prompt_is_learned_too(tiny_train_params):
+    params = tiny_train_params(completion_only_loss=False)
+    (trainer, _), _ = _sft_trainer(params, _frames(params))
+    row = trainer.train_dataset[0]
+    assert row["labels"] == row["input_ids"]
+
+
+def test_a_chat_template_that_renders_differently_from_prepare_is_refused(tiny_train_params):
+    """The messages and the rendered text disagree (a template changed after prepare): no training."""
+    from pipelines.training.loop import TemplateMismatch
+
+    params = tiny_train_params()
+    frames = _frames(params)
+    frames["train"] = frames["train"].assign(prompt_text=frames["train"]["prompt_text"].str.replace(
+        "<|im_start|>assistant\n", "<|im_start|>assistant\n\n", regex=False))
+    with pytest.raises(TemplateMismatch, match=r"TRL's tokens of 24 of 24 train examples differ .* prepare.template"):
+        _sft_trainer(params, frames)
+
+
+def test_chat_data_prepared_without_messages_is_refused_with_the_stage_to_rerun(tiny_train_params):
+    """Chat-rendered text given to TRL as plain text: TRL appends EOS after the end-of-turn newline."""
+    from pipelines.training.loop import TemplateMismatch
+
+    params = tiny_train_params()
+    frames = {split: frame.drop(columns=["prompt_messages", "completion_messages"])
+              for split, frame in _frames(params).items()}
+    with pytest.raises(TemplateMismatch, match=r"appends EOS .* re-run `llmops prepare`"):
+        _sft_trainer(params, frames)
+
+
+def test_alpaca_text_goes_to_trl_as_rendered(tiny_train_params, tiny_tokenizer):
+    """Without messages (alpaca, plain), TRL takes the rendered text, which already ends with EOS."""
+    from pipelines.config.params import PrepareParams
+    from pipelines.stages.prepare import format_split
+
+    params = tiny_train_params(max_length=256)
+    frames = {split: format_split(frame[["id", "prompt", "response"]],
+                                  PrepareParams(template="alpaca"), tiny_tokenizer)
+              for split, frame in _frames(params).items()}
+    assert "prompt_messages" not in frames["train"].columns
+    (trainer, stats), tokenizer = _sft_trainer(params, frames)
+    text = frames["train"]["prompt_text"][0] + frames["train"]["completion_text"][0]
+    assert trainer.train_dataset[0]["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"][:256]
+    assert stats["train"]["examples"] == 24
+
+
+def test_packing_fills_sequences_and_keeps_the_prompt_masked(tiny_train_params):
+    from pipelines.model.encoding import IGNORE_INDEX
+
+    params = tiny_train_params(packing=True, max_length=256)
+    (trainer, stats), _ = _sft_trainer(params, _frames(params))
+    assert stats["train"]["packed_sequences"] < stats["train"]["examples"] == 24
+    assert sum(1 for label in trainer.train_dataset[0]["labels"] if label == IGNORE_INDEX) > 0
+
+
+def test_a_packed_batch_keeps_its_examples_apart(tiny_base_model_dir):
+    """TRL's padding-free batch of two examples scores each as if it were alone (no attention across)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from pipelines.model.adapter_gate import batch_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_model_dir)
+    a, b = list(range(5, 25)), list(range(30, 47))
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": a + b, "labels": a + b, "seq_lengths": [len(a), len(b)]}])
+    alone = [batch_loss(model, {"input_ids": torch.tensor([x]), "labels": torch.tensor([x])}) for x in (a, b)]
+    expected = (alone[0] * (len(a) - 1) + alone[1] * (len(b) - 1)) / (len(a) + len(b) - 2)
+    assert batch_loss(model, packed) == pytest.approx(expected, rel=1e-5)
 
 
 def test_model_loss_is_the_mean_over_completion_tokens_only(tiny_base_model_dir, tiny_tokenizer):
-    """The loss the Trainer optimises ignores prompt tokens: changing them changes nothing but context."""
+    """The loss evaluation scores (pipelines/model/lm.py) ignores prompt tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipelines.training.loop import collate, encode_pair
+    from pipelines.model.encoding import collate, encode_pair
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base_model_dir).eval()
     example = encode_pair("<|im_start|>user\nDefine dog.<|im_end|>\n<|im_start|>assistant\n",
@@ -82,14 +180,17 @@ def _params(train: dict) -> dict:
 @pytest.mark.parametrize(("train", "message"), [
     ({"lora": {"r": 0}}, "train.lora.r"),
     ({"precision": "fp8"}, "train.precision"),
-    ({"warmup_ratio": 0.1, "warmup_steps": 5}, "either train.warmup_ratio or train.warmup_steps"),
+    ({"warmup_steps": 2.5}, "train.warmup_steps: a whole number of steps"),
+    ({"epochs": 2}, "'train.epochs' is now 'train.num_train_epochs' (the name TRL's SFTConfig"),
+    ({"max_seq_length": 64}, "'train.max_seq_length' is now 'train.max_length'"),
+    ({"lora": {"alpha": 8}}, "'train.lora.alpha' is now 'train.lora.lora_alpha' (the name peft's LoraConfig"),
     ({"save_total_limit": 1}, "train.save_total_limit"),
     ({"deepspeed": {"num_processes": 0}}, "train.deepspeed.num_processes"),
     ({"lora": {"target_modules": []}}, "train.lora.target_modules"),
     ({"learnig_rate": 1e-4}, "unknown key 'train.learnig_rate'"),
 ])
 def test_bad_train_params_name_the_key(train, message):
-    with pytest.raises(ParamsError, match=message.replace(".", r"\.")):
+    with pytest.raises(ParamsError, match=re.escape(message)):
         parse_params(_params(train))
 
 
@@ -112,12 +213,12 @@ def test_unknown_target_modules_list_the_modules_that_exist(tiny_base_model_dir)
     assert "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in message
 
 
-def test_max_seq_length_beyond_the_model_context_is_refused(tiny_base_model_dir):
+def test_max_length_beyond_the_model_context_is_refused(tiny_base_model_dir):
     from pipelines.training.loop import ModelMismatch, check_context, meta_model
 
     config = meta_model(tiny_base_model_dir).config  # the tiny model has 256 positions
     check_context(256, config, "tiny")
-    with pytest.raises(ModelMismatch, match=r"train.max_seq_length is 1024 .* at most 256 positions"):
+    with pytest.raises(ModelMismatch, match=r"train.max_length is 1024 .* at most 256 positions"):
         check_context(1024, config, "tiny")
 
 
@@ -142,7 +243,7 @@ def test_auto_precision_is_fp32_on_cpu_and_bf16_on_a_gpu_that_has_it():
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"lora": {"target_modules": ["query_key_value"]}}, "query_key_value not found"),
-    ({"max_seq_length": 4096}, "at most 256 positions"),
+    ({"max_length": 4096}, "at most 256 positions"),
     ({"qlora": True}, "no CUDA GPU"),
     ({"deepspeed": {"config": "configs/deepspeed/zero5.json"}}, "zero5.json does not exist"),
 ])
@@ -415,7 +516,7 @@ def test_gate_fails_when_the_reloaded_adapter_does_not_reproduce_the_loss(tiny_b
     from transformers import AutoModelForCausalLM
 
     from pipelines.model.adapter_gate import AdapterCheckFailed, batch_loss, check_adapter
-    from pipelines.training.loop import collate, encode_pair
+    from pipelines.model.encoding import collate, encode_pair
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base_model_dir),
@@ -487,10 +588,10 @@ def test_rank_main_writes_user_errors_to_the_error_file(tiny_train_params, tmp_p
     params_file.write_text(json.dumps(tiny_train_params().model_dump(mode="json", by_alias=True)))
 
     def fail(params):
-        raise train_stage.ModelMismatch("train.max_seq_length is too long; lower it")
+        raise train_stage.ModelMismatch("train.max_length is too long; lower it")
 
     monkeypatch.setattr(train_stage, "plan", fail)
     code = train_stage._rank_main(["--params-json", str(params_file), "--error-file", str(tmp_path / "err")])
     assert code == 1
-    assert (tmp_path / "err").read_text() == "train.max_seq_length is too long; lower it"
-    assert "llmops train: error: train.max_seq_length is too long" in capsys.readouterr().err
+    assert (tmp_path / "err").read_text() == "train.max_length is too long; lower it"
+    assert "llmops train: error: train.max_length is too long" in capsys.readouterr().err
