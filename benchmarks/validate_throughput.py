@@ -37,14 +37,14 @@ def synthetic(rows: int):
     frame["n_prompt_tokens"] = frame["prompt"].str.len() // 4
     frame["n_response_tokens"] = frame["response"].str.len() // 4
     from pipelines.config.params import load_params
-    from pipelines.stages.validate import add_split_columns
+    from pipelines.data.validation import add_split_columns
 
     return add_split_columns(frame, load_params(REPO / "params.yaml").prepare)  # split, answers_per_prompt
 
 
 def bench_suite(rows: int, repeats: int) -> tuple[float, float]:
     from pipelines.config.params import load_params
-    from pipelines.stages.validate import run_suite
+    from pipelines.data.validation import run_suite
 
     params = load_params(REPO / "params.yaml").validate_.model_copy(update={"warn_only": ["unique_pairs"]})
     frame = synthetic(rows)

@@ -27,7 +27,7 @@ def tiny_tokenizer(tiny_tokenizer_dir: Path):
 def tiny_base_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
     """A 2-layer Llama (hidden 64) with the tiny tokenizer, materialised by the base_model stage."""
     from pipelines.config.params import BaseModelParams
-    from pipelines.stages.base_model import materialise
+    from pipelines.model.materialise import materialise
     from tests.tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-model")

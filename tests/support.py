@@ -214,7 +214,8 @@ def stop_process_group(process: subprocess.Popen | None, timeout: float) -> None
 
 def build_tiny_base(directory: Path, tokenizer_dir: Path, **kwargs) -> Path:
     """A tiny Llama folder as the `base_model` stage would leave it (with source.json)."""
-    from pipelines.stages.base_model import SOURCE_FILE, content_hash, folder_hashes
+    from pipelines.model.materialise import content_hash, folder_hashes
+    from pipelines.model.sources import SOURCE_FILE
     from tests.tiny_model import build_tiny_model
 
     build_tiny_model(directory, tokenizer_dir, **kwargs)

@@ -49,7 +49,7 @@ def write_prepared_sample(directory: Path, tokenizer_dir: Path, rows: int = 400,
     from transformers import AutoTokenizer
 
     from pipelines.config.params import PrepareParams
-    from pipelines.stages.prepare import format_split
+    from pipelines.data.preparation import format_split
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "wordnet.jsonl"

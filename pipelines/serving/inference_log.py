@@ -65,7 +65,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from pipelines.config.params import InferenceLogParams
-from pipelines.config.settings import inference_log_url
+from pipelines.config.settings import DEFAULT_INFERENCE_LOG, inference_log_url
 from pipelines.data.pii import redact
 from pipelines.errors import LLMOpsError
 
@@ -157,7 +157,7 @@ def _safe_url(url: str) -> str:
 def make_engine(url: str, *, create_folder: bool = True) -> sa.Engine:
     """An engine for `url` (SQLite in WAL mode, or PostgreSQL); LLMOpsError for a URL the user must fix."""
     safe = _safe_url(url)
-    example = "e.g. sqlite:///data/inference/inference.db or postgresql+psycopg2://user@host/db"
+    example = f"e.g. {DEFAULT_INFERENCE_LOG} or postgresql+psycopg2://user@host/db"
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
@@ -177,7 +177,7 @@ def make_engine(url: str, *, create_folder: bool = True) -> sa.Engine:
     if backend == "sqlite":
         if not parsed.database or parsed.database == ":memory:" or parsed.query.get("mode") == "memory":
             raise LLMOpsError(f"inference_log.url {safe} is an in-memory SQLite database, which loses every "
-                              "record when the process exits; give a file, e.g. sqlite:///data/inference/inference.db")
+                              f"record when the process exits; give a file, e.g. {DEFAULT_INFERENCE_LOG}")
         if create_folder and "uri" not in parsed.query:
             with contextlib.suppress(OSError):  # an unusable folder shows up as the store being down
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

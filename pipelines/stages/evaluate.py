@@ -18,124 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
-from pipelines.config.params import EvaluateParams, Params, Paths
-from pipelines.errors import LLMOpsError
-from pipelines.evaluation.metrics import Scores, corpus_metrics, length_bucket, paired_bootstrap
+from pipelines.config.params import Params, Paths
+from pipelines.evaluation.harness import evaluate, headline, select_examples
 from pipelines.io import atomic_path, atomic_write_json, atomic_write_text, read_parquet
-from pipelines.model.lm import CausalLM, Decoding
+from pipelines.model.lm import CausalLM
 from pipelines.registry import model_registry as registry
 from pipelines.registry import tracking
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-
 logger = logging.getLogger(__name__)
-
-SYSTEMS = ("candidate", "base", "champion")
-LENGTH_SLICE = "response_length"
-
-
-def select_examples(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    """A seeded subset of the test split (all of it when `limit` is None), in id order."""
-    if limit is not None and limit < len(frame):
-        frame = frame.sample(n=limit, random_state=seed)
-    return frame.sort_values("id").reset_index(drop=True)
-
-
-def score_system(lm: CausalLM, frame: pd.DataFrame, params: EvaluateParams) -> tuple[Scores, dict[str, float]]:
-    """Generate answers and score references for one system; returns scores and speed."""
-
-    decoding = Decoding(**params.decoding.model_dump())
-    generation = lm.generate(list(frame["prompt_text"]), decoding, batch_size=params.batch_size)
-    nll, counts = lm.score(list(frame["prompt_text"]), list(frame["completion_text"]),
-                           max_length=params.max_length, batch_size=params.batch_size)
-    scores = Scores(generation.texts, list(frame["response"]), nll, counts)
-    speed = {"tokens_per_second": generation.tokens_per_second, "generation_seconds": generation.seconds,
-             "generated_tokens": int(sum(generation.new_tokens))}
-    logger.info("evaluate: %s generated %d tokens at %.1f tokens/s", lm.name, speed["generated_tokens"],
-                speed["tokens_per_second"])
-    return scores, speed
-
-
-def slice_labels(frame: pd.DataFrame, params: EvaluateParams) -> dict[str, list[str]]:
-    labels = {}
-    for name in params.slices:
-        if name == LENGTH_SLICE:
-            labels[name] = [length_bucket(len(r.split()), params.length_buckets) for r in frame["response"]]
-        elif name in frame.columns:
-            labels[name] = [str(v) for v in frame[name]]
-        else:
-            raise LLMOpsError(f"evaluate.slices names '{name}', which is not a column of the test split; "
-                              f"use {LENGTH_SLICE} or one of: {', '.join(map(str, frame.columns))}")
-    return labels
-
-
-def per_slice(all_scores: dict[str, Scores], labels: dict[str, list[str]], min_size: int) -> dict[str, Any]:
-    """{slice: {value: {"n": .., system: metrics}}} for slice values with at least `min_size` examples."""
-    result: dict[str, Any] = {}
-    for name, values in labels.items():
-        result[name] = {}
-        for value in sorted(set(values)):
-            idx = np.array([i for i, v in enumerate(values) if v == value])
-            if len(idx) < min_size:
-                continue
-            entry: dict[str, Any] = {"n": int(len(idx))}
-            for system, scores in all_scores.items():
-                entry[system] = corpus_metrics(scores, idx)
-            result[name][value] = entry
-    return result
-
-
-def evaluate(frame: pd.DataFrame, systems: dict[str, CausalLM], params: EvaluateParams) -> dict[str, Any]:
-    """Score every system on `frame`; compare the candidate with the others."""
-    all_scores, speeds = {}, {}
-    for name, lm in systems.items():
-        all_scores[name], speeds[name] = score_system(lm, frame, params)
-    results: dict[str, Any] = {
-        "examples": len(frame),
-        "primary_metric": params.primary_metric,
-        "systems": {name: {**corpus_metrics(s), **speeds[name]} for name, s in all_scores.items()},
-        "comparisons": {},
-        "slices": per_slice(all_scores, slice_labels(frame, params), params.min_slice_size),
-    }
-    for baseline in ("base", "champion"):
-        if baseline in all_scores:
-            differences = paired_bootstrap(all_scores["candidate"], all_scores[baseline],
-                                           samples=params.bootstrap_samples, confidence=params.confidence,
-                                           seed=params.seed)
-            results["comparisons"][baseline] = {name: asdict(d) for name, d in differences.items()}
-    results["samples"] = sample_table(frame, all_scores, params.sample_size)
-    return results
-
-
-def sample_table(frame: pd.DataFrame, all_scores: dict[str, Scores], size: int) -> list[dict[str, str]]:
-    rows = []
-    for i in range(min(size, len(frame))):
-        row = {"id": str(frame.loc[i, "id"]), "prompt": frame.loc[i, "prompt"], "reference": frame.loc[i, "response"]}
-        for system in SYSTEMS:
-            row[system] = all_scores[system].predictions[i] if system in all_scores else ""
-        rows.append(row)
-    return rows
-
-
-def headline(results: dict[str, Any]) -> dict[str, Any]:
-    """The numbers `dvc metrics show` lists: every system's metrics and the improvements."""
-    metrics: dict[str, Any] = {"examples": results["examples"]}
-    for system, values in results["systems"].items():
-        metrics[system] = {k: round(v, 4) for k, v in values.items() if k != "generation_seconds"}
-    for baseline, differences in results["comparisons"].items():
-        metrics[f"vs_{baseline}"] = {
-            name: {"improvement": round(d["improvement"], 4), "ci_low": round(d["low"], 4),
-                   "ci_high": round(d["high"], 4)}
-            for name, d in differences.items()
-        }
-    return metrics
 
 
 def write_outputs(results: dict[str, Any], paths: Paths) -> None:
@@ -150,7 +42,6 @@ def write_outputs(results: dict[str, Any], paths: Paths) -> None:
 
 
 def load_systems(params: Params) -> dict[str, CausalLM]:
-
     dtype = params.evaluate.dtype
     base_dir, adapter_dir = params.base_model.output_dir, params.train.adapter_dir
     systems = {
@@ -166,7 +57,6 @@ def load_systems(params: Params) -> dict[str, CausalLM]:
 
 def main(params: Params) -> None:
     import time
-
 
     started = time.time()  # the MLflow run covers the whole evaluation, not just its logging
     test_path = params.paths.prepared_dir / "test.parquet"

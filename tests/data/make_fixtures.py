@@ -64,7 +64,7 @@ def main() -> None:
 
     # One prompt of the test split and one of the train split get a second, different answer.
     sys.path.insert(0, str(REPO))
-    from pipelines.stages.prepare import split_of
+    from pipelines.data.splits import split_of
 
     def first_in(split: str) -> int:
         return next(i for i, r in enumerate(rows) if split_of(r["prompt"], **SPLIT_SETTINGS) == split)

@@ -16,7 +16,7 @@ from pipelines.config.params import (
     load_params,
 )
 from pipelines.data.sources import ingest
-from pipelines.stages.validate import annotate, describe_failure, format_report, run_suite, summarise
+from pipelines.data.validation import annotate, describe_failure, format_report, run_suite, summarise
 from tests.data.make_fixtures import SPLIT_SETTINGS
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -129,15 +129,15 @@ def test_data_docs_are_rendered(tiny_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("name", ["response_not_blank", "row_count"])
 def test_warn_only_accepts_known_names(name):
-    from pipelines.stages.validate import build_checks
+    from pipelines.data.validation import build_checks
 
     checks = build_checks(PARAMS.model_copy(update={"warn_only": [name]}))
     assert name in {c.name for c in checks}
 
 
 def test_warn_only_rejects_unknown_names():
+    from pipelines.data.validation import build_checks
     from pipelines.errors import ParamsError
-    from pipelines.stages.validate import build_checks
 
     with pytest.raises(ParamsError, match="unknown expectation.*no_such_check"):
         build_checks(PARAMS.model_copy(update={"warn_only": ["no_such_check"]}))
@@ -194,7 +194,7 @@ def test_the_default_policy_blocks_the_test_split_only():
 
 
 def test_the_split_column_is_the_split_prepare_assigns(tiny_tokenizer):
-    from pipelines.stages.prepare import split
+    from pipelines.data.preparation import split
 
     frame, _ = ingest([FileSource(kind="file", path=FIXTURES / "good.jsonl")], Path("unused"))
     annotated = annotate(frame, tiny_tokenizer, PREPARE)

@@ -297,7 +297,7 @@ def test_concurrent_promotions_end_on_exactly_one_version(tmp_path, tiny_base, s
 
 def test_server_down_is_a_clear_error_and_registers_nothing(tmp_path, tiny_base, model_name):
     from pipelines.registry.model_registry import RegistryUnavailable
-    from pipelines.stages.register import register as register_model
+    from pipelines.registry.registration import register as register_model
     from tests.support import free_port
 
     ws = Workspace(tmp_path, tiny_base, f"http://127.0.0.1:{free_port()}", model_name)
@@ -311,7 +311,7 @@ def test_server_down_is_a_clear_error_and_registers_nothing(tmp_path, tiny_base,
 def test_bad_input(tmp_path, tiny_base, server, model_name, tiny_tokenizer_dir):
     from pipelines.errors import DataError
     from pipelines.model.lm import AdapterMismatch, CausalLM
-    from pipelines.stages.register import register as register_model
+    from pipelines.registry.registration import register as register_model
 
     ws = Workspace(tmp_path, tiny_base, server.uri, model_name)
     ws.set_evaluation(evaluation(0.02))

@@ -10,10 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.config.params import BundledSource, PrepareParams
+from pipelines.data.preparation import check_validation, deduplicate, prepare, split
 from pipelines.data.sources import ingest
+from pipelines.data.splits import normalise_text, split_of
 from pipelines.data.templates import render_pair, render_prompt
 from pipelines.errors import DataError, ValidationFailed
-from pipelines.stages.prepare import check_validation, deduplicate, normalise_text, prepare, split, split_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,7 +137,7 @@ def test_prepare_refuses_failed_or_stale_validation(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"success": False, "blocking_failures": 2}))
     with pytest.raises(ValidationFailed, match="failed \\(2 blocking"):
         check_validation(tmp_path / "result.json", data)
-    from pipelines.stages.validate import file_md5
+    from pipelines.data.splits import file_md5
 
     (tmp_path / "result.json").write_text(json.dumps({"success": True, "data_md5": file_md5(data)}))
     check_validation(tmp_path / "result.json", data)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipelines.config.params import PromoteParams
-from pipelines.stages.promote import decide, gate
+from pipelines.registry.promotion import decide, gate
 
 
 def results(vs_base=(0.10, 0.05, 0.15), vs_champion=None, slices=None, champion_version=None):

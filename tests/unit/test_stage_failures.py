@@ -78,7 +78,7 @@ def _with_conflict_in(split_name: str, tmp_path: Path, params) -> Path:
     """good.jsonl plus a second, different answer to a prompt that `prepare` puts in `split_name`."""
     import json
 
-    from pipelines.stages.prepare import split_of
+    from pipelines.data.splits import split_of
 
     rows = [json.loads(line) for line in (FIXTURES / "good.jsonl").read_text().splitlines()]
     settings = params.prepare

@@ -111,7 +111,7 @@ def test_chat_data_prepared_without_messages_is_refused_with_the_stage_to_rerun(
 def test_alpaca_text_goes_to_trl_as_rendered(tiny_train_params, tiny_tokenizer):
     """Without messages (alpaca, plain), TRL takes the rendered text, which already ends with EOS."""
     from pipelines.config.params import PrepareParams
-    from pipelines.stages.prepare import format_split
+    from pipelines.data.preparation import format_split
 
     params = tiny_train_params(max_length=256)
     frames = {split: format_split(frame[["id", "prompt", "response"]],

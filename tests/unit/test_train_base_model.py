@@ -19,7 +19,7 @@ def raw_tiny_model(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
 
 def test_licence_is_read_from_the_model_card_front_matter():
-    from pipelines.stages.base_model import licence_from_card
+    from pipelines.model.materialise import licence_from_card
 
     assert licence_from_card("---\nlanguage: en\nlicense: apache-2.0\n---\n# Model") == "apache-2.0"
     assert licence_from_card("---\nlicense: 'mit'\n---\n") == "mit"
@@ -30,7 +30,7 @@ def test_local_model_becomes_a_plain_folder_with_source_record(raw_tiny_model, t
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipelines.stages.base_model import content_hash, folder_hashes, materialise
+    from pipelines.model.materialise import content_hash, folder_hashes, materialise
 
     out = tmp_path / "base"
     record = materialise(BaseModelParams(source=str(raw_tiny_model), output_dir=out), out)
@@ -49,21 +49,21 @@ def test_local_model_becomes_a_plain_folder_with_source_record(raw_tiny_model, t
 
 
 def test_declared_licence_wins(raw_tiny_model, tmp_path):
-    from pipelines.stages.base_model import materialise
+    from pipelines.model.materialise import materialise
 
     record = materialise(BaseModelParams(source=str(raw_tiny_model), licence="MIT"), tmp_path / "base")
     assert record["licence"] == "MIT"
 
 
 def test_unknown_local_path_says_what_to_give(tmp_path):
-    from pipelines.stages.base_model import materialise
+    from pipelines.model.materialise import materialise
 
     with pytest.raises(LLMOpsError, match=r"local model folder '.*/nope' does not exist.*bundled:smollm2"):
         materialise(BaseModelParams(source=str(tmp_path / "nope")), tmp_path / "base")
 
 
 def test_a_folder_without_config_is_refused(tmp_path):
-    from pipelines.stages.base_model import materialise
+    from pipelines.model.materialise import materialise
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(LLMOpsError, match="has no config.json"):
@@ -71,7 +71,7 @@ def test_a_folder_without_config_is_refused(tmp_path):
 
 
 def test_a_hub_id_offline_fails_with_a_hint(tmp_path, monkeypatch):
-    from pipelines.stages.base_model import materialise
+    from pipelines.model.materialise import materialise
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LLMOpsError, match=r"cannot load a causal LM from 'no-such-org/no-such-model'.*HF_HUB_OFFLINE"):
@@ -82,7 +82,7 @@ def test_a_hub_id_offline_fails_with_a_hint(tmp_path, monkeypatch):
 def test_a_failure_while_writing_keeps_the_previous_folder(raw_tiny_model, tmp_path, monkeypatch):
     from transformers import PreTrainedTokenizerFast
 
-    from pipelines.stages.base_model import materialise
+    from pipelines.model.materialise import materialise
 
     out = tmp_path / "base"
     materialise(BaseModelParams(source=str(raw_tiny_model)), out)
