@@ -443,6 +443,8 @@ def main() -> None:
             print(f"  round {r + 1}: stage {stage_result.tokens_per_s:.0f} tok/s, hand-written "
                   f"{hand_result.tokens_per_s:.0f} tok/s ({stage_result.tokens} tokens each); other processes "
                   f"used {others.cores:.2f} cores (load {loadavg()})", flush=True)
+            print(f"    s/step, stage: {' '.join(f'{x:.2f}' for x in stage_result.extra['steps'])}; hand-written: "
+                  f"{' '.join(f'{x:.2f}' for x in hand_result.extra['steps'])}", flush=True)
             peaks.append(matmul_peak(args.matmul_size))
         peak = max(peaks)
 
