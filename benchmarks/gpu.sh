@@ -201,6 +201,8 @@ figures() {  # figures RUN LOG LABEL CONFIG WARMUP STEPS WALL RC
     --gpu-memory-log "$1/gpu-memory.txt" --wall "$7" --rc "$8"
 }
 
+seconds_since() { awk -v a="$1" -v b="$(date +%s%N)" 'BEGIN {printf "%.1f", (b - a) / 1e9}'; }
+
 train_run() {  # train_run LABEL CONFIG MERGE
   local label=$1 config=$2 merge=$3 run=$WORK/$1 t started rc
   mkdir -p "$run"
@@ -220,7 +222,7 @@ train_run() {  # train_run LABEL CONFIG MERGE
   fi
   # prints "train LABEL: <figures>" or "... FAILED: <the log's error line>"
   figures "$run" "$run/train.log" "$label" "$config" "$WARMUP" "$STEPS" \
-    "$(awk -v a="$started" -v b="$(date +%s%N)" 'BEGIN {printf "%.1f", (b - a) / 1e9}')" "$rc" \
+    "$(seconds_since "$started")" "$rc" \
     || FAILS+=("train-$label")
 }
 
@@ -229,7 +231,7 @@ train_run zero3 zero3 false
 
 # --- 5. resume: kill a run after a complete checkpoint, start it again ------------------------
 resume_run() {
-  local config=$RESUME_CONFIG run=$WORK/resume-$RESUME_CONFIG t pid waited=0 complete from rc
+  local config=$RESUME_CONFIG run=$WORK/resume-$RESUME_CONFIG t pid waited=0 complete from rc started
   mkdir -p "$run"
   PORT=$(( PORT + 1 ))
   train_args "$run" "$config" "$RESUME_STEPS" "$RESUME_SAVE" false
@@ -261,14 +263,17 @@ resume_run() {
   t=$(box 180 30)
   (( t )) || { failed resume "no time left in the ${BUDGET}s budget to start it again"; return; }
   gpu_memory_start "$run/gpu-memory.txt"
+  started=$(date +%s%N)
   timeout -k 15 "$t" "$PY" -m pipelines.cli "${ARGS[@]}" > "$run/train.log" 2>&1
   rc=$?
+  local wall
+  wall=$(seconds_since "$started")
   gpu_memory_stop
   grep -E "resuming from|adapter gate|train: done|error" "$run/train.log" | tail -4
   bench resume-check --log "$run/train.log" --killed-log "$run/train-killed.log" \
     --metrics "$run/reports/train/metrics.json" --checkpoints "$run/checkpoints" --complete "$complete" \
     --max-steps "$RESUME_STEPS" --rc "$rc" --config "$config" --record "$RECORD" || FAILS+=("resume")
-  figures "$run" "$run/train.log" "resumed-$config" "$config" "$(( ${from:-0} + 1 ))" "$RESUME_STEPS" 0 "$rc" \
+  figures "$run" "$run/train.log" "resumed-$config" "$config" "$(( ${from:-0} + 1 ))" "$RESUME_STEPS" "$wall" "$rc" \
     >/dev/null || true
 }
 resume_run
