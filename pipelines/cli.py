@@ -79,12 +79,18 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
         (("--configure-dvc",), {"dest": "configure_dvc_remote", "action": "store_true",
                                 "help": "make the resolved DVC remote the default in .dvc/config.local"}),
     ]),
+    "review": ("pipelines.commands.review", [
+        (("action",), {"choices": ["serve", "request", "collect", "corrections", "export"],
+                       "help": "serve: start Label Studio; request/collect: a candidate's blind A/B review; "
+                               "corrections/export: production answers reviewed into training data"}),
+        (("--version",), {"help": "request/collect: the registered candidate version (default: challenger)"}),
+    ]),
     "lineage": ("pipelines.commands.lineage", [
         (("version",), {"help": "the registered model version"}),
         (("--json",), {"dest": "as_json", "action": "store_true", "help": "print JSON"}),
     ]),
 }
-TOOLS = {"rollback", "lineage", "serve", "monitor", "simulate-traffic", "experiment", "airflow", "settings"}
+TOOLS = {"review", "rollback", "lineage", "serve", "monitor", "simulate-traffic", "experiment", "airflow", "settings"}
 STAGES = [name for name in COMMANDS if name not in TOOLS]
 
 

@@ -338,6 +338,40 @@ class PromoteParams(Section):
     min_improvement: float = 0.0  # lower CI bound of (candidate - base) on the primary metric must exceed this
     champion_tolerance: float = Field(0.01, ge=0.0)  # allowed drop vs the champion on the primary metric
     slice_tolerance: float = Field(0.05, ge=0.0)  # allowed drop vs the champion on any slice
+    # People's blind A/B review of the candidate (`llmops review request/collect`, docs/review.md):
+    # off: not consulted; advisory: shown on the version and the model card, never blocks;
+    # required: the gate passes only when collected reviews put the lower bound of the candidate's
+    # win rate (ties count half) at or above min_win_rate_low, with at least min_reviews judgements.
+    human_review: Literal["off", "advisory", "required"] = "off"
+    min_win_rate_low: float = Field(0.5, ge=0.0, le=1.0)
+    min_reviews: int = Field(20, ge=1)
+
+
+class ReviewCandidateParams(Section):
+    """What `llmops review request` sends for one candidate: a blind side-by-side task set."""
+
+    test_prompts: int = Field(16, ge=0)  # prompts from the test split (seeded sample)
+    production_prompts: int = Field(16, ge=0)  # recent prompts from the inference log (PII already redacted)
+    production_days: float = Field(7.0, gt=0.0)  # how far back production prompts are taken from
+    seed: int = 0  # the sample and the A/B order (the order is recorded per task)
+    max_new_tokens: int = Field(64, ge=1)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)  # of the win rate's interval
+    # required mode: how long the review DAG waits for min_reviews before it rejects the candidate
+    deadline_hours: float = Field(48.0, gt=0.0)
+
+
+class ReviewParams(Section):
+    """Label Studio, the review tool (`llmops review serve`; docs/review.md)."""
+
+    # null: env LLMOPS_REVIEW_URL, else http://127.0.0.1:<port> (the one `llmops review serve` starts)
+    url: str | None = None
+    port: int = Field(8081, ge=1, le=65535)
+    # The virtualenv Label Studio runs from (its pins clash with ours: `make install` creates it)
+    python: Path = Path(".venv-review/bin/python")
+    data_dir: Path = Path("data/review/labelstudio")  # its SQLite database, media and token (git-ignored)
+    candidate_project: str = Field("llmops candidate review", min_length=1)  # title prefix; + " v<version>"
+    corrections_project: str = Field("llmops production corrections", min_length=1)
+    candidate: ReviewCandidateParams = ReviewCandidateParams()
 
 
 class InferenceLogParams(Section):
@@ -524,6 +558,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
     promote: PromoteParams = PromoteParams()
+    review: ReviewParams = ReviewParams()
     inference_log: InferenceLogParams = InferenceLogParams()
     dvc_remote: DvcRemoteParams = DvcRemoteParams()
     serve: ServeParams = ServeParams()
