@@ -47,6 +47,9 @@ sections), each `dvc repro --single-item <stage>` in the project checkout (Varia
 * **promote** is the gate. A candidate that does not pass is *not promoted* and the run still
   succeeds (see the promote task's log); *skip_gate* promotes anyway and records it as a
   forced promotion with the *reason*.
+* **review_request** sends the new version's blind A/B review to Label Studio when
+  `promote.human_review` is not `off` (docs/review.md); with `required`, promote then records
+  the version as awaiting review and the `llmops_review` DAG promotes or rejects it later.
 * **deploy** tells a running `llmops serve` to load the champion and checks it (rolls back
   if the checks fail); with no service running it records what should be deployed.
 
@@ -164,6 +167,14 @@ with DAG(
             tasks[name] >> tasks[stage]
         if not upstream:
             start >> tasks[stage]
+    # People's blind A/B review of the new version (promote.human_review; nothing when off): sent
+    # before the gate runs, never waited for here. With `required`, promote records the version as
+    # awaiting review and the llmops_review DAG decides once reviews arrive (or rejects it at the
+    # deadline); with a review tool that is down, this task fails and nothing is promoted.
+    review_request = BashOperator(task_id="review_request",
+                                  bash_command=shell("llmops review request --when-enabled"),
+                                  execution_timeout=timedelta(hours=1))
+    tasks["register"] >> review_request >> tasks["promote"]
 
     save = BashOperator(
         task_id="experiment_save",

@@ -80,10 +80,14 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
                                 "help": "make the resolved DVC remote the default in .dvc/config.local"}),
     ]),
     "review": ("pipelines.commands.review", [
-        (("action",), {"choices": ["serve", "request", "collect", "corrections", "export"],
-                       "help": "serve: start Label Studio; request/collect: a candidate's blind A/B review; "
+        (("action",), {"choices": ["serve", "request", "collect", "decide", "corrections", "export"],
+                       "help": "serve: start Label Studio; request/collect/decide: a candidate's blind A/B review; "
                                "corrections/export: production answers reviewed into training data"}),
-        (("--version",), {"help": "request/collect: the registered candidate version (default: challenger)"}),
+        (("--version",), {"help": "request/collect/decide: the registered version (default: challenger)"}),
+        (("--when-enabled",), {"dest": "when_enabled", "action": "store_true",
+                               "help": "request: nothing when promote.human_review is off; with advisory, a "
+                                       "review tool that is down is a warning (the training DAG)"}),
+        (("--json",), {"dest": "as_json", "action": "store_true", "help": "print the result as one JSON line"}),
     ]),
     "lineage": ("pipelines.commands.lineage", [
         (("version",), {"help": "the registered model version"}),

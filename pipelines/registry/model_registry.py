@@ -62,7 +62,7 @@ STATUS_TAG = "promotion.status"
 HISTORY_PREFIX = "history."
 # Statuses a version can hold. champion / previous-champion follow the aliases; the others
 # are where a version rests without one of them.
-STATUSES = ("candidate", "rejected", "recommended", CHAMPION, PREVIOUS, "retired", "rolled-back")
+STATUSES = ("candidate", "awaiting-review", "rejected", "recommended", CHAMPION, PREVIOUS, "retired", "rolled-back")
 CARD_MARKER = "<!-- llmops: the sections below are generated from this version's tags on every change -->"
 # Who acts: set by the Airflow tasks (dags/llmops_training.py); absent on the command line.
 TRIGGERED_BY_ENV = "LLMOPS_TRIGGERED_BY"
@@ -193,7 +193,8 @@ def render_state(aliases: list[str], tags: Mapping[str, str]) -> str:
     decisions = [e for e in events if e.get("checks") is not None]
     if decisions:
         last = decisions[-1]
-        verdict = "PROMOTED" if last.get("to") == CHAMPION else "NOT PROMOTED"
+        verdict = ("PROMOTED" if last.get("to") == CHAMPION else
+                   "AWAITING HUMAN REVIEW" if last.get("action") == "awaiting-review" else "NOT PROMOTED")
         lines += [f"## Latest gate decision ({last.get('at', '?')}, event {last['n']})", "",
                   f"**{verdict}** (gate {'passed' if last.get('gate_passed') else 'failed'}, mode "
                   f"{last.get('mode', '?')}{', forced by ' + last.get('by', '?') if last.get('forced') else ''})", ""]
@@ -201,6 +202,7 @@ def render_state(aliases: list[str], tags: Mapping[str, str]) -> str:
         if last.get("reason"):
             lines.append(f"- reason: {last['reason']}")
         lines.append("")
+    lines += render_review(tags)
     lines += ["## History", "", "| # | when (UTC) | action | by | status | reason |", "|---|---|---|---|---|---|"]
     for e in events:
         by = e.get("by", "")
@@ -210,6 +212,37 @@ def render_state(aliases: list[str], tags: Mapping[str, str]) -> str:
         lines.append(f"| {e['n']} | {_cell(e.get('at'))} | {_cell(e.get('action'))} | {_cell(by)} | {_cell(change)} "
                      f"| {_cell(e.get('reason'))} |")
     return "\n".join(lines) + "\n"
+
+
+def render_review(tags: Mapping[str, str]) -> list[str]:
+    """The model card's "Human review" section, from the `review.*` tags of `llmops review request/collect`."""
+    if "review.requested_at" not in tags:
+        return []
+    lines = ["## Human review", "",
+             f"Blind A/B review against {tags.get('review.opponent') or 'the opponent'} in Label Studio "
+             f"(project {tags.get('review.project_id', '?')}, {tags.get('review.tasks', '?')} tasks sent "
+             f"{tags['review.requested_at']}).", ""]
+    if "review.collected_at" not in tags:
+        return lines + ["No judgements collected yet (`llmops review collect`).", ""]
+    confidence = int(round(float(tags.get("review.confidence") or 0.95) * 100))
+    rate = tags.get("review.win_rate") or "n/a"
+    lines += [f"Collected {tags['review.collected_at']}: **win rate {rate}** ({confidence}% CI "
+              f"[{tags.get('review.win_rate_low') or '-'}, {tags.get('review.win_rate_high') or '-'}], ties count "
+              f"half) from {tags.get('review.judgements', '0')} judgements on {tags.get('review.judged_tasks', '0')} "
+              f"tasks by {tags.get('review.reviewers', '0')} reviewer(s).", "",
+              "| | judgements | wins | losses | ties | win rate |", "|---|---|---|---|---|---|",
+              f"| all | {tags.get('review.judgements', '0')} | {tags.get('review.wins', '0')} | "
+              f"{tags.get('review.losses', '0')} | {tags.get('review.ties', '0')} | {rate} |"]
+    for source in ("test", "production"):
+        if f"review.{source}.judgements" in tags:
+            lines.append(f"| {source} prompts | {tags[f'review.{source}.judgements']} | | | | "
+                         f"{tags.get(f'review.{source}.win_rate') or 'n/a'} |")
+    alpha = tags.get("review.agreement_alpha")
+    shared = tags.get("review.agreement_tasks", "0")
+    lines += ["", f"Agreement between reviewers (Krippendorff's alpha, nominal): {alpha} over {shared} tasks judged "
+              "by two or more." if alpha else f"Agreement between reviewers: not measurable ({shared} tasks judged "
+              "by two or more people, or all their answers alike).", ""]
+    return lines
 
 
 def card_head(description: str | None) -> str:

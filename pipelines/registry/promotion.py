@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipelines.config.params import Params, PromoteParams
@@ -22,6 +23,67 @@ class Check:
     name: str
     passed: bool
     detail: str
+    advisory: bool = False  # shown with the decision, never blocks it (promote.human_review: advisory)
+    pending: bool = False  # not failed for good: waiting for people (required review before its deadline)
+
+
+HUMAN_REVIEW = "human_review"
+
+
+def review_state(tags: dict[str, str]) -> dict[str, Any] | None:
+    """A version's human review as its `review.*` tags say (`llmops review request/collect`);
+    None when it was never sent for review."""
+    if "review.requested_at" not in tags:
+        return None
+
+    def number(key: str) -> float | None:
+        value = tags.get(key) or ""
+        return float(value) if value else None
+
+    return {"requested_at": tags["review.requested_at"], "collected_at": tags.get("review.collected_at"),
+            "judgements": int(tags.get("review.judgements") or 0), "win_rate": number("review.win_rate"),
+            "low": number("review.win_rate_low"), "high": number("review.win_rate_high"),
+            "confidence": number("review.confidence"), "alpha": number("review.agreement_alpha"),
+            "opponent": tags.get("review.opponent") or "the opponent"}
+
+
+def _parse_time(value: str) -> datetime:
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def human_review_check(review: dict[str, Any] | None, params: PromoteParams, deadline_hours: float,
+                       at: datetime) -> Check | None:
+    """The gate's view of people's A/B review (promote.human_review); None when it is off.
+
+    Passing needs at least `min_reviews` judgements and the lower bound of the candidate's win
+    rate (ties half) above `min_win_rate_low`: all ties, or reviewers who cancel each other out,
+    leave the bound at or below 0.5 and do not pass. In required mode, too few judgements before
+    the deadline (`review.candidate.deadline_hours` after the request) is pending, not failed;
+    after it the check fails for good.
+    """
+    mode = params.human_review
+    if mode == "off":
+        return None
+    advisory = mode == "advisory"
+    if review is None:
+        return Check(HUMAN_REVIEW, False, "no human review was requested; run `llmops review request`",
+                     advisory=advisory, pending=not advisory)
+    n, low = review["judgements"], review["low"]
+    if n < params.min_reviews or low is None:
+        deadline = _parse_time(review["requested_at"]) + timedelta(hours=deadline_hours)
+        waiting = at < deadline
+        return Check(HUMAN_REVIEW, False,
+                     f"{n} of {params.min_reviews} human judgements collected"
+                     + (f"; waiting for reviewers until {deadline.isoformat(timespec='minutes')}" if waiting
+                        else f"; the review deadline {deadline.isoformat(timespec='minutes')} has passed"),
+                     advisory=advisory, pending=waiting and not advisory)
+    alpha = f", reviewer agreement alpha {review['alpha']:+.2f}" if review["alpha"] is not None else ""
+    confidence = int(round((review["confidence"] or 0.95) * 100))
+    return Check(HUMAN_REVIEW, low > params.min_win_rate_low,
+                 f"win rate vs {review['opponent']} {review['win_rate']:.3f}, {confidence}% CI [{low:.3f}, "
+                 f"{review['high']:.3f}] from {n} judgements{alpha}; lower bound must exceed "
+                 f"{params.min_win_rate_low:.3f}", advisory=advisory)
 
 
 @dataclass
@@ -46,8 +108,9 @@ class Decision:
         return f"version {self.version}: {verdict} ({why})"
 
 
-def gate(results: dict[str, Any], params: PromoteParams) -> tuple[bool, list[Check]]:
-    """Pure gate logic over evaluate's results.json."""
+def gate(results: dict[str, Any], params: PromoteParams, review: Check | None = None) -> tuple[bool, list[Check]]:
+    """Pure gate logic over evaluate's results.json (and the human review check, if any);
+    advisory checks are listed but do not decide."""
     primary = results["primary_metric"]
     checks = []
     vs_base = results["comparisons"]["base"][primary]
@@ -81,15 +144,17 @@ def gate(results: dict[str, Any], params: PromoteParams) -> tuple[bool, list[Che
             ("slices worse than champion beyond " f"{params.slice_tolerance}: {', '.join(worse)}") if worse
             else f"no slice worse than champion beyond {params.slice_tolerance}",
         ))
-    return all(c.passed for c in checks), checks
+    if review is not None:
+        checks.append(review)
+    return all(c.passed for c in checks if not c.advisory), checks
 
 
 def decide(results: dict[str, Any], params: PromoteParams, current_champion: str | None,
-           force: bool = False) -> Decision:
-    passed, checks = gate(results, params)
+           force: bool = False, review: Check | None = None) -> Decision:
+    passed, checks = gate(results, params, review)
     decision = Decision(passed=passed, mode=params.mode, forced=force, checks=checks,
                         previous_champion=current_champion)
-    decision.reasons = [c.detail for c in checks if not c.passed]
+    decision.reasons = [c.detail for c in checks if not c.passed and not c.advisory]
     evaluated_against = results.get("champion_version")
     evaluated_against = str(evaluated_against) if evaluated_against is not None else None
     if current_champion != evaluated_against and not force:
@@ -109,10 +174,18 @@ def decide(results: dict[str, Any], params: PromoteParams, current_champion: str
     return decision
 
 
+def awaiting_review(decision: Decision) -> bool:
+    """Only a pending human review stands between the candidate and the gate's pass."""
+    failed = [c for c in decision.checks if not c.passed and not c.advisory]
+    return bool(failed) and all(c.pending for c in failed)
+
+
 def action_of(decision: Decision) -> str:
     """The history action a decision records on its version."""
     if decision.promoted:
         return "forced" if decision.forced else "promoted"
+    if awaiting_review(decision):
+        return "awaiting-review"
     return "recommended" if decision.passed and decision.mode == "manual" else "rejected"
 
 
@@ -146,20 +219,23 @@ def apply(params: Params, results: dict[str, Any], version: str, force: bool = F
     with registry.lock(f"promote v{version}"):
         current = registry.alias_version(CHAMPION)
         previous = registry.alias_version(PREVIOUS)
+        review = human_review_check(review_state(registry.version(version).tags), params.promote,
+                                    params.review.candidate.deadline_hours, datetime.now(UTC))
         if current == version:
             # Already the champion (a re-run, a retry): judge the evaluation as it was made, change nothing.
-            decision = decide(results, params.promote, results.get("champion_version"), force=force)
+            decision = decide(results, params.promote, results.get("champion_version"), force=force, review=review)
             decision.promoted, decision.changed = True, False
             decision.reasons.append(f"v{version} already is the champion; nothing changed")
         else:
-            decision = decide(results, params.promote, current, force=force)
+            decision = decide(results, params.promote, current, force=force, review=review)
         decision.version, decision.previous_champion = version, current
         decision.decided_by, decision.forced_reason = who["by"], (reason if force else None)
         if not decision.changed:
             return decision
         action = action_of(decision)
         reasons = " | ".join(decision.reasons)
-        details = {"checks": [[c.name, c.passed, c.detail] for c in decision.checks], "gate_passed": decision.passed,
+        details = {"checks": [[c.name + (" (advisory)" if c.advisory else ""), c.passed, c.detail]
+                              for c in decision.checks], "gate_passed": decision.passed,
                    "mode": decision.mode, "forced": decision.forced, "reasons": reasons,
                    "champion_before": current, "champion_after": version if decision.promoted else current}
         if not decision.promoted and same_as_last(registry, version, action, reasons):

@@ -16,7 +16,7 @@ import yaml
 from tests.support import REPO
 
 DAGS = REPO / "dags"
-DAG_IDS = {"llmops_training", "llmops_monitoring"}
+DAG_IDS = {"llmops_training", "llmops_monitoring", "llmops_review"}
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +41,22 @@ def training_module():
         sys.path.remove(str(DAGS))
 
 
-def test_dagbag_has_both_dags_and_no_import_errors(dagbag):
+def test_dagbag_has_every_dag_and_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
     assert set(dagbag.dags) == DAG_IDS
 
 
 def test_each_dag_file_parses_in_under_0_3_s_inside_airflow(dagbag):
     stats = {Path(stat.file).name: stat.duration.total_seconds() for stat in dagbag.dagbag_stats}
-    assert set(stats) == {"llmops_training.py", "llmops_monitoring.py"}  # llmops_common.py is .airflowignore'd
+    # llmops_common.py is .airflowignore'd
+    assert set(stats) == {"llmops_training.py", "llmops_monitoring.py", "llmops_review.py"}
     assert all(seconds < 0.3 for seconds in stats.values()), stats
 
 
 def test_dag_files_import_only_airflow_and_the_standard_library():
     # A fresh interpreter: what a DAG file pulls in when Airflow parses it.
     code = (f"import sys; sys.path.insert(0, {str(DAGS)!r}); before = set(sys.modules); import llmops_training, "
-            "llmops_monitoring; print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
+            "llmops_monitoring, llmops_review; print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(eval(out.strip().splitlines()[-1]))  # noqa: S307 - our own printed list
     heavy = {"pipelines", "torch", "transformers", "peft", "great_expectations", "evidently", "mlflow", "dvc",
@@ -186,3 +187,28 @@ def test_decide_with_a_retrain_request_hands_the_reason_and_report_to_the_trigge
     assert decide(json.dumps({**DECISION, "retrain": retrain}), ti=ti) == "trigger_training"
     assert ti.pushed == {"reason": "drift in window ending 2026-11-24T00:00:00+00:00: drift in 2 of the last 3",
                          "report": "/x/reports/monitor/2026-11-24T00-00-00Z"}
+
+
+def test_the_review_request_runs_between_register_and_the_gate(dagbag):
+    """Sent before promote decides (which then records a required review as pending), never waited for."""
+    dag = dagbag.dags["llmops_training"]
+    request = dag.get_task("review_request")
+    assert request.upstream_task_ids == {"register"} and "promote" in request.downstream_task_ids
+    assert "llmops review request --when-enabled" in request.bash_command
+
+
+@pytest.mark.parametrize(("result", "branch"), [
+    ({"version": "3", "status": "champion", "promoted": True, "changed": True}, "deploy"),
+    ({"version": "3", "status": "champion", "promoted": True, "changed": False}, "nothing_to_deploy"),
+    ({"version": "3", "status": "awaiting-review", "promoted": False, "changed": False,
+      "reasons": ["4 of 20 human judgements collected; waiting for reviewers until 2026-12-09T02:00+00:00"]},
+     "nothing_to_deploy"),
+    ({"version": "3", "status": "rejected", "promoted": False, "changed": True}, "nothing_to_deploy"),
+])
+def test_the_review_dag_deploys_only_what_its_decision_promoted(dagbag, caplog, result, branch):
+    promoted = dagbag.dags["llmops_review"].get_task("promoted").python_callable
+    with caplog.at_level(logging.INFO, logger="llmops.dags"):
+        assert promoted(json.dumps(result)) == branch
+    assert f"v3: status {result['status']}" in caplog.text
+    for reason in result.get("reasons", []):
+        assert reason in caplog.text
