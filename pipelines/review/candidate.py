@@ -175,7 +175,7 @@ def request(params: Params, version: str | None = None, when_enabled: bool = Fal
                                                 "answer to the prompt, or Tie; write a better answer if you can.")
     sent = {(task.get("meta") or {}).get("item") for task in client.tasks(project)}
     end = datetime.now(UTC)
-    records = read_records(inference_log_url(params.inference_log),
+    records = read_records(inference_log_url(params.inference_log).value,
                            start=end - timedelta(days=settings.production_days), end=end)
     items = test_prompts(params, settings.test_prompts, settings.seed)
     items += production_prompts(records, settings.production_prompts, settings.seed)
@@ -190,7 +190,9 @@ def request(params: Params, version: str | None = None, when_enabled: bool = Fal
         tasks = build_tasks(new, candidate.answer(prompts), other.answer(prompts), version, opponent, settings.seed)
         client.import_tasks(project, tasks)
     total = len(sent - {None}) + len(new)
-    tags = {"review.project_id": project, "review.tasks": total, "review.requested_at": now()}
+    tags: dict[str, Any] = {"review.project_id": project, "review.tasks": total}
+    if "review.requested_at" not in registry.version(version).tags:
+        tags["review.requested_at"] = now()  # the first request starts the deadline; a re-send does not move it
     if opponent:
         tags["review.opponent"] = opponent
     registry.tag(version, tags)
@@ -367,10 +369,16 @@ def collect(params: Params, version: str | None = None, **_: Any) -> dict[str, A
                     "tasks_sent": int(tags.get("review.tasks") or 0)})
     at = now()
     overall = summary["overall"]
-    registry.record(version, "reviewed", tags=review_tags(summary, at), reason=(
-        f"{overall['judgements']} judgement(s) by {len(summary['reviewers'])} reviewer(s): win rate "
-        f"{_fmt(overall['win_rate']) or 'n/a'} [{_fmt(overall['low'])}, {_fmt(overall['high'])}] vs "
-        f"{summary['opponent'] or 'the opponent'}"))
+    new_tags = review_tags(summary, at)
+    unchanged = all(tags.get(k) == v for k, v in new_tags.items() if k != "review.collected_at")
+    if unchanged and "review.collected_at" in tags:
+        # the review DAG collects every hour: the history gets an event only when the judgements changed
+        logger.info("review collect: v%s: no new judgements since %s", version, tags["review.collected_at"])
+        return summary
+    reason = (f"{overall['judgements']} judgement(s) by {len(summary['reviewers'])} reviewer(s): win rate "
+              f"{_fmt(overall['win_rate'])} [{_fmt(overall['low'])}, {_fmt(overall['high'])}] vs "
+              f"{summary['opponent'] or 'the opponent'}") if overall["judgements"] else "no judgements yet"
+    registry.record(version, "reviewed", tags=new_tags, reason=reason)
     out_dir = params.paths.reports_dir / "review" / f"v{version}"
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_json(out_dir / "judgements.json", [asdict(j) for j in judgements])
