@@ -104,8 +104,9 @@ def make_project(root: Path) -> Project:
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
             shutil.copy2(source, root / name)
-    (root / "data" / "raw").mkdir(parents=True, exist_ok=True)
-    (root / "data" / "raw" / ".gitkeep").touch()
+    for folder in ("raw", "feedback"):  # kept in git by a .gitkeep; feedback is a dep of `ingest`
+        (root / "data" / folder).mkdir(parents=True, exist_ok=True)
+        (root / "data" / folder / ".gitkeep").touch()
     project = Project(root)
     project.run("git", "init", "-q")
     project.dvc("init", "-q")

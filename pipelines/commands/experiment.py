@@ -25,7 +25,8 @@ service endpoint or credential names its environment variable (settings.DEPLOYME
 the rest a commit to params.yaml. The check compares the resulting params with HEAD's, key by
 key, so the override's spelling (`train={...}`, `~key`) cannot get around it. A file a run
 adds as a data source must resolve (symlinks followed) inside the committed paths.raw_dir or
-paths.sample_dir; a local base model folder inside the project.
+paths.sample_dir (a `review` source's folder: paths.feedback_dir too); a local base model folder
+inside the project.
 
 One run at a time per workspace. `start` refuses while another orchestrated run holds the
 workspace (from its `start` until `experiment end`, which the DAG runs as a teardown task
@@ -134,6 +135,11 @@ def _path_problems(root: Path, base: dict, draft: dict, changed: list[str]) -> l
                 if not _inside(root / str(source["path"]), data_dirs):
                     problems.append(f"{where}.path {source['path']} is outside the project's data folders: "
                                     f"copy the file under {shown} and name it there")
+            elif source.get("kind") == "review" and source.get("path") is not None:
+                feedback = root / str(paths["feedback_dir"])
+                if not _inside(root / str(source["path"]), [feedback, *data_dirs]):
+                    problems.append(f"{where}.path {source['path']} is outside the project's data folders: "
+                                    f"name {Path(str(paths['feedback_dir']))}/ (or leave path out), {shown}")
             elif source.get("kind") == "hf":
                 name = str(source.get("name") or "")
                 if name and _looks_local(name, root) and not _inside(root / name, data_dirs):

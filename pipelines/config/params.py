@@ -89,6 +89,9 @@ class Paths(Section):
     promotion_decision: Path = Path("promote/decision.json")
     deployment_report: Path = Path("deploy/deployment.json")
     validation_result: Path = Path("result.json")  # under validate_dir: validate -> prepare, register
+    # Reviewed production answers (`llmops review export`), one DVC-tracked Parquet file per writer;
+    # a `review` source with no path reads this folder, and dvc.yaml makes it a dep of `ingest`.
+    feedback_dir: Path = Path("data/feedback")
 
     def validation_file(self) -> Path:
         """validate's verdict, which prepare checks before it splits: <validate_dir>/<validation_result>."""
@@ -141,7 +144,16 @@ class HFSource(_SourceCommon):
     data_files: list[str] | None = None
 
 
-Source = Annotated[BundledSource | FileSource | HFSource, Field(discriminator="kind")]
+class ReviewSource(_SourceCommon):
+    """Answers people reviewed (`llmops review export`): every *.parquet file under a folder, with
+    the `rejected` answer and the provenance columns (request_id, task_id, reviewer, reviewed_at,
+    window) carried through ingest. An empty folder is zero rows, not an error: it fills over time."""
+
+    kind: Literal["review"]
+    path: Path | None = None  # a folder; null: paths.feedback_dir
+
+
+Source = Annotated[BundledSource | FileSource | HFSource | ReviewSource, Field(discriminator="kind")]
 
 
 class IngestParams(Section):
@@ -163,7 +175,7 @@ class ValidateParams(Section):
     prompt_tokens: tuple[int, int] = (2, 256)
     response_tokens: tuple[int, int] = (1, 512)
     allowed_values: dict[str, list[str]] = Field(default_factory=dict)
-    pii_columns: list[Literal["prompt", "response"]] = ["prompt", "response"]
+    pii_columns: list[Literal["prompt", "response", "rejected"]] = ["prompt", "response"]
     warn_only: list[str] = Field(default_factory=list)
     conflicting_answers: ConflictingAnswersParams = ConflictingAnswersParams()
 
@@ -522,8 +534,9 @@ class RetrainParams(Section):
     cooldown_hours: float = Field(72.0, ge=0.0)  # no new request this soon after the last one
     require_new_data: bool = True  # request only when enough new labelled rows exist
     min_new_rows: int = Field(500, ge=0)
-    # Labelled data collected from production, in the `ingest` source format (the FOLDOC stream
-    # stands in for it here); rows whose prompt the training data lacks count as new.
+    # Labelled data collected from production, in the `ingest` source format: {kind: review} for the
+    # corrections people made in Label Studio (`llmops review export`), or the FOLDOC stream as a
+    # stand-in; rows whose prompt the training data lacks count as new.
     new_data: Source | None = None
 
     @model_validator(mode="after")
@@ -571,7 +584,7 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
-        shown = [p for p in loc if p not in ("bundled", "file", "hf")]
+        shown = [p for p in loc if p not in ("bundled", "file", "hf", "review")]
         key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in shown).replace(".[", "[")
         if item["type"] == "renamed_key":
             for old, new, note in item["ctx"]["renamed"]:

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.config.params import BundledSource, FileSource, HFSource, Params, Source
+from pipelines.config.params import BundledSource, FileSource, HFSource, Params, ReviewSource, Source
 from pipelines.errors import DataError
 from pipelines.io import atomic_write_json, write_parquet
 
@@ -21,8 +21,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The normalised schema every later stage reads.
-SCHEMA = ["id", "prompt", "response", "source", "domain", "pos", "category"]
+# Where a reviewed row comes from (`llmops review export`, docs/review.md): the inference log's
+# request, the Label Studio task, who reviewed it and when, and the monitor window that flagged it.
+PROVENANCE = ["request_id", "task_id", "reviewer", "reviewed_at", "window"]
+# The normalised schema every later stage reads. `rejected` is the answer a reviewer corrected
+# (the other side of a preference pair); it and the provenance are null for rows nobody reviewed.
+SCHEMA = ["id", "prompt", "response", "source", "domain", "pos", "category", "rejected", *PROVENANCE]
+REVIEW_SOURCE = "review"  # the label (and default `source`) of the rows a `review` source reads
 TEXT_COLUMNS = ("prompt", "response")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 # How to repair a file that cannot be read (a bundled sample is restored instead).
@@ -40,9 +45,13 @@ def _describe(source: Source, index: int) -> str:
     return f"ingest.sources[{index}] ({source.kind})"
 
 
-def read_source(source: Source, index: int, sample_dir: Path) -> tuple[str, pd.DataFrame]:
-    """(label, raw frame) of one source; raises DataError naming the source and the fix."""
+def read_source(source: Source, index: int, sample_dir: Path,
+                feedback_dir: Path | None = None) -> tuple[str, pd.DataFrame]:
+    """(label, raw frame) of one source; raises DataError naming the source and the fix.
+    `feedback_dir` is the folder a `review` source without a path reads (paths.feedback_dir)."""
     where = _describe(source, index)
+    if isinstance(source, ReviewSource):
+        return REVIEW_SOURCE, read_review_folder(source.path or feedback_dir, where)
     if isinstance(source, BundledSource):
         path = sample_dir / f"{source.name}.jsonl"
         restore = f"restore it with `git checkout -- {path}` (or rebuild it: `make sample`)"
@@ -67,6 +76,27 @@ def read_source(source: Source, index: int, sample_dir: Path) -> tuple[str, pd.D
             raise DataError(f"{where}: source file {path} is empty; it must hold at least one row")
         return path.stem, read_file(path, fmt, where)
     return source.name.rstrip("/").split("/")[-1], _load_hf(source, where)
+
+
+def review_files(folder: Path) -> list[Path]:
+    """The Parquet files of a review folder, sorted; hidden files and folders (a writer's
+    temporary file, DVC's cache links) are not data."""
+    return sorted(path for path in folder.rglob("*.parquet")
+                  if not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
+def read_review_folder(folder: Path | None, where: str) -> pd.DataFrame:
+    """Every Parquet file under `folder`, concatenated (columns: the union); no file is no rows."""
+    import pandas as pd
+
+    if folder is None:
+        raise DataError(f"{where}: a review source needs a folder: set its `path` or paths.feedback_dir")
+    if not folder.is_dir():
+        raise DataError(f"{where}: review folder {folder} does not exist; create it (`mkdir -p {folder}`), "
+                        "run `llmops review export`, or fix the path in params.yaml")
+    frames = [read_file(path, "parquet", where) for path in review_files(folder)]
+    frames = [frame for frame in frames if len(frame)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def read_file(path: Path, fmt: str, where: str, fix: str | None = None) -> pd.DataFrame:
@@ -184,6 +214,7 @@ def normalise(frame: pd.DataFrame, source: Source, label: str, where: str) -> pd
                 f"{where}: source '{label}' has no column '{column}' for the {target} "
                 f"(columns: {', '.join(map(str, frame.columns))}); set {target}_field in params.yaml"
             )
+    for column in [*mapping.values(), *(["rejected"] if "rejected" in frame.columns else [])]:
         values = frame[column]
         bad = values[values.notna() & ~values.map(lambda v: isinstance(v, str))]
         if len(bad):
@@ -208,7 +239,7 @@ def normalise(frame: pd.DataFrame, source: Source, label: str, where: str) -> pd
         out["domain"] = frame["domain"].astype(object)
     else:
         out["domain"] = source.domain or "general"
-    for column in ("pos", "category"):
+    for column in ("pos", "category", "rejected", *PROVENANCE):
         out[column] = frame[column].astype(object) if column in frame.columns else None
     out = out[SCHEMA]
     if source.max_rows is not None:
@@ -216,23 +247,29 @@ def normalise(frame: pd.DataFrame, source: Source, label: str, where: str) -> pd
     return out.reset_index(drop=True)
 
 
-def ingest(sources: list[Source], sample_dir: Path) -> tuple[pd.DataFrame, dict]:
+def ingest(sources: list[Source], sample_dir: Path, feedback_dir: Path | None = None) -> tuple[pd.DataFrame, dict]:
     import pandas as pd
 
     frames, counts = [], {}
     for index, source in enumerate(sources):
         where = _describe(source, index)
-        label, raw = read_source(source, index, sample_dir)
+        label, raw = read_source(source, index, sample_dir, feedback_dir)
+        if isinstance(source, ReviewSource) and len(raw) == 0:  # nothing reviewed yet: the folder fills over time
+            logger.warning("%s: no reviewed rows yet in %s", where, source.path or feedback_dir)
+            counts.setdefault(label, 0)
+            continue
         frame = normalise(raw, source, label, where)
         counts[label] = counts.get(label, 0) + len(frame)
         frames.append(frame)
         logger.info("%s: %d rows from %s", where, len(frame), label)
+    if not frames:
+        raise DataError("ingest: the sources hold no rows (only empty review folders); add a source with data")
     pairs = pd.concat(frames, ignore_index=True)
     return pairs, {"rows": len(pairs), "rows_by_source": counts}
 
 
 def main(params: Params) -> None:
-    pairs, metrics = ingest(params.ingest.sources, params.paths.sample_dir)
+    pairs, metrics = ingest(params.ingest.sources, params.paths.sample_dir, params.paths.feedback_dir)
     write_parquet(pairs, params.paths.ingested)
     atomic_write_json(params.paths.metrics("ingest"), metrics)
     logger.info("ingest: wrote %d rows to %s", len(pairs), params.paths.ingested)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.config.params import Paths, PrepareParams, ValidateParams
 from pipelines.data.pii import PII_PATTERNS
-from pipelines.data.sources import SCHEMA
+from pipelines.data.sources import PROVENANCE, REVIEW_SOURCE, SCHEMA
 from pipelines.data.splits import SPLITS, normalise_text, split_of
 from pipelines.errors import ParamsError
 
@@ -25,6 +25,9 @@ TOKEN_COLUMNS = {"prompt": "n_prompt_tokens", "response": "n_response_tokens"}
 # Derived for the conflicting-answers expectations (see pipelines/stages/validate.py).
 SPLIT_COLUMN, ANSWERS_COLUMN = "split", "answers_per_prompt"
 SUITE_NAME = "instruction_pairs"
+# Reviewed rows (`source` REVIEW_SOURCE) must say where they came from. The monitor window is
+# left out: only corrections of flagged production windows have one.
+REVIEW_PROVENANCE = [column for column in PROVENANCE if column != "window"]
 EXAMPLES_PER_FAILURE = 3
 
 
@@ -64,6 +67,14 @@ def build_checks(params: ValidateParams) -> list[Check]:
     ]
     for column in ("id", "prompt", "response", "source", "domain"):
         checks.append(Check(f"{column}_not_null", "ExpectColumnValuesToNotBeNull", {"column": column}))
+    # The rejected answer of a preference pair: text, not blank, where there is one (null elsewhere).
+    checks += [
+        Check("rejected_is_text", "ExpectColumnValuesToBeOfType", {"column": "rejected", "type_": "str"}),
+        Check("rejected_not_blank", "ExpectColumnValuesToNotMatchRegex", {"column": "rejected", "regex": r"^\s*$"}),
+    ]
+    for column in REVIEW_PROVENANCE:
+        checks.append(Check(f"review_{column}_not_null", "ExpectColumnValuesToNotBeNull",
+                            {"column": column, "row_condition": Column("source") == REVIEW_SOURCE}))
     for column in ("prompt", "response"):
         low, high = getattr(params, f"{column}_chars")
         tok_low, tok_high = getattr(params, f"{column}_tokens")

@@ -343,12 +343,13 @@ def retrain_decision(window: Window, drifted: bool | None, history: list[dict[st
 
 
 def count_new_rows(params: Params) -> int | None:
-    """Rows of `monitor.retrain.new_data` whose prompt the training data does not hold yet."""
+    """Rows of `monitor.retrain.new_data` whose prompt the training data does not hold yet
+    (with `{kind: review}`: the corrections people approved, `llmops review export`)."""
     source = params.monitor.retrain.new_data
     if source is None:
         return None
 
-    _, frame = read_source(source, 0, params.paths.sample_dir)
+    _, frame = read_source(source, 0, params.paths.sample_dir, params.paths.feedback_dir)
     known = set(read_parquet(params.paths.ingested, produced_by="ingest")["prompt"])
     return int((~frame[params.monitor.retrain.new_data.prompt_field].isin(known)).sum()) if len(frame) else 0
 

@@ -1,8 +1,10 @@
 """Stage `ingest`: read the sources named in params.yaml and normalise them to one schema.
 
 Reads   params `ingest.sources` (the bundled sample in data/sample/, local JSONL/CSV/Parquet
-        files, or a dataset through `datasets.load_dataset`), `paths`.
-Writes  `paths.ingested` (Parquet, columns SCHEMA) and reports/ingest/metrics.json.
+        files, a dataset through `datasets.load_dataset`, or `review`: every Parquet file
+        under `paths.feedback_dir`, the answers people reviewed), `paths`.
+Writes  `paths.ingested` (Parquet, columns SCHEMA: `rejected` and the review provenance
+        columns are null for rows nobody reviewed) and reports/ingest/metrics.json.
 Run     `llmops ingest` or `dvc repro ingest`.
 
 Text columns must hold text: a source whose prompt/response columns are missing or hold

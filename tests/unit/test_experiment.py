@@ -142,6 +142,17 @@ def test_a_file_source_must_resolve_inside_the_data_folders(repo, tmp_path, path
     assert_unchanged(repo, before)
 
 
+def test_a_review_source_reads_only_a_folder_of_the_project(repo):
+    before = (repo.root / "params.yaml").read_text()
+    with pytest.raises(OverrideRefused, match=r"ingest.sources\[1\].path / is outside the project's data folders: "
+                                              r"name data/feedback/ \(or leave path out\), data/raw/ or data/sample/"):
+        start(repo.root, "run", ["ingest.sources=[{kind:bundled,name:wordnet},{kind:review,path:'/'}]"])
+    assert_unchanged(repo, before)
+    start(repo.root, "run", ["ingest.sources=[{kind:bundled,name:wordnet},{kind:review},"
+                             "{kind:review,path:data/feedback}]"])
+    assert params(repo)["ingest"]["sources"][1:] == [{"kind": "review"}, {"kind": "review", "path": "data/feedback"}]
+
+
 def test_hf_sources_and_base_models_from_a_run_stay_inside_the_project(repo, tmp_path):
     before = (repo.root / "params.yaml").read_text()
     with pytest.raises(OverrideRefused, match=r"data_files /etc/hostname is outside the project's data folders"):
