@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint sample clean airflow
+.PHONY: install demo test test-fast lint sample clean airflow review
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,10 @@ lint: install
 ## airflow: a local Airflow (UI, scheduler) for dags/ on 127.0.0.1:8080 until Ctrl-C
 airflow: install
 	llmops airflow
+
+## review: Label Studio, the review tool, on 127.0.0.1:8081 until Ctrl-C; prints its login (docs/review.md)
+review: install
+	llmops review serve
 
 ## sample: rebuild data/sample/ from Debian's wordnet-base and dict-foldoc
 sample: install

@@ -101,6 +101,32 @@ if [ "$VLLM_VARIANT" != none ]; then
   fi
 fi
 
+# Label Studio, the review tool behind `llmops review` (docs/review.md), in a virtualenv of its
+# own (~160 packages, Django among them): its pins would downgrade the project's pyarrow (<25) and
+# numpy (<2.3, through opencv-python-headless). It pulls no torch. The project starts it as a
+# process (`review.python`) and talks to it over REST.
+#   REVIEW_VARIANT=auto|none         auto (default): install it; none: skip (no `llmops review serve`)
+#   LABEL_STUDIO_VERSION=1.23.2      the Label Studio release
+#   REVIEW_VENV=.venv-review         where it goes (next to the project's venv)
+LABEL_STUDIO_VERSION=${LABEL_STUDIO_VERSION:-1.23.2}
+REVIEW_VARIANT=${REVIEW_VARIANT:-auto}
+REVIEW_VENV=${REVIEW_VENV:-$(dirname "$VENV")/.venv-review}
+if [ "$REVIEW_VARIANT" != none ]; then
+  if "$REVIEW_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('label-studio') != '$LABEL_STUDIO_VERSION')" \
+       2>/dev/null && "$REVIEW_VENV/bin/python" -c "import label_studio" 2>/dev/null; then
+    say "label-studio $LABEL_STUDIO_VERSION already installed in $REVIEW_VENV"
+  else
+    say "installing label-studio $LABEL_STUDIO_VERSION into $REVIEW_VENV (its own virtualenv, ~1 GiB)"
+    [ -x "$REVIEW_VENV/bin/python" ] || "$PYTHON" -m venv "$REVIEW_VENV"
+    rpip=("$REVIEW_VENV/bin/python" -m pip --disable-pip-version-check)
+    "${rpip[@]}" install -q --upgrade pip setuptools wheel
+    "${rpip[@]}" install -q "label-studio==$LABEL_STUDIO_VERSION" \
+      && "$REVIEW_VENV/bin/python" -c "import label_studio" \
+      || { echo "error: label-studio $LABEL_STUDIO_VERSION did not install into $REVIEW_VENV (see above); rerun" \
+                "with REVIEW_VARIANT=none to skip it (no \`llmops review serve\` then)" >&2; exit 1; }
+  fi
+fi
+
 # Debian packages that tests need: WordNet and FOLDOC (the sample rebuild test), chromium (the
 # Airflow UI browser test, driven by Playwright with this browser: no download at run time),
 # postgresql (the team-mode test starts a throw-away cluster), libtcmalloc-minimal4 (vLLM's CPU
@@ -118,4 +144,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
   fi
 fi
-say "set-up done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')$( [ "$VLLM_VARIANT" != none ] && echo ", $vllm_package $VLLM_VERSION in $VLLM_VENV")"
+say "set-up done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')$( [ "$VLLM_VARIANT" != none ] && echo ", $vllm_package $VLLM_VERSION in $VLLM_VENV")$( [ "$REVIEW_VARIANT" != none ] && echo ", label-studio $LABEL_STUDIO_VERSION in $REVIEW_VENV")"
