@@ -41,7 +41,7 @@ RUN_OVERRIDABLE: tuple[str, ...] = (
     "train.completion_only_loss", "train.seed", "train.precision", "train.activation_checkpointing",
     "train.qlora", "train.weight_decay", "train.max_grad_norm", "train.logging_steps", "train.eval_steps",
     "train.save_steps", "train.save_total_limit", "train.max_train_samples", "train.max_eval_samples",
-    "train.merge",
+    "train.merge", "train.objective", "train.dpo",
 )
 
 
@@ -197,10 +197,10 @@ class PrepareParams(Section):
 
 
 # The train section speaks the vocabulary of the libraries that do the work: peft's LoraConfig
-# (lora.*), and TRL's SFTConfig / transformers' TrainingArguments (the rest), with the same
-# names and meanings, so their documentation is ours. Only what they lack is ours: the model
-# folders, precision: auto, qlora, the sample caps, merge, the adapter gate's tolerance, and
-# the DeepSpeed launch.
+# (lora.*), TRL's SFTConfig / transformers' TrainingArguments (the rest) and TRL's DPOConfig
+# (dpo.*), with the same names and meanings, so their documentation is ours. Only what they
+# lack is ours: the model folders, precision: auto, qlora, the sample caps, merge, the adapter
+# gate's tolerance, the DeepSpeed launch, objective and dpo.min_pairs.
 _PEFT = "the name peft's LoraConfig uses"
 _TRL = "the name TRL's SFTConfig and transformers use"
 
@@ -229,6 +229,36 @@ class DeepSpeedParams(Section):
     hostfile: Path | None = None  # "host slots=N" lines for multi-node runs
     master_addr: str | None = None  # defaults to 127.0.0.1, or the first hostfile host
     master_port: int = Field(29500, ge=1024, le=65535)
+
+
+# TRL's DPOConfig loss types (trl 1.16); several combine with loss_weights (e.g. MPO).
+DpoLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
+class DpoParams(Section):
+    """train.objective: dpo: names and meanings of TRL's DPOConfig; min_pairs is ours."""
+
+    beta: float = Field(0.1, gt=0.0)  # how far the policy may move from the reference (higher: less)
+    loss_type: list[DpoLoss] = Field(["sigmoid"], min_length=1)  # a name or a list of names
+    loss_weights: list[float] | None = None  # one weight per loss_type; null: 1.0 each
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # robust DPO: the chance a preference is flipped
+    # fewer preference pairs (train rows with a `rejected` answer) stop the run before any work
+    min_pairs: int = Field(16, ge=1)
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DpoParams:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"train.dpo.loss_weights has {len(self.loss_weights)} weight(s) for "
+                             f"{len(self.loss_type)} loss_type(s); give one weight per loss type, or null")
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
+            raise ValueError("train.dpo.loss_type exo_pair needs train.dpo.label_smoothing > 0 (the EXO paper: 1e-3)")
+        return self
 
 
 class TrackingParams(Section):
@@ -283,6 +313,21 @@ class TrainParams(Section):
     merge: bool = False  # also write base + adapter merged into one model (merge_and_unload)
     sanity_tolerance: float = Field(0.02, gt=0.0, le=1.0)  # relative loss difference allowed on reload
     deepspeed: DeepSpeedParams = DeepSpeedParams()
+    # sft: TRL's SFTTrainer on every train row (prompt -> response); dpo: TRL's DPOTrainer on the
+    # rows that have a `rejected` answer (response = chosen), the reference being the base model
+    objective: Literal["sft", "dpo"] = "sft"
+    dpo: DpoParams = DpoParams()
+
+    @model_validator(mode="after")
+    def _sft_only(self) -> TrainParams:
+        if self.objective == "dpo":
+            if self.packing:
+                raise ValueError("train.packing is SFT only (TRL's DPOTrainer does not pack); "
+                                 "set train.packing: false or train.objective: sft")
+            if not self.completion_only_loss:
+                raise ValueError("train.completion_only_loss: false is SFT only (DPO scores the answers alone); "
+                                 "set it to true or train.objective: sft")
+        return self
 
     @field_validator("warmup_steps")
     @classmethod

@@ -25,7 +25,7 @@ from pipelines.model.adapter_gate import batch_loss, check_adapter
 from pipelines.model.encoding import IGNORE_INDEX
 from pipelines.model.sources import file_sha256, read_source_record
 from pipelines.registry import tracking
-from pipelines.training import checkpoints, distributed
+from pipelines.training import checkpoints, distributed, preference
 from pipelines.training.distributed import (
     LaunchError,
     check_deepspeed_config,
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GATE_BATCH = 8  # validation examples in the fixed batch of the adapter sanity gate
+DPO_METRIC_PREFIXES = ("rewards/", "logps/")  # TRL's DPO metrics that go to MLflow
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
@@ -266,9 +267,14 @@ def plan(params: Params) -> Plan:
         if not path.is_file():
             raise LLMOpsError(f"{path} not found; run `llmops prepare` (or `dvc repro prepare`) first")
         hashes[split] = file_sha256(path)
+    if train.objective == "dpo":
+        path = data_files(params)["train"]
+        preference.check_enough_pairs(preference.count_pairs(path), path, train.dpo.min_pairs,
+                                      train.max_train_samples)
     data_sha256 = checkpoints.fingerprint(hashes)
     result_params = train.model_dump(mode="json", exclude={
-        "adapter_dir", "merged_dir", "checkpoint_dir", "merge", "sanity_tolerance", "save_total_limit"})
+        "adapter_dir": True, "merged_dir": True, "checkpoint_dir": True, "merge": True, "sanity_tolerance": True,
+        "save_total_limit": True, "dpo": True if train.objective == "sft" else {"min_pairs"}})
     result_params["deepspeed"].pop("master_port", None)
     result_params["deepspeed"].pop("master_addr", None)
     fingerprint = checkpoints.fingerprint(
@@ -317,14 +323,20 @@ def _callbacks(params: TrainParams) -> list[Any]:
             if "eval_loss" in logs:
                 metrics["eval_loss"] = logs["eval_loss"]
                 logger.info("step %d/%d eval_loss=%.4f", state.global_step, state.max_steps, logs["eval_loss"])
+            # DPO: TRL's reward and log-prob metrics, under TRL's names (eval_ before those of the validation pairs)
+            metrics.update({key: value for key, value in logs.items()
+                            if key.removeprefix("eval_").startswith(DPO_METRIC_PREFIXES)})
+            if "rewards/margins" in logs:
+                logger.info("step %d/%d rewards/margins=%.4f rewards/accuracies=%.2f", state.global_step,
+                            state.max_steps, logs["rewards/margins"], logs.get("rewards/accuracies", math.nan))
             if metrics:
                 tracking.log_metrics(metrics, step=state.global_step)
 
     return [LossGuard(), CheckpointMarker(), Progress()]
 
 
-def _trainer_class() -> Any:
-    """TRL's SFTTrainer, with two CPU adjustments.
+def _trainer_class(objective: str = "sft") -> Any:
+    """TRL's SFTTrainer (or DPOTrainer for objective dpo), with two CPU adjustments.
 
     - bf16 on CPU: TrainingArguments(bf16=True) needs use_cpu=True, which turns DeepSpeed off in
       accelerate; so on CPU the stage keeps bf16 out of the Trainer and DeepSpeed (fp32
@@ -335,15 +347,16 @@ def _trainer_class() -> Any:
       every position, and a LoRA step of SmolLM2-135M took ~1.5x as long as with the model's
       own loss (2 cores; benchmarks/RESULTS.md). The model's own loss is the same quantity:
       the mean negative log-likelihood of the completion tokens (labels -100 elsewhere),
-      so on CPU the stage asks the model for it, as transformers' Trainer does.
+      so on CPU the stage asks the model for it, as transformers' Trainer does (SFT only:
+      DPO needs TRL's per-token log-probabilities of the answers, so it keeps TRL's loss).
     """
     import contextlib
 
     import torch
     from transformers import Trainer
-    from trl import SFTTrainer
+    from trl import DPOTrainer, SFTTrainer
 
-    class StageTrainer(SFTTrainer):
+    class StageTrainer(DPOTrainer if objective == "dpo" else SFTTrainer):
         autocast_dtype: Any = None
         model_loss: bool = False
 
@@ -351,23 +364,35 @@ def _trainer_class() -> Any:
             context = (torch.autocast("cpu", dtype=self.autocast_dtype) if self.autocast_dtype is not None
                        else contextlib.nullcontext())
             with context:
-                if self.model_loss:
+                if self.model_loss and objective == "sft":
                     return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     return StageTrainer
 
 
-def training_arguments(params: TrainParams, cuda: bool, precision: str) -> Any:
-    """TRL's SFTConfig: train params of the same names go through as they are."""
-    from trl import SFTConfig
+def training_arguments(params: TrainParams, cuda: bool, precision: str, evaluate: bool = True) -> Any:
+    """TRL's SFTConfig (DPOConfig for objective dpo): train params of the same names go through as they are.
+
+    `evaluate` false: no eval loss (DPO when the validation split holds no pairs)."""
+    from trl import DPOConfig, SFTConfig
 
     config = params.deepspeed.config
     configured_state = config is not None and not cuda and in_launched_rank()
     if configured_state:
         init_cpu_deepspeed_state()
     warmup = params.warmup_steps
-    return SFTConfig(
+    if params.objective == "dpo":
+        dpo = params.dpo
+        # DPOConfig's own defaults (disable_dropout, truncation keep_start, ...) stand
+        trainer_config, specific = DPOConfig, {
+            "beta": dpo.beta, "loss_type": list(dpo.loss_type), "label_smoothing": dpo.label_smoothing,
+            "loss_weights": list(dpo.loss_weights) if dpo.loss_weights is not None else None}
+    else:
+        trainer_config, specific = SFTConfig, {
+            "packing": params.packing, "completion_only_loss": params.completion_only_loss}
+    return trainer_config(
+        **specific,
         output_dir=str(params.checkpoint_dir),
         per_device_train_batch_size=params.per_device_train_batch_size,
         per_device_eval_batch_size=params.per_device_eval_batch_size,
@@ -378,15 +403,13 @@ def training_arguments(params: TrainParams, cuda: bool, precision: str) -> Any:
         num_train_epochs=params.num_train_epochs,
         max_steps=params.max_steps or -1,
         max_length=params.max_length,
-        packing=params.packing,
-        completion_only_loss=params.completion_only_loss,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm,
         seed=params.seed,
         data_seed=params.seed,
         logging_steps=params.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must reach the guard, not be averaged away
-        eval_strategy="steps",
+        eval_strategy="steps" if evaluate else "no",
         eval_steps=params.eval_steps,
         save_strategy="steps",
         save_steps=params.save_steps,
@@ -436,12 +459,17 @@ def load_model(base_dir: Path, params: TrainParams, precision: str) -> Any:
     return model
 
 
-def add_lora(model: Any, params: TrainParams) -> Any:
-    from peft import LoraConfig, get_peft_model
+def lora_config(params: TrainParams) -> Any:
+    from peft import LoraConfig
 
-    config = LoraConfig(r=params.lora.r, lora_alpha=params.lora.lora_alpha, lora_dropout=params.lora.lora_dropout,
-                        target_modules=list(params.lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return LoraConfig(r=params.lora.r, lora_alpha=params.lora.lora_alpha, lora_dropout=params.lora.lora_dropout,
+                      target_modules=list(params.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def add_lora(model: Any, params: TrainParams) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(params))
 
 
 def log_history_tables(history: list[dict[str, Any]]) -> tuple[str, str]:
@@ -476,13 +504,28 @@ def _staging_dir(adapter_dir: Path) -> Path:
     return adapter_dir.parent / f".{adapter_dir.name}.staging"
 
 
-def load_splits(params: Params) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
-    """The (sampled) prepared splits, and TRL's datasets of them (not yet tokenized)."""
+def load_splits(params: Params, eos_token: str | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """The (sampled) prepared splits, and TRL's datasets of them (not yet tokenized).
+
+    DPO: the splits' preference pairs only, sampled after selecting them; a validation split
+    without pairs gives no frame and no dataset (no evaluation)."""
     train = params.train
     limits = {"train": train.max_train_samples, "validation": train.max_eval_samples}
-    frames = {split: sample_rows(read_parquet(path, produced_by="prepare"), limits[split], train.seed)
-              for split, path in data_files(params).items()}
+    frames = {}
+    for split, path in data_files(params).items():
+        frame = read_parquet(path, produced_by="prepare")
+        if train.objective == "dpo":
+            frame = preference.preference_rows(frame)
+            if len(frame) == 0 and split == "validation":
+                continue
+        frames[split] = sample_rows(frame, limits[split], train.seed)
+    if train.objective == "dpo":
+        return frames, {split: preference.dpo_dataset(frame, eos_token) for split, frame in frames.items()}
     return frames, {split: sft_dataset(frame) for split, frame in frames.items()}
+
+
+def has_validation_pairs(params: Params) -> bool:
+    return preference.count_pairs(data_files(params)["validation"]) > 0
 
 
 def build_trainer(params: Params, the_plan: Plan, model: Any, tokenizer: Any, frames: dict[str, pd.DataFrame],
@@ -496,7 +539,16 @@ def build_trainer(params: Params, the_plan: Plan, model: Any, tokenizer: Any, fr
     if not sys.stderr.isatty():  # TRL's map/filter bars: noise in logs, as the Trainer's are
         disable_progress_bar()
     train = params.train
-    trainer_class = trainer_class or _trainer_class()
+    trainer_class = trainer_class or _trainer_class(train.objective)
+    if train.objective == "dpo":
+        # A plain model and the LoRA config: TRL wraps it, and the reference is the same model with
+        # the adapter disabled (the base). Given a model peft already wrapped, TRL 1.16 would copy
+        # the adapter into a second one named "ref" instead (saved beside ours).
+        trainer = trainer_class(model=model, args=args, train_dataset=datasets["train"],
+                                eval_dataset=datasets.get("validation"), processing_class=tokenizer,
+                                callbacks=callbacks, peft_config=lora_config(train))
+        trainer.remove_callback(PrinterCallback)
+        return trainer, _preference_stats(trainer, tokenizer, frames, train.max_length)
     trainer = trainer_class(model=model, args=args, train_dataset=datasets["train"],
                             eval_dataset=datasets["validation"], processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # progress is logged by the Progress callback
@@ -510,8 +562,33 @@ def build_trainer(params: Params, the_plan: Plan, model: Any, tokenizer: Any, fr
     return trainer, stats
 
 
+def _preference_stats(trainer: Any, tokenizer: Any, frames: dict[str, pd.DataFrame],
+                      max_length: int) -> dict[str, dict]:
+    """DPO: check TRL's tokens against prepare's rendering; what TRL made of each split's pairs."""
+    stats = {"validation": {"pairs": 0, "examples": 0}}
+    for split, dataset in (("train", trainer.train_dataset), ("validation", trainer.eval_dataset)):
+        if dataset is None:
+            continue
+        if len(dataset) == 0:
+            raise LLMOpsError(f"train: no {split} preference pair keeps an answer token within train.max_length="
+                              f"{max_length} (every prompt fills it); raise train.max_length")
+        bad = preference.rendering_problems(dataset, tokenizer)
+        if bad:
+            raise TemplateMismatch(
+                f"train: TRL's tokens of {len(bad)} of {len(dataset)} {split} preference pairs differ from the tokens "
+                f"of the text that evaluation and serving send (first: row {bad[0]}, "
+                f"{dataset[bad[0]]['rendered_prompt'][:60]!r}): the tokenizer's chat template renders the stored "
+                "messages differently from prepare's rendering; set prepare.template: alpaca or plain, or give the "
+                "base model a chat template that renders the generation prompt as a prefix of the answered "
+                "conversation")
+        stats[split] = preference.pair_stats(len(frames[split]), dataset, max_length)
+    return stats
+
+
 def gate_batch(trainer: Any) -> dict[str, Any]:
     """The adapter gate's fixed batch: the first validation examples, through TRL's collator."""
+    if "prompt_ids" in trainer.train_dataset.column_names:  # DPO's preference pairs
+        return preference.gate_batch(trainer, GATE_BATCH)
     dataset = trainer.eval_dataset
     columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in dataset.column_names]
     rows = dataset.select(range(min(GATE_BATCH, len(dataset)))).select_columns(columns)
@@ -528,13 +605,15 @@ def start_tracking(params: Params, the_plan: Plan, resume: Path | None, frames: 
         params.tracking, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", run_id=previous,
         tags={**tracking.git_state(), "stage": "train", "base_model": params.base_model.source,
               "base_model_sha256": the_plan.base_sha256, "data_sha256": the_plan.data_sha256,
-              "resumed_from": str(resume) if resume else ""})
+              "resumed_from": str(resume) if resume else "", "objective": train.objective})
     checkpoints.update_run(train.checkpoint_dir, mlflow_run_id=run_id)
     tracking.log_params({"train": train.model_dump(mode="json"), "base_model": params.base_model.source,
                          "train_examples": stats["train"]["examples"],
                          "eval_examples": stats["validation"]["examples"],
                          "world_size": distributed.world_size(), "precision_resolved": the_plan.precision})
     for split, context in (("train", "training"), ("validation", "evaluation")):
+        if split not in frames:  # DPO without validation pairs
+            continue
         path = data_files(params)[split]
         tracking.log_dataset(frames[split], path, name=split, digest=file_sha256(path), context=context)
     return run_id
@@ -551,32 +630,37 @@ def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
     if not the_plan.cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed, when imported, need not probe for GPUs
     autocast_dtype = torch.bfloat16 if (the_plan.precision == "bf16" and not the_plan.cuda) else None
-    args = training_arguments(train, the_plan.cuda, the_plan.precision)  # starts the process group in a rank
+    dpo = train.objective == "dpo"
+    # starts the process group in a rank
+    args = training_arguments(train, the_plan.cuda, the_plan.precision,
+                              evaluate=not dpo or has_validation_pairs(params))
     resume = checkpoints.resume_point(train.checkpoint_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(the_plan.base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    frames, datasets = load_splits(params)
+    frames, datasets = load_splits(params, tokenizer.eos_token)
     run_id = None
     try:
         set_seed(train.seed)
-        model = add_lora(load_model(the_plan.base_dir, train, the_plan.precision), train)
-        trainable, total = model.get_nb_trainable_parameters()
-        trainer_class = _trainer_class()
+        model = load_model(the_plan.base_dir, train, the_plan.precision)
+        if not dpo:  # DPO: TRL adds the adapter (build_trainer)
+            model = add_lora(model, train)
+        trainer_class = _trainer_class(train.objective)
         trainer_class.autocast_dtype = autocast_dtype
         trainer_class.model_loss = not the_plan.cuda
         trainer, stats = build_trainer(params, the_plan, model, tokenizer, frames, datasets, args,
                                        _callbacks(train), trainer_class)
+        trainable, total = trainer.model.get_nb_trainable_parameters()
         if rank_zero:
-            logger.info("train: %d train / %d validation examples (%s)", stats["train"]["examples"],
-                        stats["validation"]["examples"], json.dumps(stats))
+            logger.info("train: %s, %d train / %d validation examples (%s)", train.objective,
+                        stats["train"]["examples"], stats["validation"]["examples"], json.dumps(stats))
             logger.info("train: LoRA r=%d on %s: %s trainable of %s parameters", train.lora.r,
                         ",".join(train.lora.target_modules), f"{trainable:,}", f"{total:,}")
             run_id = start_tracking(params, the_plan, resume, frames, stats)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if not any(e.get("step") == trainer.state.global_step for e in trainer.state.log_history
-                   if "eval_loss" in e):
+        if trainer.eval_dataset is not None and not any(
+                e.get("step") == trainer.state.global_step for e in trainer.state.log_history if "eval_loss" in e):
             trainer.evaluate()
 
         # The gate's reference: the trained model's loss on a fixed batch (every rank takes part
@@ -592,15 +676,17 @@ def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
         if not rank_zero:
             return None
         metrics = publish(params, the_plan, trainer, tokenizer, staging, batch, reference, autocast_dtype)
-        metrics.update(trainable_parameters=trainable, train_examples=stats["train"]["examples"],
+        metrics.update(objective=train.objective, trainable_parameters=trainable,
+                       train_examples=stats["train"]["examples"],
                        eval_examples=stats["validation"]["examples"], mlflow_run_id=run_id,
                        resumed_from_step=checkpoints.checkpoint_step(resume) if resume else 0,
                        runtime_seconds=round(time.time() - started, 1))
         write_reports(params, trainer.state.log_history, metrics)
         tracking.end_run("FINISHED")
         checkpoints.clear(train.checkpoint_dir)
-        logger.info("train: done in %.0f s: train_loss=%.4f eval_loss=%.4f -> %s", metrics["runtime_seconds"],
-                    metrics["train_loss"], metrics["eval_loss"], train.adapter_dir)
+        logger.info("train: done in %.0f s: train_loss=%.4f eval_loss=%s -> %s", metrics["runtime_seconds"],
+                    metrics["train_loss"], "none" if metrics["eval_loss"] is None else f"{metrics['eval_loss']:.4f}",
+                    train.adapter_dir)
         return metrics
     except BaseException as error:
         if rank_zero:
@@ -617,8 +703,9 @@ def publish(params: Params, the_plan: Plan, trainer: Any, tokenizer: Any, stagin
 
     train = params.train
     history = trainer.state.log_history
-    final_eval = [e for e in history if "eval_loss" in e][-1]["eval_loss"]
-    if not math.isfinite(final_eval):
+    evals = [e for e in history if "eval_loss" in e]
+    final_eval = evals[-1]["eval_loss"] if evals else None  # None: DPO without validation pairs
+    if final_eval is not None and not math.isfinite(final_eval):
         raise TrainingDiverged(f"train: the final eval loss is {final_eval}; no adapter was written. "
                                "Lower train.learning_rate or use train.precision: fp32")
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the params are in MLflow
@@ -638,6 +725,7 @@ def publish(params: Params, the_plan: Plan, trainer: Any, tokenizer: Any, stagin
     return {
         "train_loss": train_losses[-1] if train_losses else math.nan,
         "eval_loss": final_eval,
+        **final_dpo_metrics(history),
         "steps": trainer.state.global_step,
         "epochs": round(float(trainer.state.epoch or 0), 4),
         "world_size": trainer.args.world_size,
@@ -645,6 +733,15 @@ def publish(params: Params, the_plan: Plan, trainer: Any, tokenizer: Any, stagin
         "gate_reference_loss": gate.reference_loss,
         "gate_reloaded_loss": gate.reloaded_loss,
     }
+
+
+def final_dpo_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+    """DPO: the last logged value of each of TRL's reward and log-prob metrics (train and eval)."""
+    final: dict[str, float] = {}
+    for entry in history:
+        final.update({key: value for key, value in entry.items()
+                      if key.removeprefix("eval_").startswith(DPO_METRIC_PREFIXES)})
+    return final
 
 
 def write_reports(params: Params, history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
