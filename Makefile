@@ -21,10 +21,17 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 # The demo's gateway (`llmops serve` in front of its vLLM engine); stopped when the demo ends.
 DEMO_PORT ?= 8000
 DEMO_URL := http://127.0.0.1:$(DEMO_PORT)
+# The demo's Label Studio (`llmops review serve`); stopped when the demo ends.
+REVIEW_PORT ?= 8081
+REVIEW_URL := http://127.0.0.1:$(REVIEW_PORT)
 
 ## demo: run the whole pipeline on the embedded default (CPU, offline, local DVC remote) with
-## the champion served on vLLM behind `llmops serve`: deploy verifies it through the gateway,
-## half-drifted traffic goes through it into the inference log, monitoring writes its report
+## the champion served on vLLM behind `llmops serve` and people in the loop through Label Studio:
+## deploy verifies the champion through the gateway; half-drifted traffic goes through it into
+## the inference log; monitoring flags the drifted day; a scripted reviewer (a stand-in for people,
+## scripts/scripted_reviewer.py) corrects those answers in Label Studio; the export becomes a new
+## data version; the retrain on it is evaluated (the `production` domain slice) and gated; the
+## retrained candidate gets a blind A/B review whose result is on its model card
 demo: install
 	@set -euo pipefail; \
 	export LLMOPS_API_TOKEN=$${LLMOPS_API_TOKEN:-$$(python -c 'import secrets; print(secrets.token_hex(32))')}; \
@@ -32,19 +39,37 @@ demo: install
 	mkdir -p models/serving/logs; \
 	echo "starting the gateway on $(DEMO_URL) (log: models/serving/logs/gateway.log)"; \
 	llmops serve --wait --set serve.port=$(DEMO_PORT) > models/serving/logs/gateway.log 2>&1 & gateway=$$!; \
-	trap 'echo "stopping the gateway and its engine"; kill $$gateway 2>/dev/null || true; wait $$gateway 2>/dev/null || true' EXIT; \
+	echo "starting Label Studio (log: models/serving/logs/review.log; login in data/review/labelstudio/login.json)"; \
+	export LLMOPS_REVIEW_URL=$(REVIEW_URL); \
+	llmops review serve --set review.port=$(REVIEW_PORT) > models/serving/logs/review.log 2>&1 & review=$$!; \
+	trap 'echo "stopping the gateway, its engine and Label Studio"; kill $$gateway $$review 2>/dev/null || true; wait $$gateway $$review 2>/dev/null || true' EXIT; \
 	dvc repro; \
 	dvc push -q || echo "note: dvc push to the local remote failed; outputs are still in the workspace"; \
 	python scripts/wait_ready.py $(DEMO_URL) --timeout 900 --log models/serving/logs/gateway.log; \
-	llmops simulate-traffic --requests 120 --drift-share 0.5 --url $(DEMO_URL); \
+	llmops simulate-traffic --requests 300 --drift-share 0.5 --url $(DEMO_URL); \
 	llmops monitor --end $$(date -u +%Y-%m-%dT%H:%M:%SZ); \
+	echo; echo "== people in the loop: the drifted day's answers, reviewed in Label Studio"; \
+	python scripts/wait_ready.py $(REVIEW_URL) --path /health --timeout 300 --log models/serving/logs/review.log; \
+	llmops review corrections; \
+	python scripts/scripted_reviewer.py corrections; \
+	llmops review export; \
+	echo; echo "== the retrain on the reviewed production data"; \
+	dvc repro; \
+	dvc push -q || true; \
+	llmops review request; \
+	python scripts/scripted_reviewer.py candidate; \
+	llmops review collect; \
 	echo; dvc metrics show; echo; \
-	echo "Done. Look at:"; \
-	echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   runs, curves, the registered champion"; \
+	python scripts/show_slices.py domain; \
+	echo; echo "Done. Look at:"; \
+	echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   runs, curves, the registered versions and their model cards (Human review)"; \
 	echo "  reports/validate/data_docs/index.html                        Great Expectations Data Docs"; \
 	echo "  dvc metrics show / dvc plots show / dvc dag                  metrics, loss curves, the stage graph"; \
 	echo "  reports/deploy/deployment.json                               the rollout, verified through the gateway"; \
 	echo "  reports/monitor/latest.json and reports/monitor/<window>/report.html   the drift report and decision"; \
+	echo "  data/feedback/corrections.parquet (.dvc)                     the reviewed production answers, a new data version"; \
+	echo "  reports/review/v<N>/summary.json                             the blind A/B review of the retrained candidate"; \
+	echo "  make review                                                  Label Studio with the tasks (login: data/review/labelstudio/login.json)"; \
 	echo "  LLMOPS_API_TOKEN=... llmops serve                            the champion on vLLM over HTTP (docs/serving.md)"
 
 ## test: lint, then the whole test suite (slow and integration tests included)

@@ -1,5 +1,7 @@
 """Wait until a gateway's /ready answers 200 (used by `make demo`): `python scripts/wait_ready.py URL`.
 
+`--path /health` waits for another service instead (the demo's Label Studio) and prints its answer.
+
 Exits non-zero with the gateway's own reason (its /ready body, and the end of its log when
 given) if it is not ready in time, so a demo that cannot serve says why in one place.
 """
@@ -20,12 +22,17 @@ def main() -> int:
     parser.add_argument("url")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--log", type=Path, help="the gateway's log, shown when it is not ready in time")
+    parser.add_argument("--path", default="/ready", help="the readiness path (default /ready, the gateway's)")
     args = parser.parse_args()
     deadline, last = time.monotonic() + args.timeout, "no answer"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{args.url.rstrip('/')}/ready", timeout=5) as response:
-                body = json.loads(response.read())
+            with urllib.request.urlopen(f"{args.url.rstrip('/')}{args.path}", timeout=5) as response:
+                raw = response.read()
+                if args.path != "/ready":
+                    print(f"{args.url} is up ({args.path}: {raw[:100].decode(errors='replace').strip()})")
+                    return 0
+                body = json.loads(raw)
                 print(f"the gateway serves v{body.get('model_version')} (engine ready in "
                       f"{(body.get('engine') or {}).get('start_seconds') or 0:.0f} s)")
                 return 0
@@ -34,7 +41,7 @@ def main() -> int:
         except OSError as error:
             last = str(error)
         time.sleep(2)
-    print(f"error: the gateway at {args.url} was not ready within {args.timeout:g} s: {last}", file=sys.stderr)
+    print(f"error: {args.url}{args.path} was not ready within {args.timeout:g} s: {last}", file=sys.stderr)
     if args.log and args.log.exists():
         print("".join(args.log.read_text(errors="replace").splitlines(keepends=True)[-20:]), file=sys.stderr)
     return 1

@@ -403,6 +403,12 @@ class PromoteParams(Section):
     min_win_rate_low: float = Field(0.5, ge=0.0, le=1.0)
     min_reviews: int = Field(20, ge=1)
 
+    @field_validator("human_review", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (in params.yaml or `--set promote.human_review=off`) as false
+        return "off" if value is False else value
+
 
 class ReviewCandidateParams(Section):
     """What `llmops review request` sends for one candidate: a blind side-by-side task set."""
@@ -411,6 +417,8 @@ class ReviewCandidateParams(Section):
     production_prompts: int = Field(16, ge=0)  # recent prompts from the inference log (PII already redacted)
     production_days: float = Field(7.0, gt=0.0)  # how far back production prompts are taken from
     seed: int = 0  # the sample and the A/B order (the order is recorded per task)
+    # how many people Label Studio hands each task to (two or more: their agreement can be measured)
+    reviewers_per_task: int = Field(2, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)  # of the win rate's interval
     # required mode: how long the review DAG waits for min_reviews before it rejects the candidate

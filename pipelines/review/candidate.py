@@ -3,7 +3,7 @@
 
 request: N test-split prompts (seeded sample) and N recent production prompts (from the
 inference log, PII already redacted there), each answered by the candidate and by its opponent
-(the champion; the base model when there is none), both through the candidate's registered
+(the champion it was evaluated against; the base model when there was none), both through the candidate's registered
 prompt template and decoding. The two answers go to a Label Studio project, one task per prompt,
 as "Answer A" / "Answer B" in a random order (seeded per prompt), which is recorded in the
 task's `meta` (not shown in the labeling view) and on the version (`review.*` tags). Sending
@@ -122,14 +122,26 @@ class Answerer:
         return self.lm.generate(texts, self.decoding).texts
 
 
+def opponent_version(registry: Registry, version: str) -> str | None:
+    """The champion the candidate was evaluated against (its `evaluate.champion_version` tag), so that
+    people compare what the gate compared; a version registered without the tag: the champion now."""
+    tags = registry.version(version).tags
+    if "evaluate.champion_version" in tags:
+        champion = tags["evaluate.champion_version"]
+        return None if champion in ("", "none") else champion
+    champion = registry.alias_version(CHAMPION)
+    return None if champion == version else champion
+
+
 def load_answerers(params: Params, registry: Registry, version: str) -> tuple[Answerer, Answerer, str]:
-    """The candidate and its opponent (the champion, else the base model), and the opponent's name."""
+    """The candidate and its opponent (the champion it was evaluated against, else the base model),
+    and the opponent's name."""
     from pipelines.model.packaging import load_registered  # imports mlflow
 
     limit = params.review.candidate.max_new_tokens
     candidate = load_registered(registry, version)
-    champion = registry.alias_version(CHAMPION)
-    if champion is not None and champion != version:
+    champion = opponent_version(registry, version)
+    if champion is not None:
         opponent = load_registered(registry, champion)
         return (Answerer(candidate.lm, candidate.config, limit), Answerer(opponent.lm, opponent.config, limit),
                 f"champion v{champion}")
@@ -172,7 +184,8 @@ def request(params: Params, version: str | None = None, when_enabled: bool = Fal
         raise
     project = client.ensure_project(project_title(params, version), CANDIDATE_CONFIG,
                                     description=f"Blind A/B review of {registry.name} v{version}. Pick the better "
-                                                "answer to the prompt, or Tie; write a better answer if you can.")
+                                                "answer to the prompt, or Tie; write a better answer if you can.",
+                                    maximum_annotations=settings.reviewers_per_task)
     sent = {(task.get("meta") or {}).get("item") for task in client.tasks(project)}
     end = datetime.now(UTC)
     records = read_records(inference_log_url(params.inference_log).value,
