@@ -198,7 +198,10 @@ class LabelStudioServer:
 
     def __init__(self, python: Path | str, data_dir: Path | str, port: int = 8081, *,
                  startup_timeout: float = 300.0, base_env: dict[str, str] | None = None) -> None:
-        self.python = Path(python)
+        # absolute but not resolved: Label Studio starts in data_dir, and a venv's python is a
+        # symlink whose target would not see the venv's packages
+        self.python = Path(os.path.abspath(python))
+        self.configured_python = str(python)  # as the user wrote it, for messages
         self.data_dir = Path(data_dir)
         self.port = port
         self.url = f"http://{self.host}:{port}"
@@ -254,8 +257,8 @@ class LabelStudioServer:
 
     def start(self) -> LabelStudioServer:
         if not self.python.exists():
-            raise ReviewUnavailable(f"Label Studio is not installed at {self.python}; run `make install` (or set "
-                                    "review.python)")
+            raise ReviewUnavailable(f"Label Studio is not installed at {self.configured_python}; run `make install` "
+                                    "(or set review.python)")
         if port_in_use(self.host, self.port):
             raise ReviewUnavailable(f"port {self.port} on {self.host} is in use (is Label Studio already running? "
                                     f"`llmops review serve` prints its login); stop it or set review.port")

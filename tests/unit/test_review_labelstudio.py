@@ -63,6 +63,20 @@ def test_a_server_that_dies_at_start_is_reported_with_its_log(tmp_path):
     assert Login.read(login) == server.login
 
 
+def test_a_relative_python_is_found_although_the_server_starts_in_its_data_folder(tmp_path, monkeypatch):
+    """params.yaml's review.python is relative to the project (.venv-review/bin/python); the server's
+    working directory is review.data_dir (make demo once failed here with FileNotFoundError)."""
+    venv = tmp_path / ".venv-review" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text("#!/bin/sh\necho started from $(pwd)\nexit 3\n")
+    (venv / "python").chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    server = LabelStudioServer(".venv-review/bin/python", "data/review", free_port(), startup_timeout=30)
+    with pytest.raises(ReviewUnavailable, match=r"exited with 3 before it answered") as died:
+        server.start()
+    assert f"started from {tmp_path / 'data' / 'review'}" in str(died.value)
+
+
 def test_the_server_runs_on_loopback_with_no_network_and_no_inherited_accounts(tmp_path):
     server = LabelStudioServer("python", tmp_path, 8099, base_env={"USERNAME": "me", "PASSWORD": "x", "HOST": "h",
                                                                    "LLMOPS_REVIEW_TOKEN": "t", "PATH": "/bin"})
