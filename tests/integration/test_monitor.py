@@ -129,13 +129,18 @@ def test_drift_in_k_windows_requests_a_retrain_and_the_cooldown_holds_the_next(w
 
 
 def test_the_new_data_policy(ws, tmp_path):
-    params = settings(ws, tmp_path, "monitor.retrain.require_new_data=true", "monitor.retrain.min_new_rows=100000")
+    # a known source of labelled rows: the FOLDOC sample (3000 rows the training data lacks); the
+    # reviewed rows of params.yaml's {kind: review} are tested in tests/unit/test_review_source.py
+    foldoc = "monitor.retrain.new_data={kind: bundled, name: foldoc}"
+    params = settings(ws, tmp_path, "monitor.retrain.require_new_data=true", "monitor.retrain.min_new_rows=100000",
+                      foldoc)
     for day in (1, 2):
         traffic(params, day, drift_share=1.0)
         decision = run(params, day)
     assert decision["retrain"]["requested"] is False
     assert "not enough new labelled data: 3000 new rows" in " ".join(decision["retrain"]["reasons"])
-    enough = settings(ws, tmp_path, "monitor.retrain.require_new_data=true", "monitor.retrain.min_new_rows=500")
+    enough = settings(ws, tmp_path, "monitor.retrain.require_new_data=true", "monitor.retrain.min_new_rows=500",
+                      foldoc)
     assert run(enough, 2)["retrain"]["requested"] is True
 
 
