@@ -198,7 +198,9 @@ def render_state(aliases: list[str], tags: Mapping[str, str]) -> str:
         lines += [f"## Latest gate decision ({last.get('at', '?')}, event {last['n']})", "",
                   f"**{verdict}** (gate {'passed' if last.get('gate_passed') else 'failed'}, mode "
                   f"{last.get('mode', '?')}{', forced by ' + last.get('by', '?') if last.get('forced') else ''})", ""]
-        lines += [f"- {'pass' if passed else 'FAIL'} `{name}`: {detail}" for name, passed, detail in last["checks"]]
+        # an advisory check (promote.human_review: advisory) that did not pass is advice, not a failure
+        lines += [f"- {'pass' if passed else 'note' if name.endswith('(advisory)') else 'FAIL'} `{name}`: {detail}"
+                  for name, passed, detail in last["checks"]]
         if last.get("reason"):
             lines.append(f"- reason: {last['reason']}")
         lines.append("")

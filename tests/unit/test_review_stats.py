@@ -3,6 +3,7 @@ its interval, reviewer agreement, the gate's human-review check in its three mod
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -177,3 +178,14 @@ def test_the_model_card_shows_the_human_review():
     pending = render_state(["challenger"], REQUESTED)
     assert "No judgements collected yet" in pending
     assert "Human review" not in render_state(["challenger"], {})
+
+
+def test_an_advisory_check_that_did_not_pass_is_a_note_on_the_card_not_a_failure():
+    event = {"at": "2026-12-07T00:00:00Z", "action": "promoted", "by": "ci", "from": "candidate", "to": "champion",
+             "gate_passed": True, "mode": "auto",
+             "checks": [["beats_base", True, "lower bound +0.02"],
+                        ["human_review (advisory)", False, "no human review was requested"]]}
+    card = render_state(["champion"], {"history.0001": json.dumps(event)})
+    assert "- note `human_review (advisory)`: no human review was requested" in card
+    assert "FAIL" not in card and "**PROMOTED**" in card
+
