@@ -8,6 +8,10 @@
 #   mlflow   / mlflow        MLflow's tracking store and Model Registry
 #   mlflow   / mlflow_auth   MLflow's users and permissions (basic auth)
 #   llmops   / inference     the inference log `llmops serve` writes and `llmops monitor` reads
+#   labelstudio / labelstudio  Label Studio's projects, tasks, annotations and users (the review tool)
+#
+# On a stack whose postgres volume was created before a database was added here, run it again:
+#   docker compose -f docker/compose.yaml exec postgres bash /docker-entrypoint-initdb.d/10-databases.sh
 set -euo pipefail
 
 : "${AIRFLOW_DB_PASSWORD:?}" "${MLFLOW_DB_PASSWORD:?}" "${INFERENCE_DB_PASSWORD:?}"
@@ -27,3 +31,8 @@ create airflow airflow "$AIRFLOW_DB_PASSWORD"
 create mlflow mlflow "$MLFLOW_DB_PASSWORD"
 create mlflow mlflow_auth "$MLFLOW_DB_PASSWORD"
 create llmops inference "$INFERENCE_DB_PASSWORD"
+# compose.yaml always sets LABEL_STUDIO_DB_PASSWORD (it is required there); without it the review
+# tool's database is skipped, so a cluster made for the pipeline's databases alone needs no password for it
+if [[ -n "${LABEL_STUDIO_DB_PASSWORD:-}" ]]; then
+  create labelstudio labelstudio "$LABEL_STUDIO_DB_PASSWORD"
+fi

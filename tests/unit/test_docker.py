@@ -117,7 +117,7 @@ def test_docker_compose_validates_the_stack(resolved):
     services = set(resolved["config"]["services"])
     assert {"postgres", "redis", "minio", "minio-init", "mlflow", "mlflow-init", "airflow-init", "airflow-api-server",
             "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker", "trainer",
-            "serve"} == services
+            "serve", "label-studio"} == services
 
 
 def test_a_second_compose_implementation_accepts_the_resolved_stack(resolved):
@@ -150,8 +150,10 @@ def test_the_example_env_holds_no_secret_and_every_secret_is_required():
 
 
 def test_no_credential_is_written_in_the_compose_file():
+    # not credentials: an access key's id, and Label Studio's switch for legacy API tokens
+    not_secret = {"AWS_ACCESS_KEY_ID", "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"}
     for key, value in re.findall(r"^\s+([A-Z0-9_]+):\s*(.+)$", COMPOSE.read_text(), flags=re.MULTILINE):
-        if SECRET_NAME.search(key) and key not in {"AWS_ACCESS_KEY_ID"}:
+        if SECRET_NAME.search(key) and key not in not_secret:
             assert value.startswith("${"), f"{key} must come from docker/.env, not {value!r}"
     for url in re.findall(r"\w+(?:\+\w+)?://[^\s\"']+", COMPOSE.read_text()):
         assert "@" not in url or re.search(r":\$\{[A-Z_]+(:\?[^}]*)?\}@", url), url
@@ -204,8 +206,8 @@ def test_the_stack_configures_the_pipeline_only_through_the_settings_rule(resolv
     mlflow = resolved["config"]["services"]["mlflow"]
     assert "--backend-store-uri" in mlflow["command"] and "MLFLOW_AUTH_ADMIN_PASSWORD" in mlflow["environment"]
     assert "basic-auth" in (DOCKER / "mlflow" / "entrypoint.sh").read_text()
-    databases = re.findall(r"^create \w+ (\w+) ", (DOCKER / "postgres" / "init-databases.sh").read_text(), re.M)
-    assert set(databases) == {"airflow", "mlflow", "mlflow_auth", "inference"}
+    databases = re.findall(r"^\s*create \w+ (\w+) ", (DOCKER / "postgres" / "init-databases.sh").read_text(), re.M)
+    assert set(databases) == {"airflow", "mlflow", "mlflow_auth", "inference", "labelstudio"}
 
 
 def holders(config: dict, value: str) -> set[str]:
@@ -216,7 +218,8 @@ def holders(config: dict, value: str) -> set[str]:
 
 def test_each_service_holds_only_the_credentials_it_uses(resolved):
     """The MLflow admin password is mlflow-init's alone; serving reads MLflow as its own read-only user
-    and holds no S3 key; each S3 key (one bucket each) reaches only the services that use it."""
+    and holds no S3 key; each S3 key (one bucket each) reaches only the services that use it; the review
+    tool's database password and admin are its own, its API token reaches only the task runners."""
     config, env = resolved["config"], resolved["env"]
     services = config["services"]
     assert holders(config, env["MLFLOW_ADMIN_PASSWORD"]) == {"mlflow", "mlflow-init"}
@@ -231,15 +234,74 @@ def test_each_service_holds_only_the_credentials_it_uses(resolved):
     assert holders(config, env["S3_MLFLOW_SECRET_ACCESS_KEY"]) == {"minio-init", "mlflow"}
     assert holders(config, env["S3_DVC_SECRET_ACCESS_KEY"]) == {"minio-init", "airflow-worker"}
     assert holders(config, env["S3_DVC_READ_SECRET_ACCESS_KEY"]) == {"minio-init", "trainer", "airflow-init"}
+    assert holders(config, env["LABEL_STUDIO_DB_PASSWORD"]) == {"postgres", "label-studio"}
+    assert holders(config, env["LABEL_STUDIO_ADMIN_PASSWORD"]) == {"label-studio"}
+    # `llmops review request/collect/decide/corrections/export` run in DAG tasks; `serve` needs no review tool
+    assert holders(config, env["LLMOPS_REVIEW_TOKEN"]) == {"label-studio", "airflow-worker", "trainer", "airflow-init"}
+    for task_runner in ("airflow-worker", "trainer", "airflow-init"):
+        task_env = services[task_runner]["environment"]
+        assert task_env["LLMOPS_REVIEW_URL"] == "http://label-studio:8000"
+        assert task_env["LLMOPS_REVIEW_TOKEN"] == env["LLMOPS_REVIEW_TOKEN"]
+    # the review tool holds none of the pipeline's credentials
+    review_tool = set(map(str, services["label-studio"]["environment"].values()))
+    for name in ("POSTGRES_PASSWORD", "MLFLOW_PIPELINE_PASSWORD", "LLMOPS_API_TOKEN", "S3_DVC_SECRET_ACCESS_KEY",
+                 "S3_DVC_READ_SECRET_ACCESS_KEY", "INFERENCE_DB_PASSWORD", "AIRFLOW_DB_PASSWORD"):
+        assert not any(env[name] in value for value in review_tool), f"label-studio holds {name}"
     for component in ("airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"):
         held = {name for name in ("MLFLOW_PIPELINE_PASSWORD", "LLMOPS_API_TOKEN", "S3_DVC_SECRET_ACCESS_KEY",
-                                  "INFERENCE_DB_PASSWORD") if component in holders(config, env[name])}
+                                  "INFERENCE_DB_PASSWORD", "LLMOPS_REVIEW_TOKEN")
+                if component in holders(config, env[name])}
         assert held == set(), f"{component} runs no task but holds {held}"
     for name in ("serve", "airflow-worker", "trainer"):  # MLflow's own loader refuses pickled models there too
         assert services[name]["environment"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
     assert "default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-NO_PERMISSIONS}" in \
         (DOCKER / "mlflow" / "entrypoint.sh").read_text()
     assert "MLFLOW_AUTH_DEFAULT_PERMISSION" not in services["mlflow"]["environment"]  # the image's safe default
+
+
+def test_the_review_tool_runs_label_studio_on_postgres_invite_only_and_offline(resolved):
+    """Label Studio's official image, the release workstations install, on the stack's PostgreSQL behind
+    its production server (uWSGI), with the admin's token as a legacy API token, no open sign-up, and the
+    workstation's no-network settings (pipelines/review/labelstudio.py)."""
+    from pipelines.review.labelstudio import LabelStudioServer, Login
+
+    config, env = resolved["config"], resolved["env"]
+    service = config["services"]["label-studio"]
+    assert service["image"] == f"heartexlabs/label-studio:{install_pin('LABEL_STUDIO_VERSION')}"
+    assert "build" not in service
+    assert service["command"] == ["label-studio-uwsgi"]  # not the image's default, Django's runserver
+    ls_env = {name: str(value) for name, value in service["environment"].items()}
+    assert ls_env["DJANGO_DB"] == "default" and ls_env["POSTGRE_HOST"] == "postgres"  # "default" is PostgreSQL
+    assert (ls_env["POSTGRE_PORT"], ls_env["POSTGRE_NAME"], ls_env["POSTGRE_USER"]) == (
+        "5432", "labelstudio", "labelstudio")
+    assert ls_env["POSTGRE_PASSWORD"] == env["LABEL_STUDIO_DB_PASSWORD"]
+    assert re.search(r"^\s*create labelstudio labelstudio \"\$LABEL_STUDIO_DB_PASSWORD\"",
+                     (DOCKER / "postgres" / "init-databases.sh").read_text(), re.M)
+    assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # the first admin: its login, and the token the task runners send (a legacy token, which must be on)
+    assert ls_env["LABEL_STUDIO_USERNAME"] == env["LABEL_STUDIO_ADMIN_USER"]
+    assert ls_env["LABEL_STUDIO_PASSWORD"] == env["LABEL_STUDIO_ADMIN_PASSWORD"]
+    assert ls_env["LABEL_STUDIO_USER_TOKEN"] == env["LLMOPS_REVIEW_TOKEN"]
+    assert ls_env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
+    # sign-up, telemetry and debug pages as the workstation's server has them
+    workstation = LabelStudioServer("python", "data", base_env={}).environment(Login.new())
+    for name in ("DISABLE_SIGNUP_WITHOUT_LINK", "LATEST_VERSION_CHECK", "SENTRY_DSN", "FRONTEND_SENTRY_DSN",
+                 "COLLECT_ANALYTICS", "CONVERTER_DOWNLOAD_RESOURCES", "DEBUG"):
+        assert ls_env.get(f"LABEL_STUDIO_{name}") == workstation[f"LABEL_STUDIO_{name}"], name
+    assert ls_env["LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK"] == "true"
+    assert ls_env["LABEL_STUDIO_SENTRY_DSN"] == ls_env["LABEL_STUDIO_FRONTEND_SENTRY_DSN"] == ""
+    # a bare DEBUG (any value) turns on the image's entrypoint tracing; a bare SENTRY_DSN is not needed
+    assert not {"DEBUG", "SENTRY_DSN", "FRONTEND_SENTRY_DSN", "COLLECT_ANALYTICS"} & set(ls_env)
+    # answers the stack's and the host's loopback names; the task runners' URL is one of them
+    assert {"label-studio", "localhost", "127.0.0.1"} <= set(ls_env["LABEL_STUDIO_ALLOWED_HOSTS"].split(","))
+    # uWSGI's port, published on loopback only, checked by the healthcheck and used by the task runners
+    published = [str(port).removesuffix("/tcp") for port in service["ports"]]
+    assert published == [f"127.0.0.1:{env['LABEL_STUDIO_PORT']}:8000"]
+    assert "http://localhost:8000/health" in " ".join(service["healthcheck"]["test"])
+    assert config["services"]["airflow-worker"]["environment"]["LLMOPS_REVIEW_URL"] == "http://label-studio:8000"
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+    assert mounts.get("/label-studio/data") in config["volumes"]
+    assert service["restart"] == "unless-stopped"
 
 
 def fake_mc(tmp_path: Path, attach_works: bool = True) -> Path:
