@@ -356,6 +356,10 @@ class EvaluateParams(Section):
     slices: list[str] = ["pos", "response_length"]  # test-split columns, or response_length (word buckets)
     length_buckets: list[int] = Field([5, 10, 20], min_length=1)
     min_slice_size: int = Field(10, ge=1)
+    # Slice columns whose values the seeded max_examples sample tops up to min_slice_size rows when
+    # the test split holds that many: a new domain that is a small share of the test split (the
+    # reviewed `production` rows) is then evaluated and gated instead of falling below the size.
+    top_up_slices: list[str] = ["domain"]
     bootstrap_samples: int = Field(1000, ge=50, le=100_000)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     seed: int = Field(0, ge=0)

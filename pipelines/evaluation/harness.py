@@ -26,10 +26,34 @@ SYSTEMS = ("candidate", "base", "champion")
 LENGTH_SLICE = "response_length"
 
 
-def select_examples(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    """A seeded subset of the test split (all of it when `limit` is None), in id order."""
+def select_examples(frame: pd.DataFrame, limit: int | None, seed: int, top_up: list[str] | None = None,
+                    min_size: int = 0) -> pd.DataFrame:
+    """A seeded subset of the test split (all of it when `limit` is None), in id order.
+
+    Each value of a `top_up` column that the test split holds at least `min_size` times but the
+    sample holds fewer is topped up to `min_size` from the rows left out (seeded): a small new
+    domain is then reported and gated as a slice. The sample can exceed `limit` by those rows.
+    """
+    import pandas as pd
+
     if limit is not None and limit < len(frame):
-        frame = frame.sample(n=limit, random_state=seed)
+        chosen = frame.sample(n=limit, random_state=seed)
+        rest = frame.drop(chosen.index).sample(frac=1.0, random_state=seed)
+        extra = []
+        for column in top_up or []:
+            if column not in frame.columns:
+                continue
+            have = chosen[column].astype(str).value_counts()
+            for value, available in frame[column].astype(str).value_counts().items():
+                need = min_size - int(have.get(value, 0))
+                if available >= min_size and need > 0:
+                    picks = rest[rest[column].astype(str) == value].head(need)
+                    extra.append(picks)
+                    rest = rest.drop(picks.index)
+        if extra:
+            logger.info("evaluate: %d row(s) added to the sample so that every value of %s has %d",
+                        sum(len(e) for e in extra), ", ".join(top_up or []), min_size)
+        frame = pd.concat([chosen, *extra])
     return frame.sort_values("id").reset_index(drop=True)
 
 

@@ -61,7 +61,8 @@ def main(params: Params) -> None:
     started = time.time()  # the MLflow run covers the whole evaluation, not just its logging
     test_path = params.paths.prepared_dir / "test.parquet"
     frame = read_parquet(test_path, produced_by="prepare")
-    frame = select_examples(frame, params.evaluate.max_examples, params.evaluate.seed)
+    frame = select_examples(frame, params.evaluate.max_examples, params.evaluate.seed,
+                            params.evaluate.top_up_slices, params.evaluate.min_slice_size)
     systems = load_systems(params)
     results = evaluate(frame, systems, params.evaluate)
     champion = getattr(systems.get("champion"), "registry_version", None)
