@@ -38,7 +38,13 @@ from pipelines.errors import DataError
 from pipelines.io import atomic_write_json, read_parquet
 from pipelines.model.lm import CausalLM, Decoding
 from pipelines.registry.model_registry import CHALLENGER, CHAMPION, Registry, now
-from pipelines.review.labelstudio import CANDIDATE_CONFIG, ReviewUnavailable, connect
+from pipelines.review.labelstudio import (
+    CANDIDATE_CONFIG,
+    ReviewUnavailable,
+    annotation_reviewer,
+    annotation_values,
+    connect,
+)
 from pipelines.serving.inference_log import read_records
 
 if TYPE_CHECKING:
@@ -217,20 +223,6 @@ def request(params: Params, version: str | None = None, when_enabled: bool = Fal
 
 # --- collect ----------------------------------------------------------------------------------
 
-def _reviewer(annotation: dict[str, Any]) -> str:
-    who = annotation.get("completed_by")
-    if isinstance(who, dict):
-        return str(who.get("email") or who.get("username") or who.get("id"))
-    return str(who)
-
-
-def _result_value(annotation: dict[str, Any], name: str, key: str) -> list[str]:
-    for result in annotation.get("result") or []:
-        if result.get("from_name") == name:
-            return list((result.get("value") or {}).get(key) or [])
-    return []
-
-
 def judgements_from(tasks: list[dict[str, Any]]) -> list[Judgement]:
     """Tasks as Label Studio's API returns them (with `annotations`) -> one judgement per reviewer and task.
 
@@ -248,7 +240,7 @@ def judgements_from(tasks: list[dict[str, Any]]) -> list[Judgement]:
         for annotation in annotations:
             if annotation.get("was_cancelled"):
                 continue
-            choice = _result_value(annotation, CHOICE_FIELD, "choices")
+            choice = annotation_values(annotation, CHOICE_FIELD, "choices")
             if not choice:
                 continue
             picked = choice[0].strip().lower()
@@ -259,8 +251,8 @@ def judgements_from(tasks: list[dict[str, Any]]) -> list[Judgement]:
                 mapped = a_side if picked == "a" else (OPPONENT if a_side == CANDIDATE else CANDIDATE)
             else:
                 continue
-            better = " ".join(t.strip() for t in _result_value(annotation, BETTER_FIELD, "text")).strip()
-            reviewer = _reviewer(annotation)
+            better = " ".join(t.strip() for t in annotation_values(annotation, BETTER_FIELD, "text")).strip()
+            reviewer = annotation_reviewer(annotation)
             judgements[(int(task["id"]), reviewer)] = Judgement(
                 task_id=int(task["id"]), item=str(meta.get("item", task["id"])), source=str(meta.get("source", "")),
                 reviewer=reviewer, choice=mapped, better_answer=better,

@@ -47,7 +47,7 @@ from pipelines.data.validation import prompt_key
 from pipelines.errors import DataError
 from pipelines.io import atomic_write_text, read_parquet, write_parquet
 from pipelines.monitoring.monitor import Window, parse_time, read_history
-from pipelines.review.labelstudio import CORRECTION_CONFIG, connect
+from pipelines.review.labelstudio import CORRECTION_CONFIG, annotation_reviewer, annotation_values, connect
 from pipelines.serving.inference_log import read_records
 
 if TYPE_CHECKING:
@@ -269,18 +269,6 @@ def _send(params: Params, client: Any, project: int,
 # --- export: annotations -> rows --------------------------------------------------------------
 
 
-def _reviewer(annotation: dict[str, Any]) -> str:
-    who = annotation.get("completed_by")
-    if isinstance(who, dict):
-        return str(who.get("email") or who.get("username") or who.get("id"))
-    return str(who)
-
-
-def _values(annotation: dict[str, Any], name: str, key: str) -> list[str]:
-    for result in annotation.get("result") or []:
-        if result.get("from_name") == name:
-            return [str(v) for v in (result.get("value") or {}).get(key) or []]
-    return []
 
 
 def _when(annotation: dict[str, Any]) -> str:
@@ -307,11 +295,11 @@ def _chosen(task_id: int, annotations: list[dict[str, Any]]) -> tuple[dict[str, 
     annotation's text is taken."""
     latest: dict[str, dict[str, Any]] = {}
     for annotation in sorted(annotations, key=_when):
-        latest[_reviewer(annotation)] = annotation
+        latest[annotation_reviewer(annotation)] = annotation
     truth = [a for a in latest.values() if a.get("ground_truth")]
     if truth:
         return max(truth, key=_when), None
-    verdicts = {reviewer: (_values(a, VERDICT, "choices") or ["(none)"])[0] for reviewer, a in latest.items()}
+    verdicts = {reviewer: (annotation_values(a, VERDICT, "choices") or ["(none)"])[0] for reviewer, a in latest.items()}
     if len(set(verdicts.values())) > 1:
         shown = ", ".join(f"{reviewer}: {verdict}" for reviewer, verdict in sorted(verdicts.items()))
         return None, f"task {task_id}: reviewers disagree ({shown})"
@@ -340,10 +328,10 @@ def read_annotations(tasks: list[dict[str, Any]]) -> Export:
             out.contested_lines.append(f"{why} (request {request_id})")
             continue
         where = f"task {task_id} (request {request_id})"
-        verdict = (_values(annotation, VERDICT, "choices") or [""])[0]
+        verdict = (annotation_values(annotation, VERDICT, "choices") or [""])[0]
         prompt = str(data.get("prompt") or "")
         answer = str(data.get("answer") or "").strip()
-        correction = "\n".join(t.strip() for t in _values(annotation, CORRECTION, "text")).strip()
+        correction = "\n".join(t.strip() for t in annotation_values(annotation, CORRECTION, "text")).strip()
         if verdict == REJECT:
             out.rejected_prompts.append(str(request_id))
             continue
@@ -375,7 +363,7 @@ def read_annotations(tasks: list[dict[str, Any]]) -> Export:
         out.rows.append({
             "id": f"{REVIEW_SOURCE}-{request_id}", "prompt": prompt, "response": response, "rejected": rejected,
             "source": REVIEW_SOURCE, "domain": DOMAIN, "request_id": str(request_id), "task_id": task_id,
-            "reviewer": _reviewer(annotation), "reviewed_at": _when(annotation),
+            "reviewer": annotation_reviewer(annotation), "reviewed_at": _when(annotation),
             "window": str(meta["window"]) if meta.get("window") else None,
         })
     return out

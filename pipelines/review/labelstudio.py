@@ -660,6 +660,22 @@ def _reason(error: Exception) -> str:
     return _one_line(text or type(error).__name__, 120)
 
 
+def annotation_reviewer(annotation: dict[str, Any]) -> str:
+    """Who made an annotation: `completed_by` is a user id in task lists, a user object in a task."""
+    who = annotation.get("completed_by")
+    if isinstance(who, dict):
+        return str(who.get("email") or who.get("username") or who.get("id"))
+    return str(who)
+
+
+def annotation_values(annotation: dict[str, Any], name: str, key: str) -> list[str]:
+    """The values one control (`from_name`) gave in an annotation, e.g. ("preference", "choices")."""
+    for result in annotation.get("result") or []:
+        if result.get("from_name") == name:
+            return [str(v) for v in (result.get("value") or {}).get(key) or []]
+    return []
+
+
 def choice(name: str, value: str, to_name: str = "prompt") -> dict[str, Any]:
     """One Choices answer for `annotate`: choice("preference", "A")."""
     return {"from_name": name, "to_name": to_name, "type": "choices", "value": {"choices": [value]}}

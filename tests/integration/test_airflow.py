@@ -120,8 +120,8 @@ def test_dags_test_runs_the_training_pipeline_and_records_a_dvc_experiment(tiny,
     (run,) = cli.runs("llmops_training")
     assert run["state"] == "success"
     states = cli.task_states("llmops_training", run["run_id"])
-    assert states == {task: "success" for task in ["experiment_start", *STAGES, "experiment_save", "push",
-                                                   "experiment_end"]}
+    assert states == {task: "success" for task in ["experiment_start", *STAGES, "review_request", "experiment_save",
+                                                   "push", "experiment_end"]}
     # the run's outputs are in the project's DVC remote: nothing left to push
     assert json.loads(tiny.dvc("status", "--cloud", "--json").stdout) == {}
     assert any((tiny.root / ".dvc-storage").rglob("*"))

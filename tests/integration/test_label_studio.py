@@ -205,7 +205,9 @@ def test_a_reviewer_sees_both_answers_side_by_side_and_answers_in_the_browser(la
             except Exception:
                 page.screenshot(path=str(ARTIFACTS / "label-studio-candidate-task-failed.png"), full_page=True)
                 raise
-            assert page.get_by_text("Answer A").first.is_visible() and page.get_by_text("Answer B").first.is_visible()
+            # the two panel headers, visible (the same words may also sit in hidden parts of the page)
+            for header in ("Answer A", "Answer B"):
+                page.locator(f":text-is('{header}'):visible").first.wait_for(timeout=30_000)
             page.screenshot(path=str(shot), full_page=True)
             # answer it as a reviewer: B is better, then Submit (each choice is a radio button named by its value)
             page.locator("input[type=radio][name=B]").check()

@@ -45,11 +45,13 @@ def production_log(root):
 def logged(uri, results):
     """evaluate's results as `register` finds them, and in an MLflow run as `llmops evaluate` logs them
     (the review DAG gates again with the evaluation the version was registered with)."""
-    import mlflow
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
-        mlflow.log_dict(results, "evaluation/results.json")
+    # the client, not mlflow's global active run/experiment (another module's server may be cached there)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run("0")  # the Default experiment every server has
+    client.log_dict(run.info.run_id, results, "evaluation/results.json")
+    client.set_terminated(run.info.run_id)
     return {**results, "mlflow_run_id": run.info.run_id}
 
 
