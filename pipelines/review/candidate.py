@@ -37,7 +37,8 @@ from pipelines.data.templates import render_prompt
 from pipelines.errors import DataError
 from pipelines.io import atomic_write_json, read_parquet
 from pipelines.model.lm import CausalLM, Decoding
-from pipelines.registry.model_registry import CHALLENGER, CHAMPION, Registry, now
+from pipelines.registry.model_registry import CHALLENGER, CHAMPION, STATUS_TAG, Registry, now
+from pipelines.registry.promotion import apply
 from pipelines.review.labelstudio import (
     CANDIDATE_CONFIG,
     ReviewUnavailable,
@@ -418,11 +419,12 @@ def _log_to_mlflow(params: Params, version: str, summary: dict[str, Any], folder
 
 # --- decide (the review DAG) --------------------------------------------------------------------
 
-def registered_results(registry: Registry, version: str) -> dict[str, Any]:
-    """The evaluation a version was registered with: `evaluation/results.json` of its evaluate run."""
+def registered_results(registry: Registry, version: str, tags: dict[str, str]) -> dict[str, Any]:
+    """The evaluation a version was registered with: `evaluation/results.json` of its evaluate run
+    (`tags`: the version's)."""
     import mlflow
 
-    run_id = registry.version(version).tags.get("evaluate.run_id")
+    run_id = tags.get("evaluate.run_id")
     if not run_id:
         raise DataError(f"v{version} has no evaluate.run_id tag: it was not registered by `llmops register`")
     return registry.call(mlflow.artifacts.load_dict, f"runs:/{run_id}/evaluation/results.json")
@@ -432,18 +434,16 @@ def decide(params: Params, version: str | None = None, **_: Any) -> dict[str, An
     """For a version awaiting review: collect the judgements, then run the promotion gate again
     with the evaluation it was registered with. Before the deadline with too few judgements it
     stays awaiting review; after it, the gate rejects it. Any other status: nothing to do."""
-    from pipelines.registry.model_registry import STATUS_TAG
-    from pipelines.registry.promotion import apply
-
     registry = Registry(params)
     version = candidate_version(params, registry, version)
-    status = registry.version(version).tags.get(STATUS_TAG)
+    tags = registry.version(version).tags
+    status = tags.get(STATUS_TAG)
     if status != "awaiting-review":
         logger.info("review decide: v%s is %s, not awaiting review; nothing to do", version, status)
         return {"version": version, "status": status, "promoted": False, "changed": False}
-    if "review.project_id" in registry.version(version).tags:
+    if "review.project_id" in tags:
         collect(params, version)
-    decision = apply(params, registered_results(registry, version), version)
+    decision = apply(params, registered_results(registry, version, tags), version)
     logger.info("review decide: %s", decision.summary())
     status = registry.version(version).tags.get(STATUS_TAG)
     return {"version": version, "status": status, "promoted": decision.promoted, "changed": decision.changed,
