@@ -42,8 +42,24 @@ def count_rows(db: Path, table: str = "inference_requests") -> int:
 
 
 def spooled_lines(spool: Path) -> list[str]:
-    return [line for name in ("pending.flushing", "pending.jsonl") if (spool / name).exists()
-            for line in (spool / name).read_text().splitlines() if line.strip()]
+    """The spool's lines, oldest first. The store writer may rename pending.jsonl to pending.flushing
+    between our two reads (a line then is read twice, or not at all, or the file is gone): read until two
+    snapshots in a row agree."""
+
+    def snapshot() -> list[str] | None:
+        try:
+            return [line for name in ("pending.flushing", "pending.jsonl") if (spool / name).exists()
+                    for line in (spool / name).read_text().splitlines() if line.strip()]
+        except FileNotFoundError:
+            return None
+
+    previous = snapshot()
+    for _ in range(100):
+        current = snapshot()
+        if current is not None and current == previous:
+            return current
+        previous = current
+    raise AssertionError(f"the spool in {spool} kept changing while it was read")
 
 
 def make_log(url: str, spool: Path, **kw) -> InferenceLog:
