@@ -39,6 +39,10 @@ uv=
 if [ "$UV_VERSION" != none ]; then
   if "${pip[@]}" install -q "uv==$UV_VERSION" >/dev/null 2>&1; then
     uv=$VENV/bin/uv
+    # uv trusts its own CA roots; a machine that gives pip a CA bundle (PIP_CERT, pip's `cert`,
+    # e.g. for a TLS-inspecting proxy) gives it to uv too
+    cert=${PIP_CERT:-$("${pip[@]}" config get global.cert 2>/dev/null || true)}
+    [ -z "${SSL_CERT_FILE:-}" ] && [ -n "$cert" ] && [ -f "$cert" ] && export SSL_CERT_FILE=$cert
   else
     echo "note: uv $UV_VERSION could not be installed (offline?); pip installs the same pinned versions (slower)" >&2
   fi
