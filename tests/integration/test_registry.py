@@ -349,8 +349,11 @@ def test_evaluate_compares_with_the_champion_from_the_registry(tmp_path, tiny_ba
     assert set(results["systems"]) == {"candidate", "base", "champion"}
     assert set(results["comparisons"]) == {"base", "champion"}
     for comparison in results["comparisons"].values():
-        rouge = comparison["rouge_l"]
-        assert rouge["low"] <= rouge["improvement"] <= rouge["high"]
+        for metric in ("rouge_l", "semantic_similarity", "bertscore_f1"):  # the semantic ones: on by default
+            difference = comparison[metric]
+            assert difference["low"] <= difference["improvement"] <= difference["high"], (metric, difference)
+    for system in results["systems"].values():
+        assert -1.0 <= system["semantic_similarity"] <= 1.0 and 0.0 <= system["bertscore_f1"] <= 1.0, system
     assert any("champion" in entry for values in results["slices"].values() for entry in values.values())
     samples = pd.read_csv(ws.root / "reports/evaluate/samples.csv")
     assert list(samples.columns) == ["id", "prompt", "reference", "candidate", "base", "champion"] and len(samples) == 5
@@ -360,7 +363,8 @@ def test_evaluate_compares_with_the_champion_from_the_registry(tmp_path, tiny_ba
     import mlflow
 
     run = mlflow.MlflowClient(server.uri).get_run(results["mlflow_run_id"])
-    assert "candidate.rouge_l" in run.data.metrics and run.data.tags["evaluate.champion_version"] == "1"
+    assert {"candidate.rouge_l", "candidate.semantic_similarity", "champion.bertscore_f1"} <= set(run.data.metrics)
+    assert run.data.tags["evaluate.champion_version"] == "1"
     artifacts = {a.path for a in mlflow.MlflowClient(server.uri).list_artifacts(run.info.run_id, "evaluation")}
     assert "evaluation/samples.json" in artifacts
     # the run is evidence on its own: what it evaluated on, at which commit, and how long it took
