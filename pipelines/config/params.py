@@ -352,8 +352,14 @@ class EvaluateParams(Section):
     max_length: int = Field(512, ge=8)  # prompt + reference tokens scored for perplexity
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     decoding: DecodingParams = DecodingParams()
+    # `agreement`: the answer metric that agreed most with the reviewers' A/B choices (the newest
+    # version's `llmops review collect`; highest lower bound over min_agreement_tasks tasks or more),
+    # else agreement_fallback
     primary_metric: Literal["rouge_l", "bleu", "exact_match", "normalised_match", "perplexity",
-                            "semantic_similarity", "bertscore_f1"] = "rouge_l"
+                            "semantic_similarity", "bertscore_f1", "agreement"] = "rouge_l"
+    agreement_fallback: Literal["rouge_l", "bleu", "exact_match", "normalised_match", "perplexity",
+                                "semantic_similarity", "bertscore_f1"] = "rouge_l"
+    min_agreement_tasks: int = Field(20, ge=1)
     # Scores of meaning (pipelines/evaluation/semantic.py) with a local sentence encoder; null
     # encoder: the bundled all-MiniLM-L6-v2. bertscore_layer null: the encoder's last layer.
     semantic_metrics: list[Literal["semantic_similarity", "bertscore_f1"]] = ["semantic_similarity", "bertscore_f1"]
@@ -381,10 +387,11 @@ class EvaluateParams(Section):
 
     @model_validator(mode="after")
     def _primary_is_computed(self) -> EvaluateParams:
-        if self.primary_metric in ("semantic_similarity", "bertscore_f1") and \
-                self.primary_metric not in self.semantic_metrics:
-            raise ValueError(f"primary_metric {self.primary_metric} is not computed: add it to "
-                             f"evaluate.semantic_metrics or choose another primary_metric")
+        for key in ("primary_metric", "agreement_fallback"):
+            metric = getattr(self, key)
+            if metric in ("semantic_similarity", "bertscore_f1") and metric not in self.semantic_metrics:
+                raise ValueError(f"{key} {metric} is not computed: add it to evaluate.semantic_metrics or choose "
+                                 f"another {key}")
         return self
 
 

@@ -158,6 +158,10 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, Any] = {"examples": results["examples"]}
     for system, values in results["systems"].items():
         metrics[system] = {k: round(v, 4) for k, v in values.items() if k != "generation_seconds"}
+    choice = results.get("primary_metric_choice") or {}
+    for name, entry in (choice.get("agreement") or {}).items():  # the reviewers' agreement it was chosen by
+        metrics.setdefault("metric_agreement", {})[name] = {k: entry[k] for k in ("rate", "low", "tasks")
+                                                            if entry.get(k) is not None}
     for baseline, differences in results["comparisons"].items():
         metrics[f"vs_{baseline}"] = {
             name: {"improvement": round(d["improvement"], 4), "ci_low": round(d["low"], 4),

@@ -244,6 +244,18 @@ def render_review(tags: Mapping[str, str]) -> list[str]:
     lines += ["", f"Agreement between reviewers (Krippendorff's alpha, nominal): {alpha} over {shared} tasks judged "
               "by two or more." if alpha else f"Agreement between reviewers: not measurable ({shared} tasks judged "
               "by two or more people, or all their answers alike).", ""]
+    prefix = METRIC_AGREEMENT_TAG
+    metrics = sorted({key[len(prefix):].rsplit(".", 1)[0] for key in tags if key.startswith(prefix)})
+    if metrics:
+        lines += ["Automatic metrics against the reviewers (test-split tasks with a majority): how often each "
+                  f"metric prefers the answer people preferred ({confidence}% Wilson interval; a metric that "
+                  "scores both answers alike abstains).", "",
+                  "| metric | agrees with people | interval | tasks |", "|---|---|---|---|"]
+        for metric in metrics:
+            rate = tags.get(f"{prefix}{metric}.rate") or "n/a"
+            lines.append(f"| {metric} | {rate} | [{tags.get(f'{prefix}{metric}.low') or '-'}, "
+                         f"{tags.get(f'{prefix}{metric}.high') or '-'}] | {tags.get(f'{prefix}{metric}.tasks', '0')} |")
+        lines.append("")
     return lines
 
 
@@ -491,6 +503,40 @@ class Registry:
             return
         with contextlib.suppress(MlflowException, RegistryError):
             self.call(self.client.delete_registered_model, lock_name)
+
+
+METRIC_AGREEMENT_TAG = "review.metric_agreement."  # + <metric>.rate | .low | .high | .tasks (`llmops review collect`)
+
+
+def parse_metric_agreement(tags: Mapping[str, str]) -> dict[str, dict[str, float | int | None]]:
+    """{metric: {rate, low, high, tasks}} from a version's review.metric_agreement.* tags."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for key, value in tags.items():
+        if not key.startswith(METRIC_AGREEMENT_TAG):
+            continue
+        metric, field = key[len(METRIC_AGREEMENT_TAG):].rsplit(".", 1)
+        entry = out.setdefault(metric, {"rate": None, "low": None, "high": None, "tasks": 0})
+        if field == "tasks":
+            entry["tasks"] = int(value or 0)
+        elif field in entry:
+            entry[field] = float(value) if value else None
+    return out
+
+
+def latest_metric_agreement(params: Params) -> tuple[str | None, dict[str, dict[str, float | int | None]]]:
+    """The metric agreement of the newest version whose reviews were collected: (version, by metric)."""
+    registry = Registry(params)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = registry.call(registry.client.search_model_versions, f"name='{registry.name}'")
+    except (MlflowException, RegistryError):
+        return None, {}
+    reviewed = [v for v in versions if any(k.startswith(METRIC_AGREEMENT_TAG) for k in (v.tags or {}))]
+    if not reviewed:
+        return None, {}
+    newest = max(reviewed, key=lambda v: int(v.version))
+    return str(newest.version), parse_metric_agreement(newest.tags)
 
 
 def champion_model(params: Params, dtype: str) -> CausalLM | None:

@@ -82,6 +82,13 @@ def evidence(params: Params, params_file: Path = Path("params.yaml")) -> dict[st
     }
 
 
+def primary_choice(results: dict[str, Any]) -> str:
+    """How the primary metric was chosen, when evaluate.primary_metric was `agreement`."""
+    choice = results.get("primary_metric_choice") or {}
+    return f" The primary metric was chosen by agreement with reviewers: {choice['reason']}." \
+        if choice.get("mode") == "agreement" else ""
+
+
 def metrics_table(results: dict[str, Any]) -> str:
     systems = [s for s in ("candidate", "base", "champion") if s in results["systems"]]
     metrics = ["rouge_l", "bleu", "exact_match", "normalised_match", "semantic_similarity", "bertscore_f1",
@@ -157,7 +164,7 @@ def model_card(name: str, facts: dict[str, Any]) -> str:
 ## Evaluation on {results['examples']} held-out examples (primary metric: {results['primary_metric']})
 Improvements are candidate minus baseline (baseline minus candidate for perplexity), with
 paired-bootstrap confidence intervals; the champion at evaluation time was
-{facts['evaluate.champion_version']}.
+{facts['evaluate.champion_version']}.{primary_choice(results)}
 
 {metrics_table(results)}
 """

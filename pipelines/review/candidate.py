@@ -35,9 +35,11 @@ from pipelines.config.params import Params
 from pipelines.config.settings import inference_log_url
 from pipelines.data.templates import render_prompt
 from pipelines.errors import DataError
+from pipelines.evaluation.agreement import LEXICAL, ReviewedPair, majority
+from pipelines.evaluation.agreement import metric_agreement as score_agreement
 from pipelines.io import atomic_write_json, read_parquet
 from pipelines.model.lm import CausalLM, Decoding
-from pipelines.registry.model_registry import CHALLENGER, CHAMPION, STATUS_TAG, Registry, now
+from pipelines.registry.model_registry import CHALLENGER, CHAMPION, METRIC_AGREEMENT_TAG, STATUS_TAG, Registry, now
 from pipelines.registry.promotion import apply
 from pipelines.review.labelstudio import (
     CANDIDATE_CONFIG,
@@ -336,6 +338,39 @@ def summarise(judgements: list[Judgement], confidence: float, seed: int = 0) -> 
     return summary
 
 
+def reviewed_pairs(tasks: list[dict[str, Any]], judgements: list[Judgement]) -> list[ReviewedPair]:
+    """The judged test-split tasks (they have a reference) with both answers and the people's majority."""
+    votes: dict[int, list[str]] = {}
+    for j in judgements:
+        votes.setdefault(j.task_id, []).append(j.choice)
+    pairs = []
+    for task in tasks:
+        meta, data = task.get("meta") or {}, task.get("data") or {}
+        if int(task.get("id", -1)) not in votes or not str(meta.get("reference") or "").strip():
+            continue
+        a_candidate = meta.get("a") == CANDIDATE
+        pairs.append(ReviewedPair(item=str(meta.get("item", task["id"])), reference=str(meta["reference"]),
+                                  candidate=str(data.get("answer_a" if a_candidate else "answer_b", "")),
+                                  opponent=str(data.get("answer_b" if a_candidate else "answer_a", "")),
+                                  choice=majority(votes[int(task["id"])])))
+    return pairs
+
+
+def metric_agreement(params: Params, tasks: list[dict[str, Any]], judgements: list[Judgement]) -> dict[str, Any]:
+    """How often each automatic metric (evaluate's lexical ones, and its semantic_metrics) prefers the
+    answer the reviewers preferred, on the judged test-split tasks (pipelines/evaluation/agreement.py)."""
+    pairs = reviewed_pairs(tasks, judgements)
+    semantic_names = list(params.evaluate.semantic_metrics)
+    semantic = None
+    if semantic_names and any(p.choice != TIE for p in pairs):
+        from pipelines.evaluation.semantic import SemanticScorer
+        from pipelines.model.encoders import encoder_dir
+
+        semantic = SemanticScorer(encoder_dir(params.evaluate.encoder), semantic_names,
+                                  bertscore_layer=params.evaluate.bertscore_layer).score
+    return score_agreement(pairs, [*LEXICAL, *semantic_names], params.review.candidate.confidence, semantic)
+
+
 def _fmt(value: float | None) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
@@ -355,6 +390,10 @@ def review_tags(summary: dict[str, Any], at: str) -> dict[str, str]:
     for source, values in summary["by_source"].items():
         tags[f"review.{source}.win_rate"] = _fmt(values["win_rate"])
         tags[f"review.{source}.judgements"] = str(values["judgements"])
+    for metric, values in summary.get("metric_agreement", {}).items():
+        prefix = f"{METRIC_AGREEMENT_TAG}{metric}"
+        tags.update({f"{prefix}.rate": _fmt(values["rate"]), f"{prefix}.low": _fmt(values["low"]),
+                     f"{prefix}.high": _fmt(values["high"]), f"{prefix}.tasks": str(values["tasks"])})
     return tags
 
 
@@ -369,7 +408,8 @@ def collect(params: Params, version: str | None = None, **_: Any) -> dict[str, A
     client = connect(params)
     client.check()
     project = int(tags["review.project_id"])
-    judgements = judgements_from(client.tasks(project))
+    tasks = client.tasks(project)
+    judgements = judgements_from(tasks)
     summary = summarise(judgements, settings.confidence, settings.seed)
     summary.update({"version": version, "project_id": project, "opponent": tags.get("review.opponent", ""),
                     "tasks_sent": int(tags.get("review.tasks") or 0)})
@@ -377,6 +417,10 @@ def collect(params: Params, version: str | None = None, **_: Any) -> dict[str, A
     overall = summary["overall"]
     new_tags = review_tags(summary, at)
     unchanged = all(tags.get(k) == v for k, v in new_tags.items() if k != "review.collected_at")
+    unchanged = unchanged and any(k.startswith(METRIC_AGREEMENT_TAG) for k in tags)
+    if not unchanged:  # the metrics' agreement (an encoder load, ~10 s) only when the judgements changed
+        summary["metric_agreement"] = metric_agreement(params, tasks, judgements)
+        new_tags = review_tags(summary, at)
     if unchanged and "review.collected_at" in tags:
         # the review DAG collects every hour: the history gets an event only when the judgements changed
         logger.info("review collect: v%s: no new judgements since %s", version, tags["review.collected_at"])
@@ -405,6 +449,10 @@ def _log_to_mlflow(params: Params, version: str, summary: dict[str, Any], folder
                if overall.get(k) is not None}
     if summary["agreement"]["alpha"] is not None:
         metrics["agreement_alpha"] = float(summary["agreement"]["alpha"])
+    for metric, values in summary.get("metric_agreement", {}).items():
+        if values["rate"] is not None:
+            metrics[f"metric_agreement.{metric}"] = float(values["rate"])
+            metrics[f"metric_agreement.{metric}.low"] = float(values["low"])
     run_id = start_run(params.tracking, f"review-v{version}", tags={
         "llmops.stage": "review", "model_name": params.registry.model_name, "model_version": str(version)})
     try:

@@ -20,7 +20,8 @@ import json
 import logging
 from typing import Any
 
-from pipelines.config.params import Params, Paths
+from pipelines.config.params import EvaluateParams, Params, Paths
+from pipelines.evaluation.agreement import LEXICAL, choose_primary
 from pipelines.evaluation.harness import evaluate, headline, select_examples
 from pipelines.io import atomic_path, atomic_write_json, atomic_write_text, read_parquet
 from pipelines.model.lm import CausalLM
@@ -55,6 +56,22 @@ def load_systems(params: Params) -> dict[str, CausalLM]:
     return systems
 
 
+def primary_metric_settings(params: Params) -> tuple[EvaluateParams, dict[str, Any]]:
+    """params.evaluate with the primary metric resolved (evaluate.primary_metric: agreement reads the
+    reviewers' metric agreement from the registry), and the record of the choice."""
+    evaluate_params = params.evaluate
+    agreement: dict[str, Any] = {}
+    source = None
+    if evaluate_params.primary_metric == "agreement":
+        source, agreement = registry.latest_metric_agreement(params)
+    computed = [*LEXICAL, *evaluate_params.semantic_metrics]
+    primary, choice = choose_primary(evaluate_params.primary_metric, evaluate_params.agreement_fallback, computed,
+                                     agreement, evaluate_params.min_agreement_tasks, source)
+    if choice["mode"] == "agreement":
+        logger.info("evaluate: primary metric %s (%s)", primary, choice["reason"])
+    return evaluate_params.model_copy(update={"primary_metric": primary}), choice
+
+
 def main(params: Params) -> None:
     import time
 
@@ -63,8 +80,10 @@ def main(params: Params) -> None:
     frame = read_parquet(test_path, produced_by="prepare")
     frame = select_examples(frame, params.evaluate.max_examples, params.evaluate.seed,
                             params.evaluate.top_up_slices, params.evaluate.min_slice_size)
+    settings, choice = primary_metric_settings(params)
     systems = load_systems(params)
-    results = evaluate(frame, systems, params.evaluate)
+    results = evaluate(frame, systems, settings)
+    results["primary_metric_choice"] = choice
     champion = getattr(systems.get("champion"), "registry_version", None)
     results["champion_version"] = champion
     run_id = tracking.log_evaluation(params, results, frame, source=test_path, started=started)

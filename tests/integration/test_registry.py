@@ -338,7 +338,17 @@ def test_evaluate_compares_with_the_champion_from_the_registry(tmp_path, tiny_ba
     params = ws.params(f"train.adapter_dir={ws.adapter}", f"paths.prepared_dir={tiny_prepared_dir}",
                        "evaluate.max_examples=24", "evaluate.bootstrap_samples=60", "evaluate.min_slice_size=3",
                        "evaluate.decoding.max_new_tokens=6", "evaluate.sample_size=5",
-                       "evaluate.slices=[response_length]")
+                       "evaluate.slices=[response_length]", "evaluate.primary_metric=agreement",
+                       "evaluate.min_agreement_tasks=20")
+    # v1's reviews, as `llmops review collect` tags them: BERTScore agreed best over enough tasks
+    # (semantic similarity's higher bound rests on 3 tasks only)
+    from pipelines.registry.model_registry import Registry
+
+    agreement = {"rouge_l": ("0.5500", "0.4000", "30"), "bertscore_f1": ("0.7000", "0.6000", "30"),
+                 "semantic_similarity": ("1.0000", "0.4400", "3")}
+    Registry(params).tag("1", {f"review.metric_agreement.{metric}.{field}": value
+                               for metric, values in agreement.items()
+                               for field, value in zip(("rate", "low", "tasks"), values)})
     import time
 
     started = time.time()
@@ -346,6 +356,8 @@ def test_evaluate_compares_with_the_champion_from_the_registry(tmp_path, tiny_ba
     took = time.time() - started
     results = json.loads((ws.root / "reports/evaluate/results.json").read_text())
     assert results["champion_version"] == "1"
+    assert results["primary_metric"] == "bertscore_f1" and results["primary_metric_choice"]["source_version"] == "1"
+    assert "bertscore_f1 agreed most with the reviewers of v1" in results["primary_metric_choice"]["reason"]
     assert set(results["systems"]) == {"candidate", "base", "champion"}
     assert set(results["comparisons"]) == {"base", "champion"}
     for comparison in results["comparisons"].values():
@@ -359,6 +371,7 @@ def test_evaluate_compares_with_the_champion_from_the_registry(tmp_path, tiny_ba
     assert list(samples.columns) == ["id", "prompt", "reference", "candidate", "base", "champion"] and len(samples) == 5
     metrics = json.loads((ws.root / "reports/evaluate/metrics.json").read_text())
     assert "vs_champion" in metrics and "vs_base" in metrics
+    assert metrics["metric_agreement"]["bertscore_f1"] == {"rate": 0.7, "low": 0.6, "tasks": 30}  # dvc metrics
 
     import mlflow
 

@@ -120,6 +120,13 @@ def test_required_review_waits_for_people_then_promotes_or_rejects(tmp_path, tin
     assert "## Human review" in card and "win rate 1.0000" in card and "from 10 judgements" in card
     summary = json.loads((ws.root / "reports" / "review" / f"v{version}" / "summary.json").read_text())
     assert summary["overall"]["wins"] == 10 and summary["by_source"]["production"]["judgements"] == 4
+    # every automatic metric against the people's choices, on the 3 test-split tasks (they have a reference)
+    agreement = summary["metric_agreement"]
+    assert set(agreement) == {"rouge_l", "bleu", "normalised_match", "semantic_similarity", "bertscore_f1"}
+    for name, entry in agreement.items():
+        assert 0 <= entry["agree"] <= entry["tasks"] <= 3 and entry["tasks"] + entry["metric_ties"] == 3, entry
+        assert tags[f"review.metric_agreement.{name}.tasks"] == str(entry["tasks"])
+    assert "| metric | agrees with people | interval | tasks |" in card
 
     screenshot_model_card(mlflow_server.uri, model_name, version)
 
