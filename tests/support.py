@@ -128,10 +128,10 @@ def tiny_pipeline_project(root: Path, tokenizer_dir: Path, tracking_uri: str) ->
         train={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "max_eval_samples": 8,
                "per_device_train_batch_size": 4, "learning_rate": 2e-3},
         tracking={"uri": tracking_uri, "system_metrics": False},
-        # no semantic metrics: loading their encoder costs ~10 s per evaluate run here, and
+        # no semantic metrics nor forgetting check: ~10-20 s per evaluate run here;
         # tests/integration/test_registry.py and tests/model run them
         evaluate={"max_examples": 16, "bootstrap_samples": 50, "decoding": {"max_new_tokens": 8},
-                  "semantic_metrics": []},
+                  "semantic_metrics": [], "forgetting": {"task": None}},
         deploy={"service_url": None},
         monitor={"min_rows": 20, "retrain": {"k": 1, "n": 1, "require_new_data": False, "cooldown_hours": 0}},
     )

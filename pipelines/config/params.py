@@ -346,6 +346,15 @@ class DecodingParams(Section):
     seed: int = Field(0, ge=0)
 
 
+class ForgettingParams(Section):
+    """The forgetting check (pipelines/evaluation/forgetting.py): an lm-eval-harness task outside the
+    training domains, candidate vs base; null task: no check."""
+
+    task: Path | None = Path("configs/lm_eval/llmops_general.yaml")
+    limit: int | None = Field(None, gt=0)  # the first N questions; null: all
+    batch_size: int = Field(16, ge=1, le=1024)
+
+
 class EvaluateParams(Section):
     max_examples: int | None = Field(200, gt=0)  # a seeded subset of the test split (null: all of it)
     batch_size: int = Field(16, ge=1, le=1024)
@@ -377,6 +386,7 @@ class EvaluateParams(Section):
     seed: int = Field(0, ge=0)
     sample_size: int = Field(20, ge=0)  # rows in the sample-generations table
     compare_champion: bool = True
+    forgetting: ForgettingParams = ForgettingParams()
 
     @field_validator("length_buckets")
     @classmethod
@@ -427,6 +437,9 @@ class PromoteParams(Section):
     human_review: Literal["off", "advisory", "required"] = "off"
     min_win_rate_low: float = Field(0.5, ge=0.0, le=1.0)
     min_reviews: int = Field(20, ge=1)
+    # the forgetting check (evaluate.forgetting): the largest accuracy drop vs the base model allowed
+    # on the general-capability task; null: reported, never blocks
+    max_forgetting: float | None = Field(0.05, ge=0.0, le=1.0)
 
     @field_validator("human_review", mode="before")
     @classmethod

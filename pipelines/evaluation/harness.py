@@ -14,6 +14,7 @@ import numpy as np
 
 from pipelines.config.params import EvaluateParams
 from pipelines.errors import LLMOpsError
+from pipelines.evaluation.forgetting import forgetting
 from pipelines.evaluation.metrics import Scores, corpus_metrics, length_bucket, paired_bootstrap
 from pipelines.evaluation.semantic import SemanticScorer
 from pipelines.model.encoders import encoder_dir
@@ -122,6 +123,10 @@ def evaluate(frame: pd.DataFrame, systems: dict[str, CausalLM], params: Evaluate
                                            samples=params.bootstrap_samples, confidence=params.confidence,
                                            seed=params.seed)
             results["comparisons"][baseline] = {name: asdict(d) for name, d in differences.items()}
+    if params.forgetting.task is not None and {"base", "candidate"} <= set(systems):
+        results["forgetting"] = forgetting(systems, params.forgetting.task, limit=params.forgetting.limit,
+                                           batch_size=params.forgetting.batch_size, confidence=params.confidence,
+                                           samples=params.bootstrap_samples, seed=params.seed)
     results["samples"] = sample_table(frame, all_scores, params.sample_size)
     return results
 
@@ -162,6 +167,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     for name, entry in (choice.get("agreement") or {}).items():  # the reviewers' agreement it was chosen by
         metrics.setdefault("metric_agreement", {})[name] = {k: entry[k] for k in ("rate", "low", "tasks")
                                                             if entry.get(k) is not None}
+    if "forgetting" in results:
+        f = results["forgetting"]
+        metrics["forgetting"] = {k: round(f[k], 4) for k in ("base", "candidate", "drop", "low", "high")}
     for baseline, differences in results["comparisons"].items():
         metrics[f"vs_{baseline}"] = {
             name: {"improvement": round(d["improvement"], 4), "ci_low": round(d["low"], 4),

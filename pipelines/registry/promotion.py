@@ -144,6 +144,17 @@ def gate(results: dict[str, Any], params: PromoteParams, review: Check | None = 
             ("slices worse than champion beyond " f"{params.slice_tolerance}: {', '.join(worse)}") if worse
             else f"no slice worse than champion beyond {params.slice_tolerance}",
         ))
+    if "forgetting" in results:
+        f = results["forgetting"]
+        limit = params.max_forgetting
+        checks.append(Check(
+            "no_forgetting",
+            limit is None or f["drop"] <= limit,
+            f"{f['task']}: accuracy {f['candidate']:.3f} vs base {f['base']:.3f} on {f['questions']} questions, drop "
+            f"{f['drop']:+.3f} [{f['low']:+.3f}, {f['high']:+.3f}]; "
+            + (f"must be <= {limit:.3f}" if limit is not None else "reported only (promote.max_forgetting: null)"),
+            advisory=limit is None,
+        ))
     if review is not None:
         checks.append(review)
     return all(c.passed for c in checks if not c.advisory), checks

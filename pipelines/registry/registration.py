@@ -89,6 +89,17 @@ def primary_choice(results: dict[str, Any]) -> str:
         if choice.get("mode") == "agreement" else ""
 
 
+def forgetting_section(results: dict[str, Any]) -> str:
+    """The forgetting check's result (evaluate.forgetting), when it ran."""
+    f = results.get("forgetting")
+    if not f:
+        return ""
+    confidence = int(round(f.get("confidence", 0.95) * 100))
+    return (f"\n## General capability (forgetting check)\n\nlm-eval-harness task `{f['task']}` ({f['definition']}), "
+            f"{f['questions']} questions outside the training domains: accuracy **{f['candidate']:.4f}** vs the base "
+            f"model's {f['base']:.4f}; drop {f['drop']:+.4f} ({confidence}% CI [{f['low']:+.4f}, {f['high']:+.4f}]).\n")
+
+
 def metrics_table(results: dict[str, Any]) -> str:
     systems = [s for s in ("candidate", "base", "champion") if s in results["systems"]]
     metrics = ["rouge_l", "bleu", "exact_match", "normalised_match", "semantic_similarity", "bertscore_f1",
@@ -167,7 +178,7 @@ paired-bootstrap confidence intervals; the champion at evaluation time was
 {facts['evaluate.champion_version']}.{primary_choice(results)}
 
 {metrics_table(results)}
-"""
+{forgetting_section(results)}"""
 
 
 def register(params: Params) -> dict[str, Any]:

@@ -359,6 +359,8 @@ def test_evaluate_compares_with_the_champion_from_the_registry(tmp_path, tiny_ba
     assert results["primary_metric"] == "bertscore_f1" and results["primary_metric_choice"]["source_version"] == "1"
     assert "bertscore_f1 agreed most with the reviewers of v1" in results["primary_metric_choice"]["reason"]
     assert set(results["systems"]) == {"candidate", "base", "champion"}
+    # the forgetting check (on by default): lm-eval-harness on the shipped task, candidate vs base
+    assert results["forgetting"]["task"] == "llmops_general" and results["forgetting"]["questions"] == 87
     assert set(results["comparisons"]) == {"base", "champion"}
     for comparison in results["comparisons"].values():
         for metric in ("rouge_l", "semantic_similarity", "bertscore_f1"):  # the semantic ones: on by default

@@ -42,6 +42,8 @@ def retrained(demo):
     first = json.loads((demo.root / "reports/evaluate/results.json").read_text())
     demo.set_params(ingest={"sources": [{"kind": "bundled", "name": "wordnet"},
                                         {"kind": "bundled", "name": "foldoc"}]})
+    # this round is about the new domain: the forgetting check ran in the first (its own test)
+    demo.set_params(evaluate={"forgetting": {"task": None}})
     demo.dvc("repro", "evaluate")
     return first, json.loads((demo.root / "reports/evaluate/results.json").read_text())
 
@@ -98,6 +100,16 @@ def test_candidate_beats_the_base_model_on_the_test_split(demo):
         assert 0 < candidate[metric] <= 1 and 0 < base[metric] <= 1
         difference = results["comparisons"]["base"][metric]
         assert difference["low"] <= difference["improvement"] <= difference["high"]
+
+
+def test_the_forgetting_check_ran_and_the_gate_weighed_it(demo):
+    """lm-eval-harness on the shipped general-capability task, the fine-tune vs the base model."""
+    results = json.loads((demo.root / "reports/evaluate/results.json").read_text())
+    forgetting = results["forgetting"]
+    assert forgetting["task"] == "llmops_general" and forgetting["questions"] == 87
+    assert 0.0 <= forgetting["candidate"] <= 1.0 and forgetting["low"] <= forgetting["drop"] <= forgetting["high"]
+    decision = json.loads((demo.root / "reports/promote/decision.json").read_text())
+    assert decision["checks"]["no_forgetting"]["passed"] == 1, decision["checks"]
 
 
 def test_llmops_serve_answers_with_the_demo_champion_as_evaluated_and_logs_the_request(demo):
