@@ -7,7 +7,10 @@ Scores the answers of an evaluate run (samples.csv: reference and each system's 
 (pipelines/evaluation/metrics.py) and the semantic metrics (pipelines/evaluation/semantic.py,
 the bundled all-MiniLM-L6-v2). The encoder's one-off load is timed apart. Each metric is timed
 `--rounds` times side by side in one run (medians). With `--results` (results.json of the same
-run) the cost is also put next to that run's generation time per 100 examples. Prints Markdown.
+run) the cost is also put next to that run's generation time per 100 examples. With `--base`
+(a base model folder, e.g. models/base) the forgetting check's lm-eval-harness run on the shipped
+task is timed on that model too (one system; evaluate runs it for the candidate and the base).
+Prints Markdown.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--examples", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--base", type=Path, default=None)
+    parser.add_argument("--task", type=Path, default=REPO / "configs/lm_eval/llmops_general.yaml")
     args = parser.parse_args()
 
     import pandas as pd
@@ -85,6 +90,21 @@ def main() -> None:
         print(row)
     if generation:
         print(f"\nGeneration of the candidate's answers in that run: {generation:.1f} s per 100 examples")
+    if args.base:
+        from pipelines.evaluation.forgetting import correct_per_question, load_task
+        from pipelines.model.lm import CausalLM
+
+        lm = CausalLM.load(args.base, dtype="float32", name="base")
+        task = load_task(args.task)
+        seconds = []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            correct = correct_per_question(lm, task, limit=None, batch_size=16)
+            seconds.append(time.perf_counter() - t0)
+        per100 = statistics.median(seconds) * 100 / len(correct)
+        print(f"\nForgetting check ({task['task']}, {len(correct)} questions, lm-eval-harness, {args.base}): "
+              f"{statistics.median(seconds):.1f} s per system, {per100:.1f} s per 100 questions; accuracy "
+              f"{correct.mean():.3f}")
 
 
 if __name__ == "__main__":

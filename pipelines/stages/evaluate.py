@@ -89,7 +89,7 @@ def main(params: Params) -> None:
     run_id = tracking.log_evaluation(params, results, frame, source=test_path, started=started)
     results["mlflow_run_id"] = run_id
     write_outputs(results, params.paths)
-    primary = params.evaluate.primary_metric
+    primary = results["primary_metric"]
     logger.info("evaluate: %s candidate=%.4f base=%.4f%s", primary, results["systems"]["candidate"][primary],
                 results["systems"]["base"][primary],
                 f" champion(v{champion})={results['systems']['champion'][primary]:.4f}" if champion else "")
