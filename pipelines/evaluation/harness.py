@@ -142,8 +142,7 @@ def add_semantic_scores(all_scores: dict[str, Scores], params: EvaluateParams) -
                             bertscore_layer=params.bertscore_layer)
     scored = {name: replace(s, extra={**s.extra, **scorer.score(s.predictions, s.references)})
               for name, s in all_scores.items()}
-    logger.info("evaluate: %s for %d system(s) x %d examples in %.1f s", ", ".join(params.semantic_metrics),
-                len(scored), len(next(iter(scored.values())).references) if scored else 0,
+    logger.info("evaluate: %s for %d system(s) in %.1f s", ", ".join(params.semantic_metrics), len(scored),
                 time.perf_counter() - start)
     return scored
 

@@ -244,17 +244,18 @@ def render_review(tags: Mapping[str, str]) -> list[str]:
     lines += ["", f"Agreement between reviewers (Krippendorff's alpha, nominal): {alpha} over {shared} tasks judged "
               "by two or more." if alpha else f"Agreement between reviewers: not measurable ({shared} tasks judged "
               "by two or more people, or all their answers alike).", ""]
-    prefix = METRIC_AGREEMENT_TAG
-    metrics = sorted({key[len(prefix):].rsplit(".", 1)[0] for key in tags if key.startswith(prefix)})
-    if metrics:
+    agreement = parse_metric_agreement(tags)
+    if agreement:
         lines += ["Automatic metrics against the reviewers (test-split tasks with a majority): how often each "
                   f"metric prefers the answer people preferred ({confidence}% Wilson interval; a metric that "
                   "scores both answers alike abstains).", "",
                   "| metric | agrees with people | interval | tasks |", "|---|---|---|---|"]
-        for metric in metrics:
-            rate = tags.get(f"{prefix}{metric}.rate") or "n/a"
-            lines.append(f"| {metric} | {rate} | [{tags.get(f'{prefix}{metric}.low') or '-'}, "
-                         f"{tags.get(f'{prefix}{metric}.high') or '-'}] | {tags.get(f'{prefix}{metric}.tasks', '0')} |")
+        def shown(value: float | int | None, empty: str) -> str:
+            return empty if value is None else f"{value:.4f}"
+
+        for metric, entry in sorted(agreement.items()):
+            lines.append(f"| {metric} | {shown(entry['rate'], 'n/a')} | [{shown(entry['low'], '-')}, "
+                         f"{shown(entry['high'], '-')}] | {entry['tasks']} |")
         lines.append("")
     return lines
 
@@ -526,12 +527,7 @@ def parse_metric_agreement(tags: Mapping[str, str]) -> dict[str, dict[str, float
 def latest_metric_agreement(params: Params) -> tuple[str | None, dict[str, dict[str, float | int | None]]]:
     """The metric agreement of the newest version whose reviews were collected: (version, by metric)."""
     registry = Registry(params)
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = registry.call(registry.client.search_model_versions, f"name='{registry.name}'")
-    except (MlflowException, RegistryError):
-        return None, {}
+    versions = registry.call(registry.client.search_model_versions, f"name='{registry.name}'")
     reviewed = [v for v in versions if any(k.startswith(METRIC_AGREEMENT_TAG) for k in (v.tags or {}))]
     if not reviewed:
         return None, {}

@@ -415,16 +415,14 @@ def collect(params: Params, version: str | None = None, **_: Any) -> dict[str, A
                     "tasks_sent": int(tags.get("review.tasks") or 0)})
     at = now()
     overall = summary["overall"]
-    new_tags = review_tags(summary, at)
-    unchanged = all(tags.get(k) == v for k, v in new_tags.items() if k != "review.collected_at")
-    unchanged = unchanged and any(k.startswith(METRIC_AGREEMENT_TAG) for k in tags)
-    if not unchanged:  # the metrics' agreement (an encoder load, ~10 s) only when the judgements changed
-        summary["metric_agreement"] = metric_agreement(params, tasks, judgements)
-        new_tags = review_tags(summary, at)
-    if unchanged and "review.collected_at" in tags:
+    unchanged = all(tags.get(k) == v for k, v in review_tags(summary, at).items() if k != "review.collected_at")
+    if unchanged and "review.collected_at" in tags and any(k.startswith(METRIC_AGREEMENT_TAG) for k in tags):
         # the review DAG collects every hour: the history gets an event only when the judgements changed
         logger.info("review collect: v%s: no new judgements since %s", version, tags["review.collected_at"])
         return summary
+    # the metrics' agreement (an encoder load, ~10 s) only when the judgements changed
+    summary["metric_agreement"] = metric_agreement(params, tasks, judgements)
+    new_tags = review_tags(summary, at)
     reason = (f"{overall['judgements']} judgement(s) by {len(summary['reviewers'])} reviewer(s): win rate "
               f"{_fmt(overall['win_rate'])} [{_fmt(overall['low'])}, {_fmt(overall['high'])}] vs "
               f"{summary['opponent'] or 'the opponent'}") if overall["judgements"] else "no judgements yet"
