@@ -71,6 +71,12 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
                                  "help": "start: a `dvc exp run -S` override (repeatable)"}),
         (("--message",), {"help": "save: the experiment's commit message"}),
     ]),
+    "sweep": ("pipelines.commands.sweep", [
+        (("--trials",), {"type": int, "help": "finished trials the study should hold (default sweep.trials)"}),
+        (("--study",), {"help": "the Optuna study (default sweep.study); a known one continues"}),
+        (("--apply",), {"action": "store_true",
+                        "help": "then `dvc exp apply` the best trial (its params.yaml, dvc.lock and outputs)"}),
+    ]),
     "airflow": ("pipelines.commands.airflow", [
         (("--port",), {"type": int, "default": 8080, "help": "UI/API port on 127.0.0.1 (default 8080)"}),
         (("--home",), {"default": "airflow_home", "help": "AIRFLOW_HOME (default ./airflow_home)"}),
@@ -94,7 +100,8 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
         (("--json",), {"dest": "as_json", "action": "store_true", "help": "print JSON"}),
     ]),
 }
-TOOLS = {"review", "rollback", "lineage", "serve", "monitor", "simulate-traffic", "experiment", "airflow", "settings"}
+TOOLS = {"review", "rollback", "lineage", "serve", "monitor", "simulate-traffic", "experiment", "sweep", "airflow",
+         "settings"}
 STAGES = [name for name in COMMANDS if name not in TOOLS]
 
 

@@ -651,6 +651,66 @@ class MonitorParams(Section):
     retrain: RetrainParams = RetrainParams()
 
 
+class SearchDimension(Section):
+    """One key of a sweep's search space, in Optuna's terms: float or int between low and high
+    (log: sampled on a log scale; step: a grid), or one of `choices`."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDimension:
+        if self.type == "categorical":
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError("type categorical takes choices: [a, b, ...] (and no low/high)")
+        else:
+            if self.low is None or self.high is None or self.choices is not None:
+                raise ValueError(f"type {self.type} takes low and high (and no choices)")
+            if self.low > self.high:
+                raise ValueError(f"low {self.low} is above high {self.high}")
+            if self.log and (self.low <= 0 or self.step is not None):
+                raise ValueError("log: true needs low > 0 and no step")
+        return self
+
+
+class SweepParams(Section):
+    """`llmops sweep` (pipelines/commands/sweep.py): an Optuna study over run parameters, each
+    trial a DVC experiment scored on the validation split."""
+
+    study: str = Field("default", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # the study's database; null: env LLMOPS_SWEEP_STORAGE, else sqlite:///sweeps.db in the project
+    storage: str | None = None
+    trials: int = Field(8, ge=1, le=10_000)  # finished (complete or pruned) trials the study should hold
+    # what the trials are compared by, on the validation split; null: the gate's primary metric
+    # (evaluate.primary_metric; agreement: its fallback); eval_loss: training's own validation loss
+    metric: Literal["rouge_l", "bleu", "exact_match", "normalised_match", "perplexity", "semantic_similarity",
+                    "bertscore_f1", "eval_loss"] | None = None
+    validation_examples: int = Field(64, ge=1)  # validation rows the objective scores (seeded sample)
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = Field(0, ge=0)
+    pruner: Literal["median", "none"] = "median"
+    pruner_startup_trials: int = Field(2, ge=0)  # trials that finish before any is pruned
+    pruner_warmup_steps: int = Field(0, ge=0)  # training steps before a trial may be pruned
+    enqueue_defaults: bool = True  # the first trial trains the committed params: the baseline to beat
+    heartbeat_seconds: int = Field(60, ge=1)  # a trial silent for 2x this (a killed sweep) is failed and retried
+    max_retries: int = Field(1, ge=0)
+    max_consecutive_failures: int = Field(3, ge=1)  # then the sweep stops (a systematic error, not bad luck)
+    space: dict[str, SearchDimension] = Field(default_factory=dict)
+
+    @field_validator("space")
+    @classmethod
+    def _overridable(cls, value: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        refused = [key for key in value if not run_overridable(key)]
+        if refused:
+            raise ValueError(f"{', '.join(refused)} cannot be swept: a trial may set only the run parameters "
+                             "docs/orchestration.md lists (train.*, prepare.*, ...)")
+        return value
+
+
 class Params(Section):
     paths: Paths = Paths()
     base_model: BaseModelParams = BaseModelParams()
@@ -668,6 +728,7 @@ class Params(Section):
     serve: ServeParams = ServeParams()
     deploy: DeployParams = DeployParams()
     monitor: MonitorParams = MonitorParams()
+    sweep: SweepParams = SweepParams()
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:

@@ -21,6 +21,7 @@ from pipelines.config.params import (
     InferenceLogParams,
     Params,
     ServeParams,
+    SweepParams,
     TrackingParams,
 )
 from pipelines.errors import LLMOpsError
@@ -34,10 +35,12 @@ DVC_ENDPOINT_ENV = "LLMOPS_DVC_REMOTE_ENDPOINT"
 SERVICE_URL_ENV = "LLMOPS_SERVICE_URL"
 VLLM_PYTHON_ENV = "LLMOPS_VLLM_PYTHON"
 VLLM_URL_ENV = "LLMOPS_VLLM_URL"
+SWEEP_STORAGE_ENV = "LLMOPS_SWEEP_STORAGE"
 # vLLM's own virtualenv, next to the project's (scripts/install.sh)
 DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
 DEFAULT_TRACKING_DB = "mlflow.db"
+DEFAULT_SWEEP_DB = "sweeps.db"  # Optuna's tables; not in mlflow.db: both keep an alembic_version table
 DEFAULT_INFERENCE_LOG = "sqlite:///data/inference/inference.db"
 DVC_REMOTE_NAME = "team"  # the remote `--configure-dvc` writes to .dvc/config.local
 
@@ -54,6 +57,7 @@ DEPLOYMENT_SETTINGS: dict[str, str] = {
     "serve.token_env": "LLMOPS_API_TOKEN",
     "serve.engine.python": VLLM_PYTHON_ENV,
     "serve.engine.url": VLLM_URL_ENV,
+    "sweep.storage": SWEEP_STORAGE_ENV,
 }
 
 
@@ -146,12 +150,21 @@ def vllm_url(params: ServeParams, environ: Mapping[str, str] | None = None) -> S
                    when_unset="`llmops serve` starts and supervises its own engines")
 
 
+def sweep_storage(params: SweepParams, root: Path | None = None,
+                  environ: Mapping[str, str] | None = None) -> Setting:
+    """The Optuna study's database (`llmops sweep`): several workers pointed at one PostgreSQL
+    database run trials of one study at once."""
+    default = f"sqlite:///{(root or Path.cwd()).resolve() / DEFAULT_SWEEP_DB}"
+    return resolve("sweep storage", "sweep.storage", params.storage, SWEEP_STORAGE_ENV, default, environ)
+
+
 def all_settings(params: Params, root: Path | None = None,
                  environ: Mapping[str, str] | None = None) -> list[Setting]:
     return [tracking_uri(params.tracking, root, environ), inference_log_url(params.inference_log, environ),
             dvc_remote(params.dvc_remote, environ), dvc_remote_endpoint(params.dvc_remote, environ),
             service_url(params.deploy, environ), api_token(params.serve, environ),
-            vllm_python(params.serve, environ), vllm_url(params.serve, environ)]
+            vllm_python(params.serve, environ), vllm_url(params.serve, environ),
+            sweep_storage(params.sweep, root, environ)]
 
 
 # --- the DVC remote --------------------------------------------------------------------------

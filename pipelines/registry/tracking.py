@@ -15,6 +15,7 @@ reopened to add to it (register logs the model to the training run) keeps its ow
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -176,6 +177,26 @@ def client_environment() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
+# A sweep (`llmops sweep`) runs each trial's stages with these set: the MLflow runs they start are
+# children of the sweep's run (MLflow's own mlflow.parentRunId tag, which its UI nests by) and
+# carry the trial's tags (a JSON object).
+PARENT_RUN_ENV = "LLMOPS_MLFLOW_PARENT_RUN_ID"
+RUN_TAGS_ENV = "LLMOPS_MLFLOW_RUN_TAGS"
+
+
+def inherited_tags(environ: dict[str, str] | None = None) -> dict[str, str]:
+    environ = os.environ if environ is None else environ
+    tags: dict[str, str] = {}
+    if environ.get(RUN_TAGS_ENV):
+        try:
+            tags.update({str(k): str(v) for k, v in json.loads(environ[RUN_TAGS_ENV]).items()})
+        except (ValueError, AttributeError):
+            logger.warning("%s is not a JSON object; its tags are ignored", RUN_TAGS_ENV)
+    if environ.get(PARENT_RUN_ENV):
+        tags["mlflow.parentRunId"] = environ[PARENT_RUN_ENV]
+    return tags
+
+
 # Runs reopened with keep_end_time: run id -> (status, end time in ms) to restore when they end again.
 _REOPENED: dict[str, tuple[str, int]] = {}
 
@@ -208,6 +229,7 @@ def start_run(params: TrackingParams, run_name: str, run_id: str | None = None,
             if keep_end_time and existing.info.status == "FINISHED" and existing.info.end_time:
                 _REOPENED[run_id] = (existing.info.status, existing.info.end_time)
     if run_id is None:
+        tags = {**inherited_tags(), **(tags or {})}
         try:
             experiment = mlflow.get_experiment_by_name(params.experiment)
         except Exception as error:  # noqa: BLE001 - MlflowException or a requests error: both mean "unreachable"

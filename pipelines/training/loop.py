@@ -25,7 +25,7 @@ from pipelines.model.adapter_gate import batch_loss, check_adapter
 from pipelines.model.encoding import IGNORE_INDEX
 from pipelines.model.sources import file_sha256, read_source_record
 from pipelines.registry import tracking
-from pipelines.training import checkpoints, distributed, preference
+from pipelines.training import checkpoints, distributed, preference, pruning
 from pipelines.training.distributed import (
     LaunchError,
     check_deepspeed_config,
@@ -332,7 +332,11 @@ def _callbacks(params: TrainParams) -> list[Any]:
             if metrics:
                 tracking.log_metrics(metrics, step=state.global_step)
 
-    return [LossGuard(), CheckpointMarker(), Progress()]
+    callbacks = [LossGuard(), CheckpointMarker(), Progress()]
+    sweep_trial = pruning.trial_spec()  # a trial of `llmops sweep`: report eval losses, stop when pruned
+    if sweep_trial is not None:
+        callbacks.append(pruning.pruning_callback(sweep_trial))
+    return callbacks
 
 
 def _trainer_class(objective: str = "sft") -> Any:
@@ -693,7 +697,7 @@ def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
             if isinstance(error, LLMOpsError):  # a stale adapter must not pass for this run's result
                 remove_outputs(train.adapter_dir, train.merged_dir, params.paths.metrics("train"))
             shutil.rmtree(_staging_dir(train.adapter_dir), ignore_errors=True)
-            tracking.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            tracking.end_run("KILLED" if isinstance(error, (KeyboardInterrupt, pruning.TrialPruned)) else "FAILED")
         raise
 
 

@@ -104,7 +104,7 @@ def test_training_tasks_follow_dvc_stage_graph(dagbag):
 
 def test_experiment_end_frees_the_workspace_whatever_the_run_did(dagbag):
     """A teardown of experiment_start after push: it runs after a failed stage too (else the next
-    run's experiment_start would be refused: pipelines/commands/experiment.py), and does not decide the
+    run's experiment_start would be refused: pipelines/registry/experiments.py), and does not decide the
     run's state."""
     dag = dagbag.dags["llmops_training"]
     end = dag.get_task("experiment_end")

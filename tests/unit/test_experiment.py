@@ -13,8 +13,8 @@ import time
 import pytest
 import yaml
 
-from pipelines.commands.experiment import DVC_WORKSPACE_RUN, STATE, ExperimentError, OverrideRefused, end, save, start
 from pipelines.errors import ParamsError
+from pipelines.registry.experiments import DVC_WORKSPACE_RUN, STATE, ExperimentError, OverrideRefused, end, save, start
 from tests.support import commit, make_project
 
 

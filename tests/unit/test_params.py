@@ -103,7 +103,7 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(bad)
 
 
-# --- what one run may override (pipelines/commands/experiment.py enforces it) ---------------------
+# --- what one run may override (pipelines/registry/experiments.py enforces it) ---------------------
 
 def _model_has(model: type, dotted: str) -> bool:
     """Whether the Params model has the dotted key (sections are nested pydantic models)."""

@@ -1,0 +1,436 @@
+"""Command `sweep`: an Optuna study over run params, each trial a DVC experiment scored on validation.
+
+    llmops sweep                       # run the study in params.yaml `sweep` until it holds sweep.trials
+    llmops sweep --trials 12           # a larger budget (a finished or killed sweep continues its study)
+    llmops sweep --study lr-search     # another study (its own trials, sampler state and plots)
+    llmops sweep --apply               # then `dvc exp apply` the best trial: its params and outputs, to commit
+
+The search space is `sweep.space` (dotted run params, e.g. train.learning_rate, train.lora.r,
+with Optuna's distributions). Each trial is the DVC experiment `sweep-<study>-<number>`: params.yaml
+is HEAD's plus the trial's values (`llmops experiment start`, the same validation and the same
+run-parameter rule as an Airflow run), `dvc repro train` trains it (DVC's run cache makes a
+repeated configuration free), and the adapter is scored on the **validation** split by the gate's
+primary metric (pipelines/evaluation/objective.py; never the test split, which stays the gate's),
+then `dvc exp save` records params, dvc.lock, metrics and the objective (reports/sweep/objective.json):
+`dvc exp show` lists every trial. In MLflow, the sweep is one run (experiment tracking.experiment,
+named `sweep-<study>`) with a child run per trial, under which the trial's training run nests.
+
+Pruning: the `train` stage reports each evaluation loss to the trial and stops when the study's
+pruner (median of the other trials at the same step) says it cannot win
+(pipelines/training/pruning.py); the trial is PRUNED in the study and leaves no DVC experiment.
+
+The study lives in sweep.storage (a deployment setting: env LLMOPS_SWEEP_STORAGE, else
+sqlite:///sweeps.db in the project). Several workers (clones of the project on other machines)
+pointed at one PostgreSQL database run trials of one study at once: Optuna's RDB storage is the
+distributed engine. A killed sweep continues where it stopped: the trial it was running goes
+stale after 2 x sweep.heartbeat_seconds without a heartbeat, is failed and queued again with the
+same params (up to sweep.max_retries), and the budget counts finished trials only.
+
+Writes reports/sweep/<study>/: summary.json (every trial: params, state, value, DVC experiment),
+best-params.diff (HEAD's params.yaml -> the best trial's, to review and commit), history.png and
+importance.png (Optuna's plots), also logged to the MLflow sweep run. Trials start from HEAD, so
+commit params.yaml first; the workspace ends holding the last trial's outputs, as after `dvc exp run`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import settings
+from pipelines.config.params import Params, SearchDimension
+from pipelines.errors import LLMOpsError, ParamsError
+from pipelines.evaluation.objective import direction, objective_metric
+from pipelines.io import atomic_write_json, atomic_write_text
+from pipelines.registry import experiments, tracking
+from pipelines.training.pruning import TRIAL_ENV
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVE_FILE = Path("reports/sweep/objective.json")  # the trial's score, saved with its DVC experiment
+MARKERS = Path(".dvc/tmp/llmops-sweep")  # pruned-trial marker files
+TARGET = "train"
+
+
+class SweepError(LLMOpsError):
+    """The sweep cannot start or go on (empty space, another study's metric, repeated failures)."""
+
+
+class TrialFailed(LLMOpsError):
+    """One trial's stages failed (not pruned): recorded as FAIL, the sweep goes on."""
+
+
+def experiment_name(study: str, number: int) -> str:
+    return f"sweep-{study}-{number}"
+
+
+def override(key: str, value: Any) -> str:
+    """A `dvc exp run -S` override; JSON spells numbers, booleans, null and quoted strings as the
+    Hydra grammar reads them."""
+    return f"{key}={json.dumps(value)}"
+
+
+def suggest(trial: Any, key: str, dimension: SearchDimension) -> Any:
+    if dimension.type == "categorical":
+        return trial.suggest_categorical(key, list(dimension.choices or []))
+    if dimension.type == "int":
+        return trial.suggest_int(key, int(dimension.low), int(dimension.high), step=int(dimension.step or 1),
+                                 log=dimension.log)
+    return trial.suggest_float(key, float(dimension.low), float(dimension.high), step=dimension.step,
+                               log=dimension.log)
+
+
+def dotted_get(data: dict, key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def defaults_trial(baseline_text: str, space: dict[str, SearchDimension]) -> dict[str, Any]:
+    """HEAD's values of the swept keys (those it sets and the space admits): the trial to beat."""
+    baseline = yaml.safe_load(baseline_text) or {}
+    values = {}
+    for key, dimension in space.items():
+        value = dotted_get(baseline, key)
+        if value is None:
+            continue
+        if dimension.type == "categorical":
+            if value in (dimension.choices or []):
+                values[key] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                float(dimension.low) <= float(value) <= float(dimension.high):
+            values[key] = value
+    return values
+
+
+def params_diff(baseline_text: str, overrides: list[str], root: Path) -> str:
+    """A unified diff of params.yaml: HEAD's -> HEAD's with the overrides (DVC's own writer)."""
+    from dvc.utils.hydra import apply_overrides
+
+    with tempfile.TemporaryDirectory() as tmp:
+        draft = Path(tmp) / "params.yaml"
+        draft.write_text(baseline_text, encoding="utf-8")
+        if overrides:
+            apply_overrides(draft, list(overrides))
+        best = draft.read_text(encoding="utf-8")
+    return "".join(difflib.unified_diff(baseline_text.splitlines(keepends=True), best.splitlines(keepends=True),
+                                        fromfile="a/params.yaml", tofile="b/params.yaml"))
+
+
+def release_dead_trial(root: Path, study: str) -> None:
+    """A killed sweep left its trial holding the workspace: release it (its process is gone)."""
+    state = experiments._read_state(root)  # noqa: SLF001 - the same module's record, read-only here
+    name = str(state.get("name") or "")
+    if state.get("status") == "running" and name.startswith(f"sweep-{study}-"):
+        pid = state.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and experiments._pid_alive(pid):  # noqa: SLF001
+            raise SweepError(f"sweep {study} is already running here (pid {pid}, trial {name}); one sweep per "
+                             "workspace: run other workers in other clones against the same sweep.storage")
+        logger.info("sweep %s: releasing the workspace from %s, whose sweep was killed", study, name)
+        experiments.end(root, name)
+
+
+def _last_error(log: str) -> str:
+    for line in reversed(log.strip().splitlines()):
+        if "error" in line.lower() or "Error" in line:
+            return line.strip()[-400:]
+    return (log.strip().splitlines() or ["(no output)"])[-1][-400:]
+
+
+class Sweep:
+    def __init__(self, root: Path, params: Params, study_name: str, budget: int) -> None:
+        self.root, self.params, self.study_name, self.budget = root, params, study_name, budget
+        self.metric = objective_metric(params)
+        self.direction = direction(self.metric)
+        self.space = params.sweep.space
+        self.out = root / params.paths.reports_dir / "sweep" / study_name
+        self.storage_url = settings.sweep_storage(params.sweep, root).value or ""
+        self.baseline = experiments.committed_params(root)
+        self.failures = 0
+        self.client: Any = None
+        self.parent_run: str | None = None
+
+    # --- the study -------------------------------------------------------------------------
+
+    def open_study(self) -> Any:
+        import optuna
+
+        sweep = self.params.sweep
+        storage = optuna.storages.RDBStorage(
+            self.storage_url, heartbeat_interval=sweep.heartbeat_seconds, grace_period=2 * sweep.heartbeat_seconds,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=sweep.max_retries),
+            engine_kwargs={"connect_args": {"timeout": 60}} if self.storage_url.startswith("sqlite") else None)
+        sampler = (optuna.samplers.TPESampler(seed=sweep.seed) if sweep.sampler == "tpe"
+                   else optuna.samplers.RandomSampler(seed=sweep.seed))
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
+                                              n_warmup_steps=sweep.pruner_warmup_steps)
+                  if sweep.pruner == "median" else optuna.pruners.NopPruner())
+        study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler, pruner=pruner,
+                                    direction=self.direction, load_if_exists=True)
+        recorded = study.user_attrs.get("metric")
+        if recorded is not None and recorded != self.metric:
+            raise SweepError(f"study {self.study_name} compares trials by {recorded}, this sweep by {self.metric} "
+                             f"(sweep.metric / evaluate.primary_metric): name another study (--study) or set "
+                             f"sweep.metric: {recorded}")
+        if recorded is None:
+            study.set_user_attr("metric", self.metric)
+            study.set_user_attr("space", {k: v.model_dump(exclude_none=True) for k, v in self.space.items()})
+            if sweep.enqueue_defaults and not study.trials:
+                defaults = defaults_trial(self.baseline, self.space)
+                if defaults:
+                    study.enqueue_trial(defaults, user_attrs={"llmops.defaults": True})
+        return study
+
+    def finished(self, study: Any) -> int:
+        from optuna.trial import TrialState
+
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+    # --- MLflow ----------------------------------------------------------------------------
+
+    def start_tracking(self, study: Any) -> None:
+        import mlflow
+
+        run_id = study.user_attrs.get("mlflow_run_id")
+        self.parent_run = tracking.start_run(self.params.tracking, f"sweep-{self.study_name}", run_id=run_id,
+                                             tags={"llmops.sweep.study": self.study_name,
+                                                   "llmops.sweep.metric": self.metric})
+        if run_id != self.parent_run:
+            study.set_user_attr("mlflow_run_id", self.parent_run)
+            tracking.log_params({"sweep": {"study": self.study_name, "metric": self.metric,
+                                           "direction": self.direction, "sampler": self.params.sweep.sampler,
+                                           "pruner": self.params.sweep.pruner},
+                                 "space": {k: json.dumps(v.model_dump(exclude_none=True)) for k, v in
+                                           self.space.items()}})
+        self.client = mlflow.MlflowClient(mlflow.get_tracking_uri())
+        self.experiment_id = mlflow.get_run(self.parent_run).info.experiment_id
+
+    def child_run(self, trial: Any, overrides: list[str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=experiment_name(self.study_name, trial.number),
+                                     tags={"mlflow.parentRunId": self.parent_run,
+                                           "llmops.sweep.study": self.study_name,
+                                           "llmops.sweep.trial": str(trial.number),
+                                           "llmops.dvc_experiment": experiment_name(self.study_name, trial.number)})
+        for key, value in trial.params.items():
+            self.client.log_param(run.info.run_id, key, value)
+        self.client.set_tag(run.info.run_id, "llmops.sweep.overrides", " ".join(overrides))
+        return run.info.run_id
+
+    # --- one trial -------------------------------------------------------------------------
+
+    def objective(self, trial: Any) -> float:
+        import optuna
+
+        from pipelines.evaluation.objective import validation_score
+
+        name = experiment_name(self.study_name, trial.number)
+        values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
+        overrides = [override(key, value) for key, value in values.items()]
+        logger.info("sweep %s: trial %d: %s", self.study_name, trial.number, " ".join(overrides) or "(HEAD)")
+        child = self.child_run(trial, overrides)
+        status = "FAILED"
+        try:
+            trial_params = experiments.start(self.root, name, overrides)
+            marker = self.root / MARKERS / f"{self.study_name}-{trial.number}.pruned"
+            marker.unlink(missing_ok=True)
+            env = {**os.environ,
+                   TRIAL_ENV: json.dumps({"storage": self.storage_url, "study": self.study_name,
+                                          "trial_id": trial._trial_id, "number": trial.number,  # noqa: SLF001
+                                          "pruned_file": str(marker)}),
+                   tracking.PARENT_RUN_ENV: child,
+                   tracking.RUN_TAGS_ENV: json.dumps({"llmops.sweep.study": self.study_name,
+                                                      "llmops.sweep.trial": str(trial.number)})}
+            started = time.monotonic()
+            result = self.repro(env, trial.number)
+            if result.returncode != 0:
+                if marker.exists():
+                    status = "KILLED"
+                    self.client.set_tag(child, "llmops.sweep.state", "pruned")
+                    detail = json.loads(marker.read_text())
+                    marker.unlink(missing_ok=True)
+                    raise optuna.TrialPruned(f"pruned at step {detail.get('step')}")
+                raise TrialFailed(f"trial {trial.number} ({' '.join(overrides)}): `dvc repro {TARGET}` failed: "
+                                  f"{_last_error(result.stdout + result.stderr)}")
+            score = validation_score(trial_params, self.metric)
+            record = {"study": self.study_name, "trial": trial.number, "experiment": name, "overrides": overrides,
+                      **score, "train_seconds": round(time.monotonic() - started, 1)}
+            atomic_write_json(self.root / OBJECTIVE_FILE, record)
+            experiments.save(self.root, name, message=f"sweep {self.study_name} trial {trial.number}: "
+                                                      f"{self.metric} {score['value']:.4f} on validation",
+                             include=[str(OBJECTIVE_FILE)])
+            self.client.log_metric(child, f"validation_{self.metric}", score["value"])
+            self.client.log_metric(self.parent_run, f"trial_validation_{self.metric}", score["value"],
+                                   step=trial.number)
+            trial.set_user_attr("dvc_experiment", name)
+            status = "FINISHED"
+            self.failures = 0
+            logger.info("sweep %s: trial %d: %s = %.4f on %s validation examples", self.study_name, trial.number,
+                        self.metric, score["value"], score["examples"] or "the training's")
+            return float(score["value"])
+        except TrialFailed as error:
+            self.failures += 1
+            trial.set_user_attr("error", str(error))
+            logger.warning("sweep %s: %s", self.study_name, error)
+            raise
+        finally:
+            self.client.set_terminated(child, status=status)
+            experiments.end(self.root, name)
+
+    def repro(self, env: dict[str, str], number: int) -> subprocess.CompletedProcess:
+        beside = Path(sys.executable).parent / "dvc"
+        command = [str(beside) if beside.exists() else "dvc", "repro", TARGET]
+        log_path = self.out / "trials" / f"{number}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True)
+        log_path.write_text(result.stdout + result.stderr, encoding="utf-8")
+        return result
+
+    def stop_on_repeated_failures(self, study: Any, _trial: Any) -> None:
+        if self.failures >= self.params.sweep.max_consecutive_failures:
+            study.stop()
+
+    # --- the result ------------------------------------------------------------------------
+
+    def summarize(self, study: Any) -> dict[str, Any]:
+        from optuna.trial import TrialState
+
+        trials = []
+        for t in study.get_trials(deepcopy=False):
+            trials.append({"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                           "experiment": t.user_attrs.get("dvc_experiment"),
+                           "defaults": bool(t.user_attrs.get("llmops.defaults")),
+                           "seconds": round(t.duration.total_seconds(), 1) if t.duration else None})
+        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        summary: dict[str, Any] = {
+            "study": self.study_name, "metric": self.metric, "direction": self.direction, "split": "validation",
+            "storage": settings.hide_password(self.storage_url), "budget": self.budget,
+            "states": {state.name: sum(1 for t in trials if t["state"] == state.name) for state in TrialState
+                       if any(t["state"] == state.name for t in trials)},
+            "trials": trials, "best": None}
+        if complete:
+            best = study.best_trial
+            overrides = [override(k, v) for k, v in best.params.items()]
+            defaults = [t for t in complete if t.user_attrs.get("llmops.defaults")]
+            summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
+                               "overrides": overrides, "experiment": best.user_attrs.get("dvc_experiment")}
+            if defaults:
+                summary["defaults"] = {"number": defaults[0].number, "value": defaults[0].value}
+            diff = params_diff(self.baseline, overrides, self.root)
+            atomic_write_text(self.out / "best-params.diff", diff or "# the best trial is HEAD's params\n")
+        atomic_write_json(self.out / "summary.json", summary)
+        return summary
+
+    def plots(self, study: Any) -> list[Path]:
+        """Optuna's optimization history and hyperparameter importances (fANOVA), as PNGs."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import optuna
+        from optuna.visualization import matplotlib as plots
+
+        made = []
+        jobs = [("history.png", plots.plot_optimization_history)]
+        if len(self.space) > 1:
+            jobs.append(("importance.png", plots.plot_param_importances))
+        for filename, plot in jobs:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    axes = plot(study)
+                figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
+                figure.set_size_inches(8, 5)
+                figure.tight_layout()
+                path = self.out / filename
+                figure.savefig(path, dpi=100)
+                made.append(path)
+            except (ValueError, RuntimeError) as error:  # e.g. too few complete trials for importances
+                logger.info("sweep %s: no %s (%s)", self.study_name, filename, str(error).splitlines()[0])
+        return made
+
+    def finish_tracking(self, study: Any, summary: dict[str, Any]) -> None:
+        best = summary.get("best")
+        if best is not None:
+            tracking.log_metrics({f"best_validation_{self.metric}": best["value"], "best_trial": best["number"]})
+        tracking.log_metrics({f"trials_{state.lower()}": n for state, n in summary["states"].items()})
+        for path in [self.out / "summary.json", self.out / "best-params.diff", *self.plots(study)]:
+            if path.exists():
+                tracking.log_artifacts(path)
+        tracking.end_run("FINISHED")
+
+    # --- the whole sweep -------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        import optuna
+        from optuna.study import MaxTrialsCallback
+        from optuna.trial import TrialState
+
+        if not self.space:
+            raise SweepError("sweep.space is empty: declare the params to search, e.g. train.learning_rate: "
+                             "{type: float, low: 1.0e-5, high: 1.0e-3, log: true} (docs/training.md)")
+        release_dead_trial(self.root, self.study_name)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = self.open_study()
+        self.start_tracking(study)
+        status = "FAILED"
+        try:
+            remaining = self.budget - self.finished(study)
+            logger.info("sweep %s: %d of %d trials finished; %s by %s on the validation split (%s)",
+                        self.study_name, self.budget - max(remaining, 0), self.budget, self.direction, self.metric,
+                        settings.hide_password(self.storage_url))
+            if remaining > 0:
+                study.optimize(self.objective, catch=(TrialFailed,),
+                               callbacks=[MaxTrialsCallback(self.budget, states=(TrialState.COMPLETE,
+                                                                                 TrialState.PRUNED)),
+                                          self.stop_on_repeated_failures])
+            if self.failures >= self.params.sweep.max_consecutive_failures:
+                last = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))[-1]
+                raise SweepError(f"sweep {self.study_name} stopped after {self.failures} failed trials in a row: "
+                                 f"{last.user_attrs.get('error') or 'see ' + str(self.out / 'trials')}")
+            summary = self.summarize(study)
+            self.finish_tracking(study, summary)
+            status = "FINISHED"
+            return summary
+        finally:
+            if status != "FINISHED":
+                tracking.end_run("FAILED")
+
+
+def main(params: Params, trials: int | None = None, study: str | None = None, apply: bool = False) -> None:
+    root = Path.cwd()
+    if trials is not None and trials < 1:
+        raise ParamsError(f"--trials {trials}: give at least 1")
+    sweep = Sweep(root, params, study or params.sweep.study, trials or params.sweep.trials)
+    summary = sweep.run()
+    best = summary.get("best")
+    if best is None:
+        print(f"sweep {sweep.study_name}: no trial finished; see {sweep.out / 'trials'}")
+        return
+    defaults = summary.get("defaults")
+    print(f"sweep {sweep.study_name}: best trial {best['number']} ({best['experiment']}): {sweep.metric} "
+          f"{best['value']:.4f} on validation" + (f" (HEAD's params: {defaults['value']:.4f}, trial "
+                                                 f"{defaults['number']})" if defaults else ""))
+    diff = (sweep.out / "best-params.diff").read_text(encoding="utf-8")
+    print(diff, end="" if diff.endswith("\n") else "\n")
+    if apply and best.get("experiment"):
+        beside = Path(sys.executable).parent / "dvc"
+        result = subprocess.run([str(beside) if beside.exists() else "dvc", "exp", "apply", best["experiment"]],
+                                cwd=root, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SweepError(f"`dvc exp apply {best['experiment']}` failed: {_last_error(result.stderr)}")
+        print(f"applied {best['experiment']}: params.yaml, dvc.lock and outputs are the best trial's; review "
+              "`git diff` and commit")
