@@ -38,6 +38,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,7 @@ from pipelines.errors import LLMOpsError, ParamsError
 from pipelines.evaluation.objective import direction, objective_metric
 from pipelines.io import atomic_write_json, atomic_write_text
 from pipelines.registry import experiments, tracking
-from pipelines.training.pruning import TRIAL_ENV
+from pipelines.training.pruning import TRIAL_ENV, make_pruner
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,21 @@ def experiment_name(study: str, number: int) -> str:
     return f"sweep-{study}-{number}"
 
 
-def override(key: str, value: Any) -> str:
+def override(key: str, value: Any, baseline: dict | None = None) -> str:
     """A `dvc exp run -S` override; JSON spells numbers, booleans, null and quoted strings as the
-    Hydra grammar reads them."""
-    return f"{key}={json.dumps(value)}"
+    Hydra grammar reads them. A key the baseline params.yaml does not spell out (its value is the
+    default) is added: Hydra's `++key=value`."""
+    add = baseline is not None and not _has_key(baseline, key)
+    return f"{'++' if add else ''}{key}={json.dumps(value)}"
+
+
+def _has_key(data: dict, key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def suggest(trial: Any, key: str, dimension: SearchDimension) -> Any:
@@ -160,6 +172,7 @@ class Sweep:
         self.out = root / params.paths.reports_dir / "sweep" / study_name
         self.storage_url = settings.sweep_storage(params.sweep, root).value or ""
         self.baseline = experiments.committed_params(root)
+        self.baseline_data = yaml.safe_load(self.baseline) or {}
         self.failures = 0
         self.client: Any = None
         self.parent_run: str | None = None
@@ -177,9 +190,7 @@ class Sweep:
             engine_kwargs={"connect_args": {"timeout": 60}} if self.storage_url.startswith("sqlite") else None)
         sampler = (optuna.samplers.TPESampler(seed=sweep.seed) if sweep.sampler == "tpe"
                    else optuna.samplers.RandomSampler(seed=sweep.seed))
-        pruner = (optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials,
-                                              n_warmup_steps=sweep.pruner_warmup_steps)
-                  if sweep.pruner == "median" else optuna.pruners.NopPruner())
+        pruner = make_pruner(self.pruner_spec())
         study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler, pruner=pruner,
                                     direction=self.direction, load_if_exists=True)
         recorded = study.user_attrs.get("metric")
@@ -195,6 +206,13 @@ class Sweep:
                 if defaults:
                     study.enqueue_trial(defaults, user_attrs={"llmops.defaults": True})
         return study
+
+    def pruner_spec(self) -> dict[str, Any]:
+        """The pruner's settings, which the trial's `train` process needs too (a study's storage
+        does not keep its pruner)."""
+        sweep = self.params.sweep
+        return {"kind": sweep.pruner, "startup_trials": sweep.pruner_startup_trials,
+                "warmup_steps": sweep.pruner_warmup_steps}
 
     def finished(self, study: Any) -> int:
         from optuna.trial import TrialState
@@ -240,7 +258,7 @@ class Sweep:
 
         name = experiment_name(self.study_name, trial.number)
         values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
-        overrides = [override(key, value) for key, value in values.items()]
+        overrides = [override(key, value, self.baseline_data) for key, value in values.items()]
         logger.info("sweep %s: trial %d: %s", self.study_name, trial.number, " ".join(overrides) or "(HEAD)")
         child = self.child_run(trial, overrides)
         status = "FAILED"
@@ -251,7 +269,7 @@ class Sweep:
             env = {**os.environ,
                    TRIAL_ENV: json.dumps({"storage": self.storage_url, "study": self.study_name,
                                           "trial_id": trial._trial_id, "number": trial.number,  # noqa: SLF001
-                                          "pruned_file": str(marker)}),
+                                          "pruned_file": str(marker), "pruner": self.pruner_spec()}),
                    tracking.PARENT_RUN_ENV: child,
                    tracking.RUN_TAGS_ENV: json.dumps({"llmops.sweep.study": self.study_name,
                                                       "llmops.sweep.trial": str(trial.number)})}
@@ -324,7 +342,7 @@ class Sweep:
             "trials": trials, "best": None}
         if complete:
             best = study.best_trial
-            overrides = [override(k, v) for k, v in best.params.items()]
+            overrides = [override(k, v, self.baseline_data) for k, v in best.params.items()]
             defaults = [t for t in complete if t.user_attrs.get("llmops.defaults")]
             summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
                                "overrides": overrides, "experiment": best.user_attrs.get("dvc_experiment")}
@@ -414,6 +432,8 @@ def main(params: Params, trials: int | None = None, study: str | None = None, ap
     root = Path.cwd()
     if trials is not None and trials < 1:
         raise ParamsError(f"--trials {trials}: give at least 1")
+    if study is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", study):
+        raise ParamsError(f"--study {study!r}: use letters, digits, '_', '.' and '-' (it names DVC experiments)")
     sweep = Sweep(root, params, study or params.sweep.study, trials or params.sweep.trials)
     summary = sweep.run()
     best = summary.get("best")

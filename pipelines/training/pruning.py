@@ -2,8 +2,8 @@
 and the run stopped early when the study's pruner says the trial will not win.
 
 `llmops sweep` (pipelines/commands/sweep.py) runs each trial's stages with LLMOPS_SWEEP_TRIAL
-set (a JSON object: storage URL, study name, trial id and number, the file that marks a pruned
-trial). Without it, in every other run, nothing here imports Optuna or changes training.
+set (a JSON object: storage URL, study name, trial id and number, the pruner's settings, the
+file that marks a pruned trial). Without it, in every other run, nothing here imports Optuna or changes training.
 
 The intermediate value is the validation loss at each `train.eval_steps`; a study that maximizes
 its metric (ROUGE-L, ...) gets the negated loss, so that for Optuna's pruners higher is better
@@ -49,6 +49,18 @@ def trial_spec(environ: dict[str, str] | None = None) -> dict[str, Any] | None:
     return spec
 
 
+def make_pruner(spec: dict[str, Any] | None) -> Any:
+    """Optuna's pruner from sweep.pruner* (the study's storage does not keep it: the sweep passes
+    the same settings to every trial's `train`)."""
+    import optuna
+
+    spec = spec or {}
+    if spec.get("kind", "median") == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=int(spec.get("startup_trials", 2)),
+                                       n_warmup_steps=int(spec.get("warmup_steps", 0)))
+
+
 def pruning_callback(spec: dict[str, Any]) -> Any:
     """A transformers TrainerCallback that reports eval_loss to the trial and prunes it."""
     import optuna
@@ -56,7 +68,7 @@ def pruning_callback(spec: dict[str, Any]) -> Any:
 
     # No heartbeat here: the sweep process that asked for the trial keeps it alive.
     storage = optuna.storages.RDBStorage(spec["storage"])
-    study = optuna.load_study(study_name=spec["study"], storage=storage)
+    study = optuna.load_study(study_name=spec["study"], storage=storage, pruner=make_pruner(spec.get("pruner")))
     trial = optuna.trial.Trial(study, int(spec["trial_id"]))
     sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
     number = int(spec["number"])

@@ -16,7 +16,7 @@ import yaml
 from tests.support import REPO
 
 DAGS = REPO / "dags"
-DAG_IDS = {"llmops_training", "llmops_monitoring", "llmops_review"}
+DAG_IDS = {"llmops_training", "llmops_monitoring", "llmops_review", "llmops_sweep"}
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +49,15 @@ def test_dagbag_has_every_dag_and_no_import_errors(dagbag):
 def test_each_dag_file_parses_in_under_0_3_s_inside_airflow(dagbag):
     stats = {Path(stat.file).name: stat.duration.total_seconds() for stat in dagbag.dagbag_stats}
     # llmops_common.py is .airflowignore'd
-    assert set(stats) == {"llmops_training.py", "llmops_monitoring.py", "llmops_review.py"}
+    assert set(stats) == {"llmops_training.py", "llmops_monitoring.py", "llmops_review.py", "llmops_sweep.py"}
     assert all(seconds < 0.3 for seconds in stats.values()), stats
 
 
 def test_dag_files_import_only_airflow_and_the_standard_library():
     # A fresh interpreter: what a DAG file pulls in when Airflow parses it.
     code = (f"import sys; sys.path.insert(0, {str(DAGS)!r}); before = set(sys.modules); import llmops_training, "
-            "llmops_monitoring, llmops_review; print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
+            "llmops_monitoring, llmops_review, llmops_sweep; "
+            "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(eval(out.strip().splitlines()[-1]))  # noqa: S307 - our own printed list
     heavy = {"pipelines", "torch", "transformers", "peft", "great_expectations", "evidently", "mlflow", "dvc",
@@ -212,3 +213,39 @@ def test_the_review_dag_deploys_only_what_its_decision_promoted(dagbag, caplog, 
     assert f"v3: status {result['status']}" in caplog.text
     for reason in result.get("reasons", []):
         assert reason in caplog.text
+
+
+def test_the_sweep_dag_runs_llmops_sweep_with_the_forms_budget_and_study(dagbag, monkeypatch, tmp_path):
+    """The command the task runs (no shell: the form's study stays one argument), and the study a
+    run gets when the form leaves it empty: one named after the run."""
+    dag = dagbag.dags["llmops_sweep"]
+    assert dag.get_task("sweep").downstream_task_ids == {"report"} and dag.schedule is None  # on demand by default
+    assert dag.get_task("sweep").retries > 0  # a retried sweep continues its study
+    sweep = dag.get_task("sweep").python_callable
+    commands = []
+    monkeypatch.setitem(sweep.__globals__, "run", lambda command, cwd: commands.append((command, cwd)) or "")
+    monkeypatch.setitem(sweep.__globals__, "runtime_paths", lambda: (str(tmp_path), "/venv/bin"))
+    assert sweep(params={"trials": 3, "study": "lr-search"}, run_id="manual__x") == "lr-search"
+    assert sweep(params={"trials": 5, "study": ""}, run_id="scheduled__2026-12-05T04:00:00+00:00") == \
+        "airflow-scheduled__2026-12-05T04-00-00-00-00"
+    assert commands == [
+        (["/venv/bin/llmops", "sweep", "--trials", "3", "--study", "lr-search"], str(tmp_path)),
+        (["/venv/bin/llmops", "sweep", "--trials", "5", "--study", "airflow-scheduled__2026-12-05T04-00-00-00-00"],
+         str(tmp_path))]
+    form = dag.params.dump()
+    assert form["trials"] == 8 and form["study"] == ""
+
+
+def test_the_sweep_report_logs_the_best_trial_and_the_diff(dagbag, monkeypatch, tmp_path, caplog):
+    report = dagbag.dags["llmops_sweep"].get_task("report").python_callable
+    monkeypatch.setitem(report.__globals__, "runtime_paths", lambda: (str(tmp_path), "/venv/bin"))
+    out = tmp_path / "reports/sweep/s"
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({
+        "metric": "rouge_l", "direction": "maximize", "states": {"COMPLETE": 3, "PRUNED": 1},
+        "best": {"number": 2, "experiment": "sweep-s-2", "value": 0.31}, "defaults": {"number": 0, "value": 0.29}}))
+    (out / "best-params.diff").write_text("-  learning_rate: 2.0e-4\n+  learning_rate: 0.0006\n")
+    with caplog.at_level(logging.INFO, logger="llmops.dags"):
+        assert report("s") == {"study": "s", "best": "sweep-s-2", "value": 0.31}
+    assert "best: trial 2 (sweep-s-2), rouge_l = 0.31; HEAD's params: 0.29" in caplog.text
+    assert "+  learning_rate: 0.0006" in caplog.text
