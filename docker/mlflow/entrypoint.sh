@@ -26,4 +26,7 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_SECONDS:-0}
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$config_dir/basic_auth.ini"
+# MLflow's job runner (8 more processes, ~2 GiB, for its GenAI jobs: judges, trace roll-ups) is
+# off: the pipeline uses none of them. MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true turns it on.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 exec mlflow server --app-name basic-auth "$@"

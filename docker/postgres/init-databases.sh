@@ -8,6 +8,7 @@
 #   mlflow   / mlflow        MLflow's tracking store and Model Registry
 #   mlflow   / mlflow_auth   MLflow's users and permissions (basic auth)
 #   llmops   / inference     the inference log `llmops serve` writes and `llmops monitor` reads
+#   llmops   / sweeps        the Optuna studies of `llmops sweep` (workers share a study's trials)
 #   labelstudio / labelstudio  Label Studio's projects, tasks, annotations and users (the review tool)
 #
 # On a stack whose postgres volume was created before a database was added here, run it again:
@@ -31,6 +32,7 @@ create airflow airflow "$AIRFLOW_DB_PASSWORD"
 create mlflow mlflow "$MLFLOW_DB_PASSWORD"
 create mlflow mlflow_auth "$MLFLOW_DB_PASSWORD"
 create llmops inference "$INFERENCE_DB_PASSWORD"
+create llmops sweeps "$INFERENCE_DB_PASSWORD"
 # compose.yaml always sets LABEL_STUDIO_DB_PASSWORD (it is required there); without it the review
 # tool's database is skipped, so a cluster made for the pipeline's databases alone needs no password for it
 if [[ -n "${LABEL_STUDIO_DB_PASSWORD:-}" ]]; then

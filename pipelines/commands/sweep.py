@@ -290,7 +290,7 @@ class Sweep:
             atomic_write_json(self.root / OBJECTIVE_FILE, record)
             experiments.save(self.root, name, message=f"sweep {self.study_name} trial {trial.number}: "
                                                       f"{self.metric} {score['value']:.4f} on validation",
-                             include=[str(OBJECTIVE_FILE)])
+                             include=[str(OBJECTIVE_FILE)], targets=[TARGET])
             self.client.log_metric(child, f"validation_{self.metric}", score["value"])
             self.client.log_metric(self.parent_run, f"trial_validation_{self.metric}", score["value"],
                                    step=trial.number)
@@ -329,7 +329,9 @@ class Sweep:
 
         trials = []
         for t in study.get_trials(deepcopy=False):
-            trials.append({"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+            # a pruned trial's value in Optuna is its last intermediate value (a loss), not the objective
+            value = t.value if t.state == TrialState.COMPLETE else None
+            trials.append({"number": t.number, "state": t.state.name, "value": value, "params": t.params,
                            "experiment": t.user_attrs.get("dvc_experiment"),
                            "defaults": bool(t.user_attrs.get("llmops.defaults")),
                            "seconds": round(t.duration.total_seconds(), 1) if t.duration else None})

@@ -317,9 +317,12 @@ def end(root: Path, name: str) -> bool:
     return True
 
 
-def save(root: Path, name: str, message: str | None = None, include: list[str] | None = None) -> str:
+def save(root: Path, name: str, message: str | None = None, include: list[str] | None = None,
+         targets: list[str] | None = None) -> str:
     """`dvc exp save` of the workspace as NAME (replacing an experiment of that name: a retried task);
-    `include`: more files (relative to root) to record with it though git does not track them."""
+    `include`: more files (relative to root) to record with it though git does not track them;
+    `targets`: the stages whose outputs are recorded (default all: a run of the whole pipeline; a
+    sweep trial runs up to `train`, and DVC refuses to save the outputs of stages that did not run)."""
     from dvc.repo import Repo
 
     state = _read_state(root)
@@ -342,6 +345,7 @@ def save(root: Path, name: str, message: str | None = None, include: list[str] |
             command += ["--include-untracked", path]
     if message:
         command += ["--message", message]
+    command += list(targets or [])
     result = subprocess.run(command, cwd=root, capture_output=True, text=True)
     if result.returncode != 0:
         raise ExperimentError(f"`{' '.join(command)}` failed in {root}: {result.stderr.strip()[-600:]}")

@@ -27,8 +27,10 @@ def tiny(tmp_path_factory, tiny_tokenizer_dir, mlflow_server) -> Project:
     project = tiny_pipeline_project(tmp_path_factory.mktemp("sweep") / "project", tiny_tokenizer_dir,
                                     tracking_uri=mlflow_server.uri)
     # perplexity: on a tiny random model every answer metric is ~0, the loss still tells trials apart
+    # no pruning but where a test asks for it (--set): which trial the median pruner stops depends
+    # on the sampled params
     project.set_params(sweep={"trials": 3, "metric": "perplexity", "validation_examples": 8, "space": SPACE,
-                              "pruner_startup_trials": 1, "heartbeat_seconds": 2})
+                              "pruner": "none", "heartbeat_seconds": 2})
     commit(project, "a sweep over learning rate and rank")
     return project
 
@@ -123,7 +125,8 @@ def test_a_trial_behind_the_others_is_pruned_and_leaves_no_experiment(tiny):
 
     # a learning rate far below the space's: its first validation loss is the worst at that step
     study(tiny).enqueue_trial({"train.learning_rate": 1e-7, "train.lora.r": 4}, skip_if_exists=False)
-    result = tiny.run(str(BIN / "llmops"), "sweep", "--trials", "4", timeout=900)
+    result = tiny.run(str(BIN / "llmops"), "sweep", "--trials", "4", "--set", "sweep.pruner=median",
+                      "--set", "sweep.pruner_startup_trials=1", timeout=900)
     trials = study(tiny).get_trials()
     assert len(trials) == 4 and trials[3].state == TrialState.PRUNED, [t.state for t in trials]
     assert trials[3].intermediate_values and "pruned at step 2" in (result.stdout + result.stderr)

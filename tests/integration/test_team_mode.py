@@ -185,6 +185,20 @@ def test_train_register_and_serve_with_postgresql_behind_mlflow_and_the_inferenc
     assert versions == [("llmops-dictionary", 1)]
     assert ("champion", 1) in aliases
 
+    # A sweep's study in PostgreSQL (the stack's `sweeps` database, LLMOPS_SWEEP_STORAGE as in
+    # docker/compose.yaml), where workers on several machines share its trials: one trial, HEAD's
+    # params (the baseline trial), which DVC restores from its run cache instead of training again.
+    import optuna
+
+    sweeps_url = postgres.url("llmops", PASSWORDS["INFERENCE_DB_PASSWORD"], "sweeps")
+    project.env["LLMOPS_SWEEP_STORAGE"] = sweeps_url
+    swept = project.run(str(BIN / "llmops"), "sweep", "--trials", "1", "--set", "sweep.metric=eval_loss")
+    assert "best trial 0 (sweep-default-0)" in swept.stdout, swept.stdout + swept.stderr
+    (trial,) = optuna.load_study(study_name="default", storage=sweeps_url).get_trials()
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["dvc_experiment"] == "sweep-default-0"
+    assert "sweep-default-0" in project.dvc("exp", "list", "--name-only").stdout
+    assert PASSWORDS["INFERENCE_DB_PASSWORD"] not in (project.root / "reports/sweep/default/summary.json").read_text()
+
     # The serving user may read the champion but not move it (docker/mlflow/init_users.py).
     serving_auth = requests.auth.HTTPBasicAuth(*SERVING)
     alias = requests.get(f"{mlflow_on_postgres}/api/2.0/mlflow/registered-models/alias",
