@@ -129,8 +129,53 @@ def defaults_trial(baseline_text: str, space: dict[str, SearchDimension]) -> dic
     return values
 
 
+def _find_key(lines: list[str], start: int, parent_indent: int, name: str) -> tuple[int, int] | None:
+    """The line of mapping key `name` in the block after `start` indented deeper than its parent."""
+    block_indent = None
+    for index in range(start, len(lines)):
+        line = lines[index]
+        content = line.strip()
+        if not content or content.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        if indent <= parent_indent:
+            return None
+        block_indent = indent if block_indent is None else block_indent
+        if indent == block_indent and re.match(rf"{re.escape(name)}\s*:(\s|$)", line.lstrip(" ")):
+            return index, indent
+    return None
+
+
+def edit_scalar(text: str, key: str, value: Any) -> str | None:
+    """`text` (a YAML file) with the scalar at dotted `key` replaced on its own line, every other
+    line as written; None when the key is not a scalar line of its own.
+
+    Written here because the YAML writers round-trip the whole file: DVC's (ruamel) turns `null`
+    into an empty value and re-indents lists, so a diff made with it shows dozens of lines the
+    sweep did not change; this changes one line per swept key."""
+    lines = text.splitlines(keepends=True)
+    start, parent = 0, -1
+    found = None
+    for part in key.split("."):
+        found = _find_key(lines, start, parent, part)
+        if found is None:
+            return None
+        start, parent = found[0] + 1, found[1]
+    index = found[0]
+    match = re.match(r"^(\s*[^:#]+:[ \t]*)([^#\n]*?)([ \t]*)(#.*)?(\r?\n)?$", lines[index])
+    if match is None or not match.group(2):
+        return None  # a block (mapping or list) follows: not a one-line scalar
+    head, old, gap, comment, newline = match.groups()
+    written = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    if comment:
+        gap = " " * max(1, len(old) + len(gap) - len(written))
+    lines[index] = f"{head}{written}{gap if comment else ''}{comment or ''}{newline or ''}"
+    return "".join(lines)
+
+
 def params_diff(baseline_text: str, overrides: list[str], root: Path) -> str:
-    """A unified diff of params.yaml: HEAD's -> HEAD's with the overrides (DVC's own writer)."""
+    """A unified diff of params.yaml: HEAD's -> HEAD's with the overrides, one line per swept key
+    (checked against what DVC's own override writer makes of the same overrides)."""
     from dvc.utils.hydra import apply_overrides
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +183,17 @@ def params_diff(baseline_text: str, overrides: list[str], root: Path) -> str:
         draft.write_text(baseline_text, encoding="utf-8")
         if overrides:
             apply_overrides(draft, list(overrides))
-        best = draft.read_text(encoding="utf-8")
+        dvc_written = draft.read_text(encoding="utf-8")
+    best = baseline_text
+    for item in overrides:
+        key, _, raw = item.lstrip("+").partition("=")
+        edited = edit_scalar(best, key, yaml.safe_load(raw))
+        if edited is None:
+            best = dvc_written  # a key HEAD does not spell out as one line: DVC's rewrite of the file
+            break
+        best = edited
+    if yaml.safe_load(best) != yaml.safe_load(dvc_written):
+        best = dvc_written
     return "".join(difflib.unified_diff(baseline_text.splitlines(keepends=True), best.splitlines(keepends=True),
                                         fromfile="a/params.yaml", tofile="b/params.yaml"))
 
@@ -281,6 +336,8 @@ class Sweep:
                     self.client.set_tag(child, "llmops.sweep.state", "pruned")
                     detail = json.loads(marker.read_text())
                     marker.unlink(missing_ok=True)
+                    logger.info("sweep %s: trial %d pruned at step %s (eval_loss %.4f behind the other trials)",
+                                self.study_name, trial.number, detail.get("step"), detail.get("eval_loss"))
                     raise optuna.TrialPruned(f"pruned at step {detail.get('step')}")
                 raise TrialFailed(f"trial {trial.number} ({' '.join(overrides)}): `dvc repro {TARGET}` failed: "
                                   f"{_last_error(result.stdout + result.stderr)}")

@@ -82,6 +82,19 @@ def test_the_best_params_diff_changes_only_the_swept_lines_and_keeps_comments(tm
     assert params_diff(BASELINE, [], tmp_path) == ""
 
 
+def test_the_diff_of_the_shipped_params_touches_only_the_swept_lines(tmp_path):
+    """DVC's writer rewrites the whole file (null -> empty, lists re-indented); the diff must not."""
+    text = (REPO / "params.yaml").read_text()
+    diff = params_diff(text, [override("train.learning_rate", 0.0005), override("train.lora.lora_dropout", 0.07)],
+                       tmp_path)
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and not line.startswith(("---", "+++"))]
+    assert changed == ["-    lora_dropout: 0.05", "+    lora_dropout: 0.07", "-  learning_rate: 2.0e-4",
+                       "+  learning_rate: 0.0005"]
+    # a key the file leaves at its default cannot be one edited line: DVC's rewrite is the diff then
+    added = params_diff(text, ["++train.lora.bias=\"none\""], tmp_path)
+    assert "+    bias: none" in added
+
+
 def test_the_objective_is_the_gates_metric_on_validation_unless_named():
     assert objective_metric(params_with()) == "rouge_l"
     agreement = params_with(evaluate={"primary_metric": "agreement", "agreement_fallback": "bleu"})
