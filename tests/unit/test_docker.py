@@ -207,7 +207,10 @@ def test_the_stack_configures_the_pipeline_only_through_the_settings_rule(resolv
     assert "--backend-store-uri" in mlflow["command"] and "MLFLOW_AUTH_ADMIN_PASSWORD" in mlflow["environment"]
     assert "basic-auth" in (DOCKER / "mlflow" / "entrypoint.sh").read_text()
     databases = re.findall(r"^\s*create \w+ (\w+) ", (DOCKER / "postgres" / "init-databases.sh").read_text(), re.M)
-    assert set(databases) == {"airflow", "mlflow", "mlflow_auth", "inference", "labelstudio"}
+    assert set(databases) == {"airflow", "mlflow", "mlflow_auth", "inference", "sweeps", "labelstudio"}
+    # the sweeps' Optuna studies: the database init-databases.sh makes, as the pipeline's own role
+    assert env["LLMOPS_SWEEP_STORAGE"].startswith("postgresql+psycopg2://llmops:") and \
+        env["LLMOPS_SWEEP_STORAGE"].endswith("@postgres:5432/sweeps")
 
 
 def holders(config: dict, value: str) -> set[str]:
