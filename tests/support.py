@@ -139,6 +139,18 @@ def tiny_pipeline_project(root: Path, tokenizer_dir: Path, tracking_uri: str) ->
     return project
 
 
+def dvc_experiments(project: Project) -> dict[str, dict]:
+    """`dvc exp show --json` by experiment name: each experiment's data (params, metrics, deps)."""
+    shown = json.loads(project.dvc("exp", "show", "--json").stdout)
+    out = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name"):
+                    out[rev["name"]] = rev.get("data") or {}
+    return out
+
+
 def commit(project: Project, message: str) -> None:
     project.run("git", "add", "-A")
     project.run("git", "-c", "user.name=tests", "-c", "user.email=tests@localhost", "commit", "-q", "-m", message)

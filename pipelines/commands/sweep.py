@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 OBJECTIVE_FILE = Path("reports/sweep/objective.json")  # the trial's score, saved with its DVC experiment
 MARKERS = Path(".dvc/tmp/llmops-sweep")  # pruned-trial marker files
 TARGET = "train"
+_ABSENT = object()
 
 
 class SweepError(LLMOpsError):
@@ -80,17 +81,8 @@ def override(key: str, value: Any, baseline: dict | None = None) -> str:
     """A `dvc exp run -S` override; JSON spells numbers, booleans, null and quoted strings as the
     Hydra grammar reads them. A key the baseline params.yaml does not spell out (its value is the
     default) is added: Hydra's `++key=value`."""
-    add = baseline is not None and not _has_key(baseline, key)
+    add = baseline is not None and dotted_get(baseline, key, _ABSENT) is _ABSENT
     return f"{'++' if add else ''}{key}={json.dumps(value)}"
-
-
-def _has_key(data: dict, key: str) -> bool:
-    node: Any = data
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 def suggest(trial: Any, key: str, dimension: SearchDimension) -> Any:
@@ -103,11 +95,11 @@ def suggest(trial: Any, key: str, dimension: SearchDimension) -> Any:
                                log=dimension.log)
 
 
-def dotted_get(data: dict, key: str) -> Any:
+def dotted_get(data: dict, key: str, default: Any = None) -> Any:
     node: Any = data
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return default
         node = node[part]
     return node
 

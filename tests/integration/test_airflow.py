@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import BIN, Project, free_port, require, tiny_pipeline_project
+from tests.support import BIN, Project, dvc_experiments, free_port, require, tiny_pipeline_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
@@ -99,15 +99,8 @@ def model_name(project: Project) -> str:
 
 def experiments(project: Project) -> dict[str, dict]:
     """DVC experiments by name: their params.yaml params."""
-    shown = json.loads(project.dvc("exp", "show", "--json").stdout)
-    out = {}
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                data = rev.get("data") or {}
-                if rev.get("name"):
-                    out[rev["name"]] = data.get("params", {}).get("params.yaml", {}).get("data", {})
-    return out
+    return {name: data.get("params", {}).get("params.yaml", {}).get("data", {})
+            for name, data in dvc_experiments(project).items()}
 
 
 # --- airflow dags test ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.support import BIN, Project, commit, tiny_pipeline_project
+from tests.support import BIN, Project, commit, dvc_experiments, tiny_pipeline_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -39,18 +39,6 @@ def study(project: Project, name: str = "default"):
     import optuna
 
     return optuna.load_study(study_name=name, storage=f"sqlite:///{project.root / 'sweeps.db'}")
-
-
-def dvc_experiments(project: Project) -> dict[str, dict]:
-    shown = json.loads(project.dvc("exp", "show", "--json").stdout)
-    out = {}
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                data = rev.get("data") or {}
-                if rev.get("name"):
-                    out[rev["name"]] = data
-    return out
 
 
 def test_three_trials_are_dvc_experiments_and_mlflow_children_and_the_best_is_a_params_diff(tiny, mlflow_server):
