@@ -201,6 +201,32 @@ def release_dead_trial(root: Path, study: str) -> None:
                              "workspace: run other workers in other clones against the same sweep.storage")
         logger.info("sweep %s: releasing the workspace from %s, whose sweep was killed", study, name)
         experiments.end(root, name)
+        repair_lockfile(root)
+
+
+def repair_lockfile(root: Path) -> None:
+    """A `dvc repro` killed while it wrote dvc.lock leaves it empty or cut short (DVC rewrites the
+    file in place), and every later `dvc repro` then fails on it. The killed trial's entries are
+    worth nothing (its trial runs again): put back HEAD's dvc.lock, or none if HEAD has none."""
+    path = root / "dvc.lock"
+    if not path.exists():
+        return
+    from dvc.dvcfile import Lockfile
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            Lockfile(repo, str(path)).load()
+        return
+    except Exception as error:  # noqa: BLE001 - DVC's YAML and schema errors have no common base here
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+    shown = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True, text=True)
+    if shown.returncode == 0:
+        atomic_write_text(path, shown.stdout)
+    else:
+        path.unlink()
+    logger.warning("dvc.lock was damaged by the killed trial (%s): %s", problem,
+                   "restored HEAD's" if shown.returncode == 0 else "removed (HEAD has none)")
 
 
 def _last_error(log: str) -> str:

@@ -128,33 +128,43 @@ def test_a_killed_sweep_continues_its_study_with_the_killed_trial_retried(tiny):
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
+    # trials long enough to be killed while they train (the earlier ones took a second or two)
+    tiny.set_params(train={"max_steps": 200, "eval_steps": 50, "save_steps": 10})
+    commit(tiny, "longer trials")
     command = [str(BIN / "llmops"), "sweep", "--study", "resume", "--trials", "2"]
     log = open(tiny.root / "killed-sweep.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(command, cwd=tiny.root, env=tiny.env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     state_file = tiny.root / ".dvc/tmp/llmops-experiment.json"
     deadline = time.monotonic() + 300
-    while True:  # kill it while its first trial trains
+    checkpoint = tiny.root / "models/checkpoints/checkpoint-10/checkpoint-complete.json"
+    while True:  # kill it while its first trial trains, after its first checkpoint
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
-        if state.get("name") == "sweep-resume-0" and state.get("status") == "running" and \
-                (tiny.root / "reports/sweep/resume").exists():
+        if state.get("name") == "sweep-resume-0" and state.get("status") == "running" and checkpoint.exists():
             break
         assert process.poll() is None and time.monotonic() < deadline, (tiny.root / "killed-sweep.log").read_text()
-        time.sleep(0.5)
-    time.sleep(3)
+        time.sleep(0.2)
     import os
 
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     log.close()
+    # DVC rewrites dvc.lock in place: a kill at that moment leaves it empty (seen in CI); the
+    # resumed sweep puts back HEAD's instead of failing every trial on it
+    (tiny.root / "dvc.lock").write_text("")
     killed = study(tiny, "resume").get_trials()
     assert [t.state for t in killed] == [TrialState.RUNNING]
     time.sleep(5)  # > 2 x sweep.heartbeat_seconds: the killed trial's heartbeat is stale
 
-    tiny.run(*command, timeout=900)
+    resumed = tiny.run(*command, timeout=900)
+    assert "dvc.lock was damaged by the killed trial" in resumed.stderr
     trials = study(tiny, "resume").get_trials()
     states = [t.state for t in trials]
     assert states.count(TrialState.COMPLETE) == 2 and states[0] == TrialState.FAIL, states
     retried = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
     assert len(retried) == 1 and retried[0].params == trials[0].params and retried[0].state == TrialState.COMPLETE
     assert f"sweep-resume-{retried[0].number}" in dvc_experiments(tiny)
+    # the retried trial's training went on from the killed one's checkpoint (same params)
+    metrics = json.loads(tiny.run("git", "show", f"refs/exps/{_ref(tiny, f'sweep-resume-{retried[0].number}')}"
+                                  ":reports/train/metrics.json").stdout)
+    assert metrics["resumed_from_step"] >= 10 and metrics["steps"] == 200

@@ -2,9 +2,8 @@
 
 Runs the real demo path (`dvc repro promote`: ingest .. prepare, the bundled SmolLM2 base
 model, 30 LoRA steps on the CPU, evaluation, registry, promotion) in a copy of the project,
-then closes the monitoring loop: with the FOLDOC stream (the new domain production drifted
-to) added to the training sources, the retrained candidate beats that champion on the
-new-domain slice of the test split.
+then serves the champion as a user would after `make demo`. The retrain on the new domain
+that monitoring asks for: tests/model/test_retrain_new_domain.py (on the tiny model).
 """
 
 from __future__ import annotations
@@ -34,18 +33,6 @@ def demo(tmp_path_factory):
     assert "Running stage 'train'" in result.stdout
     assert json.loads((project.root / "reports/promote/decision.json").read_text())["promoted"] == 1
     return project
-
-
-@pytest.fixture(scope="module")
-def retrained(demo):
-    """The drift-triggered retrain: FOLDOC (labelled new-domain data) joins the sources."""
-    first = json.loads((demo.root / "reports/evaluate/results.json").read_text())
-    demo.set_params(ingest={"sources": [{"kind": "bundled", "name": "wordnet"},
-                                        {"kind": "bundled", "name": "foldoc"}]})
-    # this round is about the new domain: the forgetting check ran in the first (its own test)
-    demo.set_params(evaluate={"forgetting": {"task": None}})
-    demo.dvc("repro", "evaluate")
-    return first, json.loads((demo.root / "reports/evaluate/results.json").read_text())
 
 
 def test_the_bundled_smollm2_became_a_plain_transformers_folder_with_the_ggufs_logits(demo):
@@ -161,17 +148,3 @@ def test_llmops_serve_answers_with_the_demo_champion_as_evaluated_and_logs_the_r
             assert same == len(samples), f"{same} of {len(samples)} served answers are the evaluated ones"
         finally:
             stop_process_group(process, 30)
-
-
-def test_retrained_on_the_new_domain_beats_the_champion_there(retrained):
-    first, second = retrained
-    assert "computing" not in first["slices"]["domain"]  # the champion never saw the new domain
-    assert second["champion_version"] == "1" and "champion" in second["systems"]
-    new_domain = second["slices"]["domain"]["computing"]
-    assert new_domain["n"] >= 10
-    # Measured (2026-11-24, 30 steps on the mixed data): perplexity 29.6 vs 30.3, ROUGE-L 0.137 vs
-    # 0.123 on 24 FOLDOC examples. CPU training is deterministic here, so the margins repeat;
-    # they are small because both runs are 30 steps and the champion already learnt the
-    # definition style on WordNet (base: 38.2).
-    assert new_domain["candidate"]["perplexity"] < new_domain["champion"]["perplexity"], new_domain
-    assert new_domain["candidate"]["rouge_l"] > new_domain["champion"]["rouge_l"], new_domain
