@@ -50,6 +50,8 @@ def test_retrained_on_the_new_domain_beats_the_champion_there(rounds):
     assert second["champion_version"] == "1" and "champion" in second["systems"]
     new_domain = second["slices"]["domain"]["computing"]
     assert new_domain["n"] >= 10
+    # measured (2026-12-07, 28 FOLDOC examples): 477.2 vs the champion's 482.7 (base 517.7); CPU
+    # training is deterministic here, so the margin repeats
     assert new_domain["candidate"]["perplexity"] < new_domain["champion"]["perplexity"], new_domain
     # and on the old domain it has not become worse than the base model it started from
     old_domain = second["slices"]["domain"]["general"]
