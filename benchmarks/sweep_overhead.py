@@ -66,12 +66,9 @@ def main() -> None:
         project.run(dvc, "repro", "train", timeout=3600)
         plain.append(time.perf_counter() - start)
         # (b) the sweep's next trial, with learning rate y (enqueued: the same kind of run)
-        study = optuna.load_study(study_name="bench", storage=f"sqlite:///{project.root / 'sweeps.db'}") \
-            if (project.root / "sweeps.db").exists() else None
-        if study is None:
-            study = optuna.create_study(study_name="bench", storage=f"sqlite:///{project.root / 'sweeps.db'}",
-                                        direction="minimize" if args.metric in ("eval_loss", "perplexity")
-                                        else "maximize")
+        study = optuna.create_study(study_name="bench", storage=f"sqlite:///{project.root / 'sweeps.db'}",
+                                    direction="minimize" if args.metric in ("eval_loss", "perplexity") else "maximize",
+                                    load_if_exists=True)
         study.enqueue_trial({"train.learning_rate": rates[2 * pair + 1]})
         start = time.perf_counter()
         project.run(llmops, "sweep", "--study", "bench", "--trials", str(pair + 1), timeout=3600)

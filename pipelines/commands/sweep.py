@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -191,42 +192,18 @@ def params_diff(baseline_text: str, overrides: list[str], root: Path) -> str:
 
 
 def release_dead_trial(root: Path, study: str) -> None:
-    """A killed sweep left its trial holding the workspace: release it (its process is gone)."""
-    state = experiments._read_state(root)  # noqa: SLF001 - the same module's record, read-only here
+    """A killed sweep left its trial holding the workspace (and maybe a half-written dvc.lock):
+    release it, its process being gone."""
+    state = experiments.read_state(root)
     name = str(state.get("name") or "")
     if state.get("status") == "running" and name.startswith(f"sweep-{study}-"):
         pid = state.get("pid")
-        if isinstance(pid, int) and pid != os.getpid() and experiments._pid_alive(pid):  # noqa: SLF001
+        if isinstance(pid, int) and pid != os.getpid() and experiments.pid_alive(pid):
             raise SweepError(f"sweep {study} is already running here (pid {pid}, trial {name}); one sweep per "
                              "workspace: run other workers in other clones against the same sweep.storage")
         logger.info("sweep %s: releasing the workspace from %s, whose sweep was killed", study, name)
         experiments.end(root, name)
-        repair_lockfile(root)
-
-
-def repair_lockfile(root: Path) -> None:
-    """A `dvc repro` killed while it wrote dvc.lock leaves it empty or cut short (DVC rewrites the
-    file in place), and every later `dvc repro` then fails on it. The killed trial's entries are
-    worth nothing (its trial runs again): put back HEAD's dvc.lock, or none if HEAD has none."""
-    path = root / "dvc.lock"
-    if not path.exists():
-        return
-    from dvc.dvcfile import Lockfile
-    from dvc.repo import Repo
-
-    try:
-        with Repo(str(root)) as repo:
-            Lockfile(repo, str(path)).load()
-        return
-    except Exception as error:  # noqa: BLE001 - DVC's YAML and schema errors have no common base here
-        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
-    shown = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True, text=True)
-    if shown.returncode == 0:
-        atomic_write_text(path, shown.stdout)
-    else:
-        path.unlink()
-    logger.warning("dvc.lock was damaged by the killed trial (%s): %s", problem,
-                   "restored HEAD's" if shown.returncode == 0 else "removed (HEAD has none)")
+        experiments.repair_lockfile(root)
 
 
 def _last_error(log: str) -> str:
@@ -410,13 +387,11 @@ class Sweep:
                            "experiment": t.user_attrs.get("dvc_experiment"),
                            "defaults": bool(t.user_attrs.get("llmops.defaults")),
                            "seconds": round(t.duration.total_seconds(), 1) if t.duration else None})
-        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         summary: dict[str, Any] = {
             "study": self.study_name, "metric": self.metric, "direction": self.direction, "split": "validation",
             "storage": settings.hide_password(self.storage_url), "budget": self.budget,
-            "states": {state.name: sum(1 for t in trials if t["state"] == state.name) for state in TrialState
-                       if any(t["state"] == state.name for t in trials)},
-            "trials": trials, "best": None}
+            "states": dict(Counter(t["state"] for t in trials)), "trials": trials, "best": None}
         if complete:
             best = study.best_trial
             overrides = [override(k, v, self.baseline_data) for k, v in best.params.items()]

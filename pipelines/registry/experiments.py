@@ -65,7 +65,7 @@ import yaml
 from pipelines.config.params import RUN_OVERRIDABLE, Params, Paths, load_params, run_overridable
 from pipelines.config.settings import DEPLOYMENT_SETTINGS
 from pipelines.errors import LLMOpsError, ParamsError
-from pipelines.io import atomic_copy, atomic_write_json
+from pipelines.io import atomic_copy, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 STATE = Path(".dvc/tmp/llmops-experiment.json")
@@ -169,7 +169,7 @@ def check_run_overrides(root: Path, base_text: str, draft_text: str, overrides: 
         raise OverrideRefused(f"run override {' '.join(overrides)!r} refused: {'; '.join(problems)}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -185,7 +185,7 @@ def running_dvc_experiment(root: Path) -> int | None:
         pid = int(json.loads((root / DVC_WORKSPACE_RUN).read_text()).get("pid"))
     except (OSError, ValueError, TypeError, AttributeError):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if pid_alive(pid) else None
 
 
 @contextmanager
@@ -217,7 +217,7 @@ def _dvc_lock(root: Path):
             lock.unlock()
 
 
-def _read_state(root: Path) -> dict:
+def read_state(root: Path) -> dict:
     path = root / STATE
     try:
         return json.loads(path.read_text()) if path.exists() else {}
@@ -261,7 +261,7 @@ def start(root: Path, name: str, overrides: list[str], params_file: str = "param
             "params and outputs; wait for it to finish, or run experiments elsewhere (`dvc exp run --queue` "
             "runs them in temporary copies)")
     with _dvc_lock(root):
-        state = _read_state(root)
+        state = read_state(root)
         if state.get("status") == "running" and state.get("name") != name:
             raise ExperimentError(
                 f"orchestrated run {_holder(state)} has not ended in {root}: one run at a time per workspace; "
@@ -306,7 +306,7 @@ def end(root: Path, name: str) -> bool:
     """Release the workspace held by run NAME (whatever its outcome). Another run's hold is left
     alone, so a late or repeated `end` never frees the workspace under a newer run."""
     with _dvc_lock(root):
-        state = _read_state(root)
+        state = read_state(root)
         if state.get("name") != name or state.get("status") != "running":
             logger.info("experiment %s: nothing to end (the workspace is %s)", name,
                         f"held by {_holder(state)}" if state.get("status") == "running" else "free")
@@ -325,7 +325,7 @@ def save(root: Path, name: str, message: str | None = None, include: list[str] |
     sweep trial runs up to `train`, and DVC refuses to save the outputs of stages that did not run)."""
     from dvc.repo import Repo
 
-    state = _read_state(root)
+    state = read_state(root)
     target = root / "params.yaml"
     if state.get("name") == name and target.exists() and _digest(target.read_text(encoding="utf-8")) != \
             state.get("sha256"):
@@ -352,3 +352,30 @@ def save(root: Path, name: str, message: str | None = None, include: list[str] |
     ref = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else name
     logger.info("experiment %s saved: %s (see `dvc exp show`)", name, ref)
     return ref
+
+
+def repair_lockfile(root: Path) -> str | None:
+    """A `dvc repro` killed while it wrote dvc.lock leaves it empty or cut short (DVC rewrites the
+    file in place), and every later `dvc repro` then fails on it. A killed run's entries are worth
+    nothing (the run is done again): put back HEAD's dvc.lock, or none if HEAD has none. Returns
+    what was wrong, or None when dvc.lock was sound."""
+    path = root / "dvc.lock"
+    if not path.exists():
+        return None
+    from dvc.dvcfile import Lockfile
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            Lockfile(repo, str(path)).load()
+        return None
+    except Exception as error:  # noqa: BLE001 - DVC's YAML and schema errors have no common base here
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+    shown = _git(root, "show", "HEAD:dvc.lock")
+    if shown.returncode == 0:
+        atomic_write_text(path, shown.stdout)
+    else:
+        path.unlink()
+    logger.warning("dvc.lock was damaged by a killed run (%s): %s", problem,
+                   "restored HEAD's" if shown.returncode == 0 else "removed (HEAD has none)")
+    return problem

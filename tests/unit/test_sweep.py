@@ -143,3 +143,66 @@ def test_the_callback_reports_eval_losses_and_prunes_a_trial_behind_the_median(t
         study.tell(trial, state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
                    values=None if pruned else 0.4)
     callback.on_evaluate(None, state, None, metrics={"loss": 1.0})  # a log without eval_loss: nothing to report
+
+
+# --- what stops a sweep before it trains, and the workspace a killed one left ----------------
+
+
+@pytest.fixture
+def committed(tmp_path):
+    from tests.support import commit, make_project
+
+    project = make_project(tmp_path / "project")
+    commit(project, "a project")
+    return project
+
+
+def sweep_params(project, **sweep) -> Params:
+    data = yaml.safe_load((project.root / "params.yaml").read_text())
+    data["sweep"].update(sweep)
+    return parse_params(data)
+
+
+def test_an_empty_space_and_bad_arguments_stop_with_one_line(committed, monkeypatch):
+    from pipelines.commands.sweep import Sweep, SweepError, main
+
+    with pytest.raises(SweepError, match="sweep.space is empty: declare the params to search"):
+        Sweep(committed.root, sweep_params(committed, space={}), "s", 2).run()
+    monkeypatch.chdir(committed.root)
+    with pytest.raises(ParamsError, match="--trials 0: give at least 1"):
+        main(sweep_params(committed), trials=0)
+    with pytest.raises(ParamsError, match="--study 'a b': use letters, digits"):
+        main(sweep_params(committed), study="a b")
+
+
+def test_a_study_keeps_the_metric_it_was_started_with(committed):
+    from pipelines.commands.sweep import Sweep, SweepError
+
+    first = Sweep(committed.root, sweep_params(committed), "s", 2).open_study()
+    assert first.user_attrs["metric"] == "rouge_l"
+    # trial 0 is HEAD's values of the swept keys, queued once
+    queued = [t.system_attrs["fixed_params"] for t in first.get_trials()]
+    assert queued == [{"train.learning_rate": 2e-4, "train.lora.r": 8, "train.lora.lora_alpha": 16,
+                       "train.lora.lora_dropout": 0.05}]
+    Sweep(committed.root, sweep_params(committed), "s", 2).open_study()  # the same study again: loaded, not re-queued
+    assert len(first.get_trials()) == 1
+    with pytest.raises(SweepError, match="study s compares trials by rouge_l, this sweep by perplexity"):
+        Sweep(committed.root, sweep_params(committed, metric="perplexity"), "s", 2).open_study()
+
+
+def test_a_half_written_dvc_lock_is_put_back_to_heads(committed, caplog):
+    from pipelines.registry.experiments import repair_lockfile
+
+    lock = committed.root / "dvc.lock"
+    assert repair_lockfile(committed.root) is None  # none: nothing to do
+    lock.write_text("")  # what a kill during DVC's in-place rewrite leaves
+    assert repair_lockfile(committed.root) and not lock.exists()  # HEAD has none
+    sound = "schema: '2.0'\nstages: {}\n"
+    lock.write_text(sound)
+    assert repair_lockfile(committed.root) is None and lock.read_text() == sound
+    committed.run("git", "add", "dvc.lock")
+    committed.run("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-q", "-m", "lock")
+    lock.write_text("schema: '2.0'\nstages:\n  train:\n    cmd: 'llmops tr")  # cut short, mid-string
+    with caplog.at_level("WARNING"):
+        assert repair_lockfile(committed.root)
+    assert lock.read_text() == sound and "restored HEAD's" in caplog.text
