@@ -138,7 +138,15 @@ def _run(args: argparse.Namespace) -> None:
         dest = options.get("dest") or flags[-1].lstrip("-").replace("-", "_")
         extras[dest] = getattr(args, dest)
     entry: Callable = importlib.import_module(module_name).main
+    if args.command not in STAGES or extras.get("list_only"):
+        entry(params, **extras)
+        return
+    # Every stage run is metered: reports/cost/<stage>.json once it succeeded (pipelines/accounting).
+    from pipelines.accounting.cost import Meter
+
+    meter = Meter(args.command, params)
     entry(params, **extras)
+    meter.finish()
 
 
 def main(argv: list[str] | None = None) -> int:

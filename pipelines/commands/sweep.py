@@ -50,6 +50,7 @@ from typing import Any
 
 import yaml
 
+from pipelines.accounting import cost
 from pipelines.config import settings
 from pipelines.config.params import Params, SearchDimension
 from pipelines.errors import LLMOpsError, ParamsError
@@ -63,6 +64,7 @@ logger = logging.getLogger(__name__)
 OBJECTIVE_FILE = Path("reports/sweep/objective.json")  # the trial's score, saved with its DVC experiment
 MARKERS = Path(".dvc/tmp/llmops-sweep")  # pruned-trial marker files
 TARGET = "train"
+COST_ATTR = "llmops.cost"  # a trial's machine time at cost.prices (budget.per_sweep)
 _ABSENT = object()
 
 
@@ -226,6 +228,9 @@ class Sweep:
         self.failures = 0
         self.client: Any = None
         self.parent_run: str | None = None
+        # budget.per_sweep: each trial's machine time at cost.prices, kept on the trial in the study
+        self.hourly = cost.price_per_hour(cost.detect(params.cost), params.cost)
+        self.stopped_by_budget: str | None = None
 
     # --- the study -------------------------------------------------------------------------
 
@@ -307,6 +312,7 @@ class Sweep:
         from pipelines.evaluation.objective import validation_score
 
         name = experiment_name(self.study_name, trial.number)
+        trial_started = time.monotonic()
         values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
         overrides = [override(key, value, self.baseline_data) for key, value in values.items()]
         logger.info("sweep %s: trial %d: %s", self.study_name, trial.number, " ".join(overrides) or "(HEAD)")
@@ -360,6 +366,9 @@ class Sweep:
         finally:
             self.client.set_terminated(child, status=status)
             experiments.end(self.root, name)
+            # the machine time is spent whether the trial completed, was pruned or failed
+            seconds = time.monotonic() - trial_started
+            trial.set_user_attr(COST_ATTR, None if self.hourly is None else self.hourly * seconds / 3600)
 
     def repro(self, env: dict[str, str], number: int) -> subprocess.CompletedProcess:
         beside = Path(sys.executable).parent / "dvc"
@@ -369,6 +378,31 @@ class Sweep:
         result = subprocess.run(command, cwd=self.root, env=env, capture_output=True, text=True)
         log_path.write_text(result.stdout + result.stderr, encoding="utf-8")
         return result
+
+    def spent(self, study: Any) -> list[float]:
+        """What each priced trial of the study cost (all invocations: the budget is the study's)."""
+        return [t.user_attrs[COST_ATTR] for t in study.get_trials(deepcopy=False)
+                if isinstance(t.user_attrs.get(COST_ATTR), (int, float))]
+
+    def over_budget(self, study: Any) -> str | None:
+        """Why no further trial may start under budget.per_sweep (the spend so far plus the mean
+        trial's cost would pass it), or None."""
+        limit = self.params.budget.per_sweep
+        costs = self.spent(study)
+        if limit is None or not costs:
+            return None
+        spent, expected = sum(costs), sum(costs) / len(costs)
+        if spent + expected <= limit:
+            return None
+        currency = self.params.cost.currency
+        return (f"budget.per_sweep {limit} {currency}: {len(costs)} trials cost {spent:.4f} {currency}, and one more "
+                f"(about {expected:.4f}) would pass it; raise budget.per_sweep to continue the study")
+
+    def stop_on_budget(self, study: Any, _trial: Any) -> None:
+        reason = self.over_budget(study)
+        if reason:
+            self.stopped_by_budget = reason
+            study.stop()
 
     def stop_on_repeated_failures(self, study: Any, _trial: Any) -> None:
         if self.failures >= self.params.sweep.max_consecutive_failures:
@@ -386,12 +420,16 @@ class Sweep:
             trials.append({"number": t.number, "state": t.state.name, "value": value, "params": t.params,
                            "experiment": t.user_attrs.get("dvc_experiment"),
                            "defaults": bool(t.user_attrs.get("llmops.defaults")),
-                           "seconds": round(t.duration.total_seconds(), 1) if t.duration else None})
+                           "seconds": round(t.duration.total_seconds(), 1) if t.duration else None,
+                           "cost": t.user_attrs.get(COST_ATTR)})
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         summary: dict[str, Any] = {
             "study": self.study_name, "metric": self.metric, "direction": self.direction, "split": "validation",
             "storage": settings.hide_password(self.storage_url), "budget": self.budget,
-            "states": dict(Counter(t["state"] for t in trials)), "trials": trials, "best": None}
+            "states": dict(Counter(t["state"] for t in trials)), "trials": trials, "best": None,
+            "cost": {"spent": round(sum(self.spent(study)), 8) if self.hourly is not None else None,
+                     "currency": self.params.cost.currency, "per_sweep": self.params.budget.per_sweep,
+                     "stopped_by_budget": self.stopped_by_budget}}
         if complete:
             best = study.best_trial
             overrides = [override(k, v, self.baseline_data) for k, v in best.params.items()]
@@ -462,11 +500,17 @@ class Sweep:
             logger.info("sweep %s: %d of %d trials finished; %s by %s on the validation split (%s)",
                         self.study_name, self.budget - max(remaining, 0), self.budget, self.direction, self.metric,
                         settings.hide_password(self.storage_url))
-            if remaining > 0:
+            if self.params.budget.per_sweep is not None and self.hourly is None:
+                logger.warning("sweep %s: budget.per_sweep is set but trials cannot be priced: %s", self.study_name,
+                               cost.missing_price(cost.detect(self.params.cost), self.params.cost))
+            self.stopped_by_budget = self.over_budget(study)
+            if self.stopped_by_budget:
+                logger.warning("sweep %s: no trial started: %s", self.study_name, self.stopped_by_budget)
+            elif remaining > 0:
                 study.optimize(self.objective, catch=(TrialFailed,),
                                callbacks=[MaxTrialsCallback(self.budget, states=(TrialState.COMPLETE,
                                                                                  TrialState.PRUNED)),
-                                          self.stop_on_repeated_failures])
+                                          self.stop_on_repeated_failures, self.stop_on_budget])
             if self.failures >= self.params.sweep.max_consecutive_failures:
                 last = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))[-1]
                 raise SweepError(f"sweep {self.study_name} stopped after {self.failures} failed trials in a row: "
@@ -489,6 +533,8 @@ def main(params: Params, trials: int | None = None, study: str | None = None, ap
     sweep = Sweep(root, params, study or params.sweep.study, trials or params.sweep.trials)
     summary = sweep.run()
     best = summary.get("best")
+    if sweep.stopped_by_budget:
+        print(f"sweep {sweep.study_name}: stopped: {sweep.stopped_by_budget}")
     if best is None:
         print(f"sweep {sweep.study_name}: no trial finished; see {sweep.out / 'trials'}")
         return

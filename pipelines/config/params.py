@@ -42,6 +42,9 @@ RUN_OVERRIDABLE: tuple[str, ...] = (
     "train.qlora", "train.weight_decay", "train.max_grad_norm", "train.logging_steps", "train.eval_steps",
     "train.save_steps", "train.save_total_limit", "train.max_train_samples", "train.max_eval_samples",
     "train.merge", "train.objective", "train.dpo",
+    # a plan over budget.per_run runs when a reason is given; the reason is recorded with the run
+    # (like the form's skip_gate): the limit itself stays what the commit says
+    "budget.override_reason",
 )
 
 
@@ -100,6 +103,10 @@ class Paths(Section):
     def metrics(self, stage: str) -> Path:
         """A stage's DVC metrics file: <reports_dir>/<stage>/metrics.json, by rule."""
         return self.reports_dir / stage / "metrics.json"
+
+    def cost(self, stage: str) -> Path:
+        """A stage's cost record: <reports_dir>/cost/<stage>.json, by rule (pipelines/accounting)."""
+        return self.reports_dir / "cost" / f"{stage}.json"
 
     def report(self, name: str) -> Path:
         """A catalog file, e.g. report("evaluation_results") -> reports/evaluate/results.json."""
@@ -677,6 +684,40 @@ class SearchDimension(Section):
         return self
 
 
+class MachinePrice(Section):
+    """What one machine kind costs per hour: per core (CPU machines) or per GPU."""
+
+    per_core_hour: float | None = Field(None, ge=0.0)
+    per_gpu_hour: float | None = Field(None, ge=0.0)
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> MachinePrice:
+        if (self.per_core_hour is None) == (self.per_gpu_hour is None):
+            raise ValueError("give exactly one of per_core_hour (CPU machines) or per_gpu_hour (GPU machines)")
+        return self
+
+
+class CostParams(Section):
+    """Cost accounting (pipelines/accounting): what each stage and served token costs."""
+
+    # This machine's row of `prices`; auto: `cpu` without a GPU, else the GPU's kind as
+    # pipelines/accounting/cost.py names it from the device name (nvidia-h100, nvidia-h200, ...).
+    machine: str = Field("auto", min_length=1)
+    currency: str = Field("USD", min_length=1, max_length=8)
+    prices: dict[str, MachinePrice] = Field(default_factory=lambda: {"cpu": MachinePrice(per_core_hour=0.045)})
+    # `llmops serve`: generated tokens/s over this window price a served token (/metrics)
+    throughput_window_seconds: float = Field(300.0, gt=0.0)
+
+
+class BudgetParams(Section):
+    """Spending limits, in cost.currency: checked before work starts (docs/training.md, "Cost and budget")."""
+
+    per_run: float | None = Field(None, gt=0.0)  # one training run's estimated cost; null: no limit
+    per_sweep: float | None = Field(None, gt=0.0)  # all trials of one `llmops sweep`; null: no limit
+    # Run a plan over budget anyway: the reason is recorded (reports/cost/train.json, the MLflow run).
+    override_reason: str | None = Field(None, min_length=3)
+
+
 class SweepParams(Section):
     """`llmops sweep` (pipelines/commands/sweep.py): an Optuna study over run parameters, each
     trial a DVC experiment scored on the validation split."""
@@ -729,6 +770,8 @@ class Params(Section):
     deploy: DeployParams = DeployParams()
     monitor: MonitorParams = MonitorParams()
     sweep: SweepParams = SweepParams()
+    cost: CostParams = CostParams()
+    budget: BudgetParams = BudgetParams()
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:

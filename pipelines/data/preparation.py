@@ -88,6 +88,7 @@ def token_stats(frame: pd.DataFrame) -> dict[str, float]:
     stats = {f"tokens_p{q}": float(total.quantile(q / 100)) for q in (50, 90, 99)}
     stats["tokens_max"] = int(total.max())
     stats["completion_tokens_p50"] = float(frame["n_completion_tokens"].median())
+    stats["tokens_total"] = int(total.sum())  # what the split holds (cost accounting, training budgets)
     return stats
 
 

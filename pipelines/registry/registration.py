@@ -55,6 +55,7 @@ def evidence(params: Params, params_file: Path = Path("params.yaml")) -> dict[st
     train = read_json(params.paths.metrics("train"), "train")
     results = read_json(params.paths.report("evaluation_results"), "evaluate")
     validation = read_json(params.paths.validate_dir / "metrics.json", "validate")
+    costs = {stage: read_cost(params.paths.cost(stage)) for stage in ("train", "evaluate")}
     hashes = dvc_hashes()
     git = git_state()
     return {
@@ -78,8 +79,53 @@ def evidence(params: Params, params_file: Path = Path("params.yaml")) -> dict[st
         "base_model.sha256": base_source.get("content_sha256", ""),
         "data.licence": params.registry.data_licence,
         "intended_use": params.registry.intended_use,
+        **cost_tags(costs),
         "_results": results,
+        "_costs": costs,
     }
+
+
+def read_cost(path: Path) -> dict[str, Any] | None:
+    """A stage's cost record (pipelines/accounting/cost.py), or None when it ran without one."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cost_tags(costs: dict[str, dict[str, Any] | None]) -> dict[str, str]:
+    """The version's training and evaluation cost as tags (searchable in the registry)."""
+    tags = {}
+    for stage, cost in costs.items():
+        if cost is None:
+            tags[f"cost.{stage}"] = "not recorded"
+            continue
+        tags[f"cost.{stage}"] = "unpriced" if cost.get("cost") is None else f"{cost['cost']:.6f} {cost['currency']}"
+        tags[f"cost.{stage}.machine"] = cost["machine"]["key"]
+        tags[f"cost.{stage}.wall_seconds"] = f"{cost['wall_seconds']:.1f}"
+        tags[f"cost.{stage}.tokens"] = str(cost.get("tokens_processed", 0))
+    return tags
+
+
+def cost_section(costs: dict[str, dict[str, Any] | None]) -> str:
+    """The model card's cost table: what training and evaluating this version used and cost."""
+    rows = []
+    for stage, cost in costs.items():
+        if cost is None:
+            rows.append(f"| {stage} | not recorded | | | | |")
+            continue
+        hours = f"{cost['gpu_hours']:.4f} GPU-h" if cost["machine"]["gpus"] else f"{cost['core_hours']:.4f} core-h"
+        money = "unpriced" if cost.get("cost") is None else f"{cost['cost']:.4f} {cost['currency']}"
+        per_1k = "" if cost.get("cost_per_1k_tokens") is None else f"{cost['cost_per_1k_tokens']:.6f}"
+        rows.append(f"| {stage} | {cost['wall_seconds']:.0f} s on {cost['machine']['key']} | {hours} | "
+                    f"{cost.get('tokens_processed', 0):,} | {money} | {per_1k} |")
+    train = costs.get("train") or {}
+    override = (f"\nTrained over budget (estimate {train['budget_estimate'].get('cost')}); the reason given: "
+                f"{train['budget_override_reason']}\n" if train.get("budget_override_reason") else "")
+    return ("\n## Cost\n\nBilled as the machine's cores (or GPUs) for the stage's wall time at params.yaml's "
+            "`cost.prices` (reports/cost/<stage>.json).\n\n"
+            "| stage | time | machine time | tokens | cost | per 1k tokens |\n|---|---|---|---:|---:|---:|\n"
+            + "\n".join(rows) + "\n" + override)
 
 
 def primary_choice(results: dict[str, Any]) -> str:
@@ -178,7 +224,7 @@ paired-bootstrap confidence intervals; the champion at evaluation time was
 {facts['evaluate.champion_version']}.{primary_choice(results)}
 
 {metrics_table(results)}
-{forgetting_section(results)}"""
+{forgetting_section(results)}{cost_section(facts.get("_costs", {}))}"""
 
 
 def register(params: Params) -> dict[str, Any]:

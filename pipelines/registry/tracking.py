@@ -301,6 +301,22 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(finite, step=step)
 
 
+def annotate_run(params: TrackingParams, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """Add metrics and tags to a run that has ended (a stage's cost, measured after its run closed),
+    without reopening it: its status, duration and system metrics stay as they were."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+
+    client_environment()
+    client = mlflow.MlflowClient(resolve_tracking_uri(params))
+    now = int(time.time() * 1000)
+    finite = [Metric(key, float(value), now, 0) for key, value in metrics.items()
+              if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
+    client.log_batch(run_id, metrics=finite, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
 def log_artifacts(path: Path, artifact_path: str | None = None) -> None:
     import mlflow
 

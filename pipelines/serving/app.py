@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from pipelines.accounting import cost
 from pipelines.config.params import Params, ServeParams
 from pipelines.config.settings import api_token, vllm_url
 from pipelines.data.templates import ControlTokenInContent, guard_content, render_prompt
@@ -387,6 +388,15 @@ class Metrics:
                                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
         self.log_late = Counter("llmops_inference_log_late", "Answers sent before their log record was on disk "
                                 "(inference_log.durable_wait_seconds passed)", registry=self.registry)
+        # cost of a served token (pipelines/accounting/cost.py ServingCost), set at each scrape
+        self.price_per_hour = Gauge("llmops_cost_price_per_hour", "What this machine costs per hour (params.yaml "
+                                    "cost.prices; NaN: no row for its kind)", ["machine", "currency"],
+                                    registry=self.registry)
+        self.generated_rate = Gauge("llmops_generated_tokens_per_second", "Generated tokens/s over the last "
+                                    "cost.throughput_window_seconds (NaN: none generated)", registry=self.registry)
+        self.cost_per_1k = Gauge("llmops_cost_per_1k_generated_tokens", "The machine's cost per 1k generated tokens "
+                                 "at the measured throughput (NaN: none generated, or unpriced)", ["currency"],
+                                 registry=self.registry)
 
 
 # --- the service -------------------------------------------------------------------------------
@@ -401,6 +411,11 @@ class Service:
         self.settings: ServeParams = params.serve
         self.token = token
         self.metrics = Metrics()
+        machine = cost.detect(params.cost)
+        self.serving_cost = cost.ServingCost(cost.price_per_hour(machine, params.cost),
+                                             params.cost.throughput_window_seconds)
+        self.metrics.price_per_hour.labels(machine.key, params.cost.currency).set(
+            math.nan if self.serving_cost.price_per_hour is None else self.serving_cost.price_per_hour)
         self.engines = EngineManager(params, self.metrics, wait_for_model=wait_for_model)
         self.inference_log = inference_log
         self.outstanding = 0  # admitted requests not answered yet (the event loop's thread only)
@@ -691,6 +706,7 @@ def create_app(service: Service) -> "FastAPI":
         latency = time.perf_counter() - exchange.started
         service.metrics.latency.labels(exchange.endpoint).observe(latency)
         service.metrics.tokens.inc(exchange.completion_tokens)
+        service.serving_cost.add(exchange.completion_tokens)
         service.metrics.prompt_tokens.inc(exchange.prompt_tokens)
         served = service.engines.current
         exchange.durable = service.log(
@@ -791,6 +807,9 @@ def create_app(service: Service) -> "FastAPI":
     async def metrics() -> Response:
         if service.inference_log is not None:
             service.metrics.log_pending.set(service.inference_log.pending)
+        rate, per_1k = service.serving_cost.snapshot()
+        service.metrics.generated_rate.set(math.nan if rate is None else rate)
+        service.metrics.cost_per_1k.labels(service.params.cost.currency).set(math.nan if per_1k is None else per_1k)
         text = generate_latest(service.metrics.registry).decode()
         served = service.engines.current
         if served is not None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.accounting import budget
 from pipelines.config.params import Params, TrainParams, parse_params
 from pipelines.errors import LLMOpsError
 from pipelines.io import atomic_path, atomic_write_json, atomic_write_text, read_parquet, remove_outputs
@@ -429,6 +430,9 @@ def training_arguments(params: TrainParams, cuda: bool, precision: str, evaluate
         activation_checkpointing_kwargs={"use_reentrant": False} if params.activation_checkpointing else None,
         deepspeed=str(config) if config else None,
         report_to="none",
+        # tokens read (non-padding): the cost record's tokens and the throughput budgets price plans
+        # by. DPO's batches hold chosen_/rejected_ inputs the Trainer cannot count.
+        include_num_input_tokens_seen="non_padding" if params.objective == "sft" else "no",
         # Progress bars in a terminal; in logs (DVC under Airflow, CI) the per-step INFO lines
         # are enough and a bar only adds carriage-return noise.
         disable_tqdm=not sys.stderr.isatty(),
@@ -609,7 +613,8 @@ def start_tracking(params: Params, the_plan: Plan, resume: Path | None, frames: 
         params.tracking, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", run_id=previous,
         tags={**tracking.git_state(), "stage": "train", "base_model": params.base_model.source,
               "base_model_sha256": the_plan.base_sha256, "data_sha256": the_plan.data_sha256,
-              "resumed_from": str(resume) if resume else "", "objective": train.objective})
+              "resumed_from": str(resume) if resume else "", "objective": train.objective,
+              "precision": the_plan.precision})
     checkpoints.update_run(train.checkpoint_dir, mlflow_run_id=run_id)
     tracking.log_params({"train": train.model_dump(mode="json"), "base_model": params.base_model.source,
                          "train_examples": stats["train"]["examples"],
@@ -662,7 +667,7 @@ def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
             logger.info("train: LoRA r=%d on %s: %s trainable of %s parameters", train.lora.r,
                         ",".join(train.lora.target_modules), f"{trainable:,}", f"{total:,}")
             run_id = start_tracking(params, the_plan, resume, frames, stats)
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if trainer.eval_dataset is not None and not any(
                 e.get("step") == trainer.state.global_step for e in trainer.state.log_history if "eval_loss" in e):
             trainer.evaluate()
@@ -684,7 +689,9 @@ def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
                        train_examples=stats["train"]["examples"],
                        eval_examples=stats["validation"]["examples"], mlflow_run_id=run_id,
                        resumed_from_step=checkpoints.checkpoint_step(resume) if resume else 0,
-                       runtime_seconds=round(time.time() - started, 1))
+                       runtime_seconds=round(time.time() - started, 1),
+                       **throughput(trainer.state.num_input_tokens_seen, output.metrics.get("train_runtime"),
+                                    resumed=resume is not None))
         write_reports(params, trainer.state.log_history, metrics)
         tracking.end_run("FINISHED")
         checkpoints.clear(train.checkpoint_dir)
@@ -699,6 +706,16 @@ def run(params: Params, the_plan: Plan) -> dict[str, Any] | None:
             shutil.rmtree(_staging_dir(train.adapter_dir), ignore_errors=True)
             tracking.end_run("KILLED" if isinstance(error, (KeyboardInterrupt, pruning.TrialPruned)) else "FAILED")
         raise
+
+
+def throughput(tokens: int, runtime: float | None, resumed: bool) -> dict[str, Any]:
+    """Tokens the run trained on and its training throughput (the Trainer's own train_runtime:
+    the optimisation loop, not loading or saving). A resumed run's count includes the killed
+    run's tokens but its runtime does not, so it gives no throughput for budgets to price by."""
+    if not tokens:
+        return {"tokens_trained": None, "train_tokens_per_second": None}
+    rate = tokens / runtime if runtime and not resumed else None
+    return {"tokens_trained": int(tokens), "train_tokens_per_second": None if rate is None else round(rate, 3)}
 
 
 def publish(params: Params, the_plan: Plan, trainer: Any, tokenizer: Any, staging: Path, batch: dict,
@@ -757,7 +774,9 @@ def write_reports(params: Params, history: list[dict[str, Any]], metrics: dict[s
     atomic_write_text(reports / "eval_loss.csv", eval_csv)
     atomic_write_json(params.paths.metrics("train"), metrics)
     tracking.log_metrics({"final_train_loss": metrics["train_loss"], "final_eval_loss": metrics["eval_loss"],
-                          "gate_reloaded_loss": metrics["gate_reloaded_loss"]})
+                          "gate_reloaded_loss": metrics["gate_reloaded_loss"],
+                          # budgets price later plans by this (pipelines/accounting/budget.py)
+                          budget.THROUGHPUT_METRIC: metrics.get("train_tokens_per_second")})
     tracking.log_artifacts(params.train.adapter_dir, "adapter")
     for path in (params.paths.metrics("train"), reports / "train_loss.csv", reports / "eval_loss.csv"):
         tracking.log_artifacts(path, "reports")
@@ -799,6 +818,8 @@ def launch(params: Params) -> None:
 def main(params: Params) -> None:
 
     the_plan = plan(params)
+    # priced before any weights load; over budget.per_run stops here (pipelines/accounting/budget.py)
+    budget.check_training(params, the_plan.base_sha256, the_plan.precision)
     checkpoints.prepare_resume(params.train.checkpoint_dir, the_plan.fingerprint)
     if needs_launch(params.train.deepspeed) and not _in_rank():
         launch(params)
