@@ -198,3 +198,52 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_and_ends_like_an
     assert resumed["mlflow_run_id"] == run_id  # the same MLflow run continues
     assert resumed["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], rel=1e-4)
     assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_training_is_metered_and_a_plan_over_budget_stops_unless_a_reason_is_given(tiny_train_params, tmp_path):
+    """Through `llmops train` (what DVC and Airflow run): the first run records its cost and the
+    throughput it measured; the next plan is priced by it, stopped over budget, run with a reason."""
+    params = tiny_train_params()
+    params_file = _write_params(params, tmp_path / "params.yaml")
+    record_path = params.paths.cost("train")
+
+    first = _llmops("train", "--params", str(params_file))
+    output, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, output
+    record = json.loads(record_path.read_text())
+    metrics = json.loads(params.paths.metrics("train").read_text())
+    assert record["stage"] == "train" and record["machine"]["kind"] == "cpu"
+    assert metrics["tokens_trained"] > 12 * 4  # 12 steps x 4 examples, several tokens each
+    assert record["tokens"] == {"trained": metrics["tokens_trained"]}
+    assert record["wall_seconds"] >= metrics["runtime_seconds"] > 0  # the stage includes the rank's work
+    assert record["core_hours"] == pytest.approx(record["wall_seconds"] / 3600 * record["machine"]["cores"], rel=1e-4)
+    assert record["cost"] == pytest.approx(record["core_hours"] * params.cost.prices["cpu"].per_core_hour)
+    assert record["budget_estimate"]["tokens"] == pytest.approx(metrics["tokens_trained"], rel=0.35)
+    client, run = _mlflow_run(params.tracking.uri, metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train_tokens_per_second"] == pytest.approx(metrics["train_tokens_per_second"])
+    assert run.data.metrics["cost.cost"] == pytest.approx(record["cost"])
+    assert run.data.tags["cost.machine"] == record["machine"]["key"] and run.data.tags["precision"] == "fp32"
+
+    # priced by the measured throughput: over a tiny budget, one line and no training
+    stopped = _llmops("train", "--params", str(params_file), "--set", "budget.per_run=0.0000001")
+    output, _ = stopped.communicate(timeout=600)
+    assert stopped.returncode != 0
+    error = [line for line in output.splitlines() if line.startswith("llmops train: error:")]
+    assert len(error) == 1 and "Traceback" not in output, output
+    assert "over 1e-07 USD" in error[0] and "tokens/s (median of" in error[0] and "budget.override_reason" in error[0]
+    assert not record_path.exists()  # the stopped run has no cost record
+    assert "Running" not in output and "train: LoRA r=" not in output  # stopped before the weights loaded
+
+    reason = "a fixed-size nightly check"
+    forced = _llmops("train", "--params", str(params_file), "--set", "budget.per_run=0.0000001",
+                     "--set", f"budget.override_reason={reason}")
+    output, _ = forced.communicate(timeout=600)
+    assert forced.returncode == 0, output
+    record = json.loads(record_path.read_text())
+    assert record["budget_override_reason"] == reason and record["budget_per_run"] == 1e-07
+    assert record["budget_estimate"]["cost"] > 1e-07 and record["budget_estimate"]["measured_runs"] >= 1
+    run_id = json.loads(params.paths.metrics("train").read_text())["mlflow_run_id"]
+    _, run = _mlflow_run(params.tracking.uri, run_id)
+    assert run.data.tags["cost.budget_override_reason"] == reason
