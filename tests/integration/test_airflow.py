@@ -126,6 +126,20 @@ def test_dags_test_runs_the_training_pipeline_and_records_a_dvc_experiment(tiny,
     assert list(versions) == ["1"]
     assert "first model" in json.dumps(versions["1"])
 
+    # every stage recorded what it used and cost; the version carries training's and evaluation's
+    records = {stage: json.loads((tiny.root / f"reports/cost/{stage}.json").read_text()) for stage in STAGES}
+    for stage, record in records.items():
+        assert record["stage"] == stage and record["wall_seconds"] > 0 and record["cost"] > 0, record
+    assert records["train"]["tokens"]["trained"] > 0 and records["evaluate"]["tokens"]["generated"] > 0
+    assert records["prepare"]["tokens"]["tokenised"] > 0
+    tags = versions["1"]
+    assert tags["cost.train"] == f"{records['train']['cost']:.6f} USD"
+    assert tags["cost.evaluate.tokens"] == str(records["evaluate"]["tokens_processed"])
+    import mlflow
+
+    card = mlflow.MlflowClient(mlflow_server.uri).get_model_version(model_name(tiny), "1").description
+    assert "## Cost" in card and f"| train | {records['train']['wall_seconds']:.0f} s on " in card
+
     # the run is a DVC experiment with the params it trained with
     saved = experiments(tiny)
     name = "airflow-" + run["run_id"].replace(":", "-").replace("+", "-")

@@ -36,6 +36,10 @@ def test_repro_runs_the_data_stages_and_is_a_noop_the_second_time(project):
     assert flat["reports/validate/metrics.json"]["pass_rate"] == 1.0
     assert flat["reports/prepare/metrics.json"]["train"]["rows"] > 5000
     assert flat["reports/ingest/metrics.json"]["rows"] == 6400
+    # each stage's cost record is a DVC metric too; prepare counted the tokens it wrote
+    assert flat["reports/cost/prepare.json"]["tokens"]["tokenised"] == sum(
+        flat["reports/prepare/metrics.json"][split]["tokens_total"] for split in ("train", "validation", "test"))
+    assert flat["reports/cost/ingest.json"]["tokens_processed"] == 0 and flat["reports/cost/ingest.json"]["cost"] > 0
 
     mtime = (root / "data/prepared/train.parquet").stat().st_mtime_ns
     second = project.dvc("repro", "prepare")

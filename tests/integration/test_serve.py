@@ -230,6 +230,16 @@ def test_metrics_expose_the_gateway_and_the_engine(service):
         assert name in text, name
     assert 'llmops_model_info{name="' in text and 'version="1"' in text
     assert 'llmops_requests_total{endpoint="/v1/completions",status="200"}' in text
+    # the cost of a served token: this machine's price over the tokens/s generated in the window
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {sample.name: sample for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name.startswith("llmops_cost") or sample.name == "llmops_generated_tokens_per_second"}
+    price, rate = samples["llmops_cost_price_per_hour"], samples["llmops_generated_tokens_per_second"]
+    assert price.labels["machine"].startswith("cpu-") and price.labels["currency"] == "USD" and price.value > 0
+    assert rate.value > 0
+    per_1k = samples["llmops_cost_per_1k_generated_tokens"]
+    assert per_1k.value == pytest.approx(price.value / 3600 / rate.value * 1000)
 
 
 def test_unauthenticated_pages_and_unknown_paths(service):
