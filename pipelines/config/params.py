@@ -684,6 +684,42 @@ class SearchDimension(Section):
         return self
 
 
+class QuantVariant(Section):
+    """One quantized variant of a merged model (pipelines/quantization/variants.py)."""
+
+    name: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    # w8a8-int8: int8 weights per output channel, int8 activations per token, quantized when they
+    # come (no calibration data); w4a16: int4 weights per group of `group_size` input columns,
+    # activations unquantized
+    scheme: Literal["w8a8-int8", "w4a16"]
+    group_size: int | None = Field(None, ge=2)  # w4a16: null quantizes per output channel
+    ignore: list[str] = ["lm_head"]  # layers kept in full precision (llm-compressor's `ignore`)
+
+    @model_validator(mode="after")
+    def _group_for_w4(self) -> QuantVariant:
+        if self.scheme == "w8a8-int8" and self.group_size is not None:
+            raise ValueError(f"quantize.variants[{self.name}]: group_size applies to w4a16 only")
+        return self
+
+
+class QuantizeParams(Section):
+    """Quantized variants of the registered candidate, made with llm-compressor in its own virtualenv."""
+
+    # llm-compressor's interpreter: null: env LLMOPS_QUANTIZE_PYTHON, else .venv-quantize/bin/python
+    python: str | None = None
+    output_dir: Path = Path("models/variants")
+    variants: list[QuantVariant] = [QuantVariant(name="w8a8", scheme="w8a8-int8"),
+                                    QuantVariant(name="w4a16", scheme="w4a16", group_size=64)]
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, value: list[QuantVariant]) -> list[QuantVariant]:
+        names = [variant.name for variant in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique (got {', '.join(names)})")
+        return value
+
+
 class MachinePrice(Section):
     """What one machine kind costs per hour: per core (CPU machines) or per GPU."""
 
@@ -770,6 +806,7 @@ class Params(Section):
     deploy: DeployParams = DeployParams()
     monitor: MonitorParams = MonitorParams()
     sweep: SweepParams = SweepParams()
+    quantize: QuantizeParams = QuantizeParams()
     cost: CostParams = CostParams()
     budget: BudgetParams = BudgetParams()
 

@@ -20,6 +20,7 @@ from pipelines.config.params import (
     DvcRemoteParams,
     InferenceLogParams,
     Params,
+    QuantizeParams,
     ServeParams,
     SweepParams,
     TrackingParams,
@@ -36,8 +37,11 @@ SERVICE_URL_ENV = "LLMOPS_SERVICE_URL"
 VLLM_PYTHON_ENV = "LLMOPS_VLLM_PYTHON"
 VLLM_URL_ENV = "LLMOPS_VLLM_URL"
 SWEEP_STORAGE_ENV = "LLMOPS_SWEEP_STORAGE"
+QUANTIZE_PYTHON_ENV = "LLMOPS_QUANTIZE_PYTHON"
 # vLLM's own virtualenv, next to the project's (scripts/install.sh)
 DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+# llm-compressor's own virtualenv, likewise
+DEFAULT_QUANTIZE_PYTHON = Path(__file__).resolve().parents[2] / ".venv-quantize" / "bin" / "python"
 
 DEFAULT_TRACKING_DB = "mlflow.db"
 DEFAULT_SWEEP_DB = "sweeps.db"  # Optuna's tables; not in mlflow.db: both keep an alembic_version table
@@ -58,6 +62,7 @@ DEPLOYMENT_SETTINGS: dict[str, str] = {
     "serve.engine.python": VLLM_PYTHON_ENV,
     "serve.engine.url": VLLM_URL_ENV,
     "sweep.storage": SWEEP_STORAGE_ENV,
+    "quantize.python": QUANTIZE_PYTHON_ENV,
 }
 
 
@@ -145,6 +150,11 @@ def vllm_python(params: ServeParams, environ: Mapping[str, str] | None = None) -
                    str(DEFAULT_VLLM_PYTHON), environ)
 
 
+def quantize_python(params: QuantizeParams, environ: Mapping[str, str] | None = None) -> Setting:
+    return resolve("quantizer Python", "quantize.python", params.python, QUANTIZE_PYTHON_ENV,
+                   str(DEFAULT_QUANTIZE_PYTHON), environ)
+
+
 def vllm_url(params: ServeParams, environ: Mapping[str, str] | None = None) -> Setting:
     return resolve("engine URL", "serve.engine.url", params.engine.url, VLLM_URL_ENV, None, environ,
                    when_unset="`llmops serve` starts and supervises its own engines")
@@ -164,7 +174,7 @@ def all_settings(params: Params, root: Path | None = None,
             dvc_remote(params.dvc_remote, environ), dvc_remote_endpoint(params.dvc_remote, environ),
             service_url(params.deploy, environ), api_token(params.serve, environ),
             vllm_python(params.serve, environ), vllm_url(params.serve, environ),
-            sweep_storage(params.sweep, root, environ)]
+            sweep_storage(params.sweep, root, environ), quantize_python(params.quantize, environ)]
 
 
 # --- the DVC remote --------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,15 @@ def test_docs_table_lists_exactly_the_run_overridable_keys():
     section = text.split("## What a run may override", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"^\| `([a-z_.]+)` \|", section, flags=re.MULTILINE)
     assert listed == list(RUN_OVERRIDABLE)
+
+
+@pytest.mark.parametrize(("variants", "message"), [
+    ([{"name": "a", "scheme": "w8a8-int8", "group_size": 64}], "group_size applies to w4a16 only"),
+    ([{"name": "a", "scheme": "w8a8-int8"}, {"name": "a", "scheme": "w4a16"}], "variant names must be unique"),
+    ([{"name": "A b", "scheme": "w4a16"}], "quantize.variants[0].name"),
+    ([{"name": "a", "scheme": "fp4"}], "quantize.variants[0].scheme"),
+])
+def test_quantized_variants_are_checked(variants, message):
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        parse_params({"ingest": {"sources": [{"kind": "bundled", "name": "wordnet"}]},
+                      "quantize": {"variants": variants}})
