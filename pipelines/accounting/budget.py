@@ -2,8 +2,8 @@
 
 The plan's tokens (what the Trainer will read: steps x examples per step x the mean tokens of
 an example, from a sample of the prepared train split cut at train.max_length) divided by the
-tokens/s that earlier training runs of the same base model, precision and world size measured
-on this machine kind (the median of the last five finished ones in MLflow: in team mode the
+tokens/s that earlier training runs of the same base model, precision and world size (ranks)
+measured on this machine kind (the median of the last five finished ones in MLflow: in team mode the
 whole team's runs) is the training time; at cost.prices it is the plan's cost. Loading the
 model, the adapter gate and the checkpoints are not in it: the estimate is of training itself.
 
@@ -90,7 +90,8 @@ def mean_example_tokens(params: Params) -> tuple[float, int]:
     return float(statistics.fmean(lengths)), len(frame)
 
 
-def measured_throughput(params: Params, machine: cost.Machine, base_sha256: str, precision: str) -> list[float]:
+def measured_throughput(params: Params, machine: cost.Machine, base_sha256: str, precision: str,
+                        world_size: int) -> list[float]:
     """train_tokens_per_second of the last finished training runs like this one, newest first."""
     import mlflow
 
@@ -103,7 +104,7 @@ def measured_throughput(params: Params, machine: cost.Machine, base_sha256: str,
         return []
     query = (f"tags.stage = 'train' and attributes.status = 'FINISHED' and tags.`cost.machine` = '{machine.key}' "
              f"and tags.base_model_sha256 = '{base_sha256}' and tags.precision = '{precision}' "
-             f"and metrics.{THROUGHPUT_METRIC} > 0")
+             f"and params.world_size = '{world_size}' and metrics.{THROUGHPUT_METRIC} > 0")
     runs = client.search_runs([experiment.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
                               max_results=MEASURED_RUNS)
     return [run.data.metrics[THROUGHPUT_METRIC] for run in runs]
@@ -116,7 +117,8 @@ def estimate_training(params: Params, base_sha256: str, precision: str) -> Estim
     steps = planned_steps(rows, params, nodes)
     tokens = int(round(steps * examples_per_step(params, nodes) * mean_tokens))
     try:
-        measured = measured_throughput(params, machine, base_sha256, precision)
+        measured = measured_throughput(params, machine, base_sha256, precision,
+                                       params.train.deepspeed.num_processes * nodes)
     except Exception as error:  # noqa: BLE001 - MLflow down: training itself will say so clearly
         logger.warning("train: could not read earlier runs' throughput from MLflow (%s)", str(error).splitlines()[0])
         measured = []
