@@ -64,7 +64,7 @@ def main() -> None:
 
     from pipelines.config.params import load_params
     from pipelines.config.settings import quantize_python
-    from pipelines.evaluation.metrics import Scores, paired_bootstrap
+    from pipelines.evaluation.metrics import Scores, corpus_bleu, paired_bootstrap
     from pipelines.model.packaging import write_merged
     from pipelines.quantization.variants import quantize, servable
     from pipelines.serving.engine import EngineConfig, EngineProcess, resolve_device
@@ -121,8 +121,6 @@ def main() -> None:
     full = scores["full precision"]
     for name, row in rows.items():
         per = scores[name].per_example()
-        from pipelines.evaluation.metrics import corpus_bleu
-
         if name == "full precision":
             delta = "(reference)"
         else:

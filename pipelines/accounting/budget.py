@@ -110,8 +110,7 @@ def measured_throughput(params: Params, machine: cost.Machine, base_sha256: str,
     return [run.data.metrics[THROUGHPUT_METRIC] for run in runs]
 
 
-def estimate_training(params: Params, base_sha256: str, precision: str) -> Estimate:
-    nodes = cost.stage_nodes("train", params)
+def estimate_training(params: Params, base_sha256: str, precision: str, nodes: int = 1) -> Estimate:
     machine = cost.detect(params.cost, nodes)
     mean_tokens, rows = mean_example_tokens(params)
     steps = planned_steps(rows, params, nodes)
@@ -131,33 +130,32 @@ def estimate_training(params: Params, base_sha256: str, precision: str) -> Estim
     return Estimate(tokens, steps, throughput, len(measured), seconds, money, params.cost.currency, machine.key)
 
 
-def check(limit: float | None, estimate: Estimate, override_reason: str | None, what: str, fix: str) -> None:
-    """Raise OverBudget when the estimate exceeds the limit and no reason overrides it."""
+def check(limit: float | None, estimate: Estimate, override_reason: str | None, what: str, fix: str) -> bool:
+    """Raise OverBudget when the estimate exceeds the limit and no reason overrides it; whether
+    the reason overrode it."""
     if limit is None or estimate.cost is None or estimate.cost <= limit:
-        return
+        return False
     if override_reason:
         logger.warning("%s: over budget (%s > %s %s), run anyway: %s", what, f"{estimate.cost:.4f}", limit,
                        estimate.currency, override_reason)
-        return
+        return True
     raise OverBudget(f"{what}: the plan costs {estimate.describe()}, over {limit} {estimate.currency}; {fix}, or "
                      "set budget.override_reason='why' to run it anyway (the reason is recorded)")
 
 
-def check_training(params: Params, base_sha256: str, precision: str) -> Estimate | None:
-    """Price the training plan and stop it when over budget.per_run; the estimate is recorded
-    in reports/cost/train.json either way. With no budget and no price table row, nothing is read."""
+def check_training(params: Params, base_sha256: str, precision: str, nodes: int = 1) -> Estimate:
+    """Price the training plan (on `nodes` machines) and stop it when over budget.per_run; the
+    estimate is recorded in reports/cost/train.json, and with it the reason a plan over budget ran."""
     budget = params.budget
-    estimate = estimate_training(params, base_sha256, precision)
+    estimate = estimate_training(params, base_sha256, precision, nodes)
     record: dict[str, Any] = {"budget_estimate": asdict(estimate), "budget_per_run": budget.per_run}
     if budget.per_run is not None and estimate.cost is None:
         logger.warning("train: budget.per_run is set but the plan cannot be priced yet (%s); this run measures "
                        "the throughput later runs are priced by", estimate.describe())
     else:
         logger.info("train: plan %s", estimate.describe())
-    over = budget.per_run is not None and estimate.cost is not None and estimate.cost > budget.per_run
-    if over and budget.override_reason:
+    if check(budget.per_run, estimate, budget.override_reason, "train",
+             "lower train.max_steps (or num_train_epochs, max_train_samples) or raise budget.per_run"):
         record["budget_override_reason"] = budget.override_reason
     cost.note(**record)
-    check(budget.per_run, estimate, budget.override_reason, "train",
-          "lower train.max_steps (or num_train_epochs, max_train_samples) or raise budget.per_run")
     return estimate

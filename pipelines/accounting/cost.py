@@ -121,13 +121,12 @@ def cpu_seconds() -> float:
 
 
 def stage_nodes(stage: str, params: Params) -> int:
-    """Nodes a stage held: train's DeepSpeed hostfile lists them; every other stage runs on one."""
-    if stage == "train" and params.train.deepspeed.hostfile is not None:
-        path = params.train.deepspeed.hostfile
-        if path.is_file():
-            hosts = [line.split()[0] for line in path.read_text().splitlines()
-                     if line.strip() and not line.lstrip().startswith("#")]
-            return max(1, len(hosts))
+    """Nodes a stage held: train's world size over its processes per node (metrics.json, written by
+    the ranks the DeepSpeed hostfile placed); every other stage runs on one."""
+    if stage == "train":
+        world = _read(params.paths.metrics("train")).get("world_size")
+        if world:
+            return max(1, int(world) // params.train.deepspeed.num_processes)
     return 1
 
 
@@ -194,7 +193,7 @@ def note(**fields: Any) -> None:
 
 
 class Meter:
-    """Measures one stage in this process: `start` before it runs, `finish` once it succeeded."""
+    """Measures one stage in this process: made before it runs, `finish` once it succeeded."""
 
     def __init__(self, stage: str, params: Params) -> None:
         self.stage, self.params = stage, params
@@ -249,19 +248,6 @@ def mlflow_tags(result: dict[str, Any]) -> dict[str, str]:
         if result.get(key) is not None:
             tags[f"cost.{key}"] = json.dumps(result[key]) if isinstance(result[key], dict) else str(result[key])
     return tags
-
-
-def describe(result: dict[str, Any] | None) -> str:
-    """One line for the model card: '123 s on cpu-2c: 0.068 core-h, 0.0031 USD (0.0012 USD per 1k tokens)'."""
-    if not result:
-        return "not recorded"
-    money = "unpriced" if result.get("cost") is None else f"{result['cost']:.4f} {result['currency']}"
-    per_token = ("" if result.get("cost_per_1k_tokens") is None
-                 else f", {result['cost_per_1k_tokens']:.6f} {result['currency']} per 1k tokens")
-    hours = (f"{result['gpu_hours']:.4f} GPU-h" if result["machine"]["gpus"] else f"{result['core_hours']:.4f} core-h")
-    tokens = f", {result['tokens_processed']:,} tokens" if result.get("tokens_processed") else ""
-    return f"{result['wall_seconds']:.0f} s on {result['machine']['key']}: {hours}{tokens}, {money}{per_token}"
-
 
 
 class ServingCost:

@@ -819,7 +819,9 @@ def main(params: Params) -> None:
 
     the_plan = plan(params)
     # priced before any weights load; over budget.per_run stops here (pipelines/accounting/budget.py)
-    budget.check_training(params, the_plan.base_sha256, the_plan.precision)
+    hostfile = params.train.deepspeed.hostfile
+    budget.check_training(params, the_plan.base_sha256, the_plan.precision,
+                          nodes=len(parse_hostfile(hostfile)) if hostfile is not None else 1)
     checkpoints.prepare_resume(params.train.checkpoint_dir, the_plan.fingerprint)
     if needs_launch(params.train.deepspeed) and not _in_rank():
         launch(params)

@@ -103,10 +103,11 @@ def test_the_meter_removes_a_stale_record_and_writes_one_only_on_success(tmp_pat
     assert "budget_per_run" in record
 
 
-def test_the_hostfile_gives_trains_nodes(tmp_path):
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("# workers\nnode-a slots=8\nnode-b slots=8\n\n")
-    params = make_params(tmp_path, train={"deepspeed": {"hostfile": str(hostfile)}})
+def test_trains_nodes_are_its_world_size_over_the_processes_per_node(tmp_path):
+    params = make_params(tmp_path, train={"deepspeed": {"num_processes": 8}})
+    assert cost.stage_nodes("train", params) == 1  # no metrics yet: one machine
+    params.paths.metrics("train").parent.mkdir(parents=True)
+    params.paths.metrics("train").write_text(json.dumps({"world_size": 16}))  # 2 hosts x 8 ranks
     assert cost.stage_nodes("train", params) == 2
     assert cost.stage_nodes("evaluate", params) == 1
 
@@ -147,10 +148,10 @@ def test_over_budget_stops_with_the_figures_and_both_fixes():
     assert "\n" not in message
     assert "about 0.0025 USD" in message and "over 0.001 USD" in message and "100 tokens/s" in message
     assert "lower train.max_steps" in message and "budget.override_reason" in message
-    budget.check(0.001, estimate(0.0025), "fixed-size nightly check", "train", "")  # overridden: runs
-    budget.check(0.01, estimate(0.0025), None, "train", "")  # within budget
-    budget.check(None, estimate(0.0025), None, "train", "")  # no budget
-    budget.check(0.001, estimate(None), None, "train", "")  # nothing measured yet: cannot stop it
+    assert budget.check(0.001, estimate(0.0025), "fixed-size nightly check", "train", "")  # overridden: runs
+    assert not budget.check(0.01, estimate(0.0025), None, "train", "")  # within budget
+    assert not budget.check(None, estimate(0.0025), None, "train", "")  # no budget
+    assert not budget.check(0.001, estimate(None), None, "train", "")  # nothing measured yet: cannot stop it
 
 
 def test_an_unmeasured_plan_says_so():
