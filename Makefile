@@ -104,6 +104,7 @@ demo: install
 	echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   runs, curves, the registered versions and their model cards (Human review)"; \
 	echo "  reports/validate/data_docs/index.html                        Great Expectations Data Docs"; \
 	echo "  dvc metrics show / dvc plots show / dvc dag                  metrics, loss curves, the stage graph"; \
+	echo "  reports/quantize/results.json                                the int8 variant vs full precision on vLLM (and the card's Serving choice)"; \
 	echo "  reports/deploy/deployment.json                               the rollout, verified through the gateway"; \
 	echo "  reports/monitor/latest.json and reports/monitor/<window>/report.html   the drift report and decision"; \
 	echo "  data/feedback/corrections.parquet (.dvc)                     the reviewed production answers, a new data version"; \

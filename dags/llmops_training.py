@@ -19,11 +19,12 @@ STAGES: dict[str, list[str]] = {
     "train": ["prepare", "base_model"],
     "evaluate": ["prepare", "base_model", "train"],
     "register": ["validate", "evaluate", "train"],
-    "promote": ["register"],
+    "quantize": ["evaluate", "register", "prepare"],
+    "promote": ["register", "quantize"],
     "deploy": ["promote"],
 }
 NO_RETRY = {"validate"}  # a failed data check fails the same way again
-TIMEOUTS = {"train": timedelta(hours=12), "base_model": timedelta(hours=2)}
+TIMEOUTS = {"train": timedelta(hours=12), "base_model": timedelta(hours=2), "quantize": timedelta(hours=4)}
 
 DOC = """
 ### LLM fine-tuning pipeline
@@ -44,6 +45,10 @@ sections), each `dvc repro --single-item <stage>` in the project checkout (Varia
   gate rejects, use *skip_gate* with a reason: it is recorded as forced.
 * **validate** failing stops the run here: the Great Expectations report is linked in its log
   and nothing is trained or registered.
+* **quantize** makes the registered version's quantized variants (`quantize.variants`, with
+  llm-compressor), serves each on vLLM beside full precision on the evaluated test examples and
+  logs them with the version (quality difference with its interval per slice, tokens/s, memory,
+  cost per 1k tokens); promote then picks the weights that serve (`promote.variant`).
 * **promote** is the gate. A candidate that does not pass is *not promoted* and the run still
   succeeds (see the promote task's log); *skip_gate* promotes anyway and records it as a
   forced promotion with the *reason*.

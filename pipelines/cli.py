@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, list[Argument]]] = {
     "train": ("pipelines.stages.train", []),
     "evaluate": ("pipelines.stages.evaluate", []),
     "register": ("pipelines.stages.register", []),
+    "quantize": ("pipelines.stages.quantize", []),
     "promote": ("pipelines.stages.promote", [
         (("--force",), {"action": "store_true", "help": "promote whatever the gate says (recorded as forced)"}),
         (("--reason",), {"help": "why (required with --force; recorded on the version)"}),

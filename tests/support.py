@@ -133,6 +133,9 @@ def tiny_pipeline_project(root: Path, tokenizer_dir: Path, tracking_uri: str) ->
         evaluate={"max_examples": 16, "bootstrap_samples": 50, "decoding": {"max_new_tokens": 8},
                   "semantic_metrics": [], "forgetting": {"task": None}},
         deploy={"service_url": None},
+        # no quantized variants: the stage is a no-op here (two vLLM engines and llm-compressor would add
+        # ~2 min per run); tests/integration/test_quantize.py runs it on the tiny model
+        quantize={"variants": []},
         monitor={"min_rows": 20, "retrain": {"k": 1, "n": 1, "require_new_data": False, "cooldown_hours": 0}},
     )
     commit(project, "a tiny pipeline")

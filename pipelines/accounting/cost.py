@@ -140,7 +140,7 @@ def _read(path: Path) -> dict[str, Any]:
 def stage_tokens(stage: str, params: Params) -> dict[str, int]:
     """Tokens the stage processed, read from its own outputs (they are written in the ranks, so the
     parent process learns them there): prepare tokenised the splits, train read its batches,
-    evaluate generated answers. Stages that tokenise nothing report none."""
+    evaluate and quantize generated answers. Stages that tokenise nothing report none."""
     if stage == "prepare":
         metrics = _read(params.paths.metrics("prepare"))
         total = sum(int(split.get("tokens_total", 0)) for split in metrics.values() if isinstance(split, dict))
@@ -152,6 +152,11 @@ def stage_tokens(stage: str, params: Params) -> dict[str, int]:
         metrics = _read(params.paths.metrics("evaluate"))
         generated = sum(int(system.get("generated_tokens", 0)) for system in metrics.values()
                         if isinstance(system, dict))
+        return {"generated": generated} if generated else {}
+    if stage == "quantize":  # full precision and each variant answered the test examples on vLLM
+        results = _read(params.paths.report("quantization_results"))
+        runs = [results.get("full"), *(results.get("variants") or {}).values()]
+        generated = sum(int(run["serving"]["generated_tokens"]) for run in runs if run)
         return {"generated": generated} if generated else {}
     return {}
 

@@ -89,6 +89,7 @@ class Paths(Section):
     evaluation_results: Path = Path("evaluate/results.json")
     evaluation_samples: Path = Path("evaluate/samples.csv")
     registered_version: Path = Path("register/version.json")
+    quantization_results: Path = Path("quantize/results.json")
     promotion_decision: Path = Path("promote/decision.json")
     deployment_report: Path = Path("deploy/deployment.json")
     validation_result: Path = Path("result.json")  # under validate_dir: validate -> prepare, register
@@ -432,6 +433,22 @@ class RegistryParams(Section):
         return value
 
 
+class VariantChoiceParams(Section):
+    """Which of a version's quantized variants serves it (pipelines/quantization/choice.py)."""
+
+    # cheapest: the variant that costs least per 1k generated tokens among those within the
+    # tolerances and at least min_saving cheaper than full precision, else full precision;
+    # full: always full precision; a variant's name: that one when within the tolerances
+    choose: str = Field("cheapest", min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    # the lower bound of the paired-bootstrap CI of (variant - full precision) on the gate's primary
+    # metric must be >= -tolerance, overall, and >= -slice_tolerance on every reported slice
+    tolerance: float = Field(0.02, ge=0.0)
+    slice_tolerance: float = Field(0.05, ge=0.0)
+    # cost per 1k generated tokens at least this share below full precision's (measured in one run,
+    # on the machine that ran `quantize`): a margin over run-to-run noise
+    min_saving: float = Field(0.1, ge=0.0, lt=1.0)
+
+
 class PromoteParams(Section):
     mode: Literal["auto", "manual"] = "auto"  # manual: the gate only recommends
     min_improvement: float = 0.0  # lower CI bound of (candidate - base) on the primary metric must exceed this
@@ -447,6 +464,8 @@ class PromoteParams(Section):
     # the forgetting check (evaluate.forgetting): the largest accuracy drop vs the base model allowed
     # on the general-capability task; null: reported, never blocks
     max_forgetting: float | None = Field(0.05, ge=0.0, le=1.0)
+    # which weights of the version serve (the stage `quantize` measured its variants)
+    variant: VariantChoiceParams = VariantChoiceParams()
 
     @field_validator("human_review", mode="before")
     @classmethod
@@ -584,6 +603,9 @@ class ServeParams(Section):
     # or none, is what the model gets, as in training and evaluation) | allow (it replaces the configured one).
     client_system_prompt: Literal["configured", "allow"] = "configured"
     poll_interval_seconds: float = Field(30.0, gt=0.0)  # how often the alias is checked for a new version
+    # auto: the weights promote chose for the version (a quantized variant, tag serving.variant),
+    # where this engine's device serves its scheme; full: always the full-precision merged weights
+    variant: Literal["auto", "full"] = "auto"
     limits: ServeLimits = ServeLimits()
     engine: EngineParams = EngineParams()
 
@@ -695,6 +717,13 @@ class QuantVariant(Section):
     group_size: int | None = Field(None, ge=2)  # w4a16: null quantizes per output channel
     ignore: list[str] = ["lm_head"]  # layers kept in full precision (llm-compressor's `ignore`)
 
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in ("full", "cheapest"):
+            raise ValueError(f"'{value}' is a word of promote.variant.choose; name the variant otherwise")
+        return value
+
     @model_validator(mode="after")
     def _group_for_w4(self) -> QuantVariant:
         if self.scheme == "w8a8-int8" and self.group_size is not None:
@@ -710,6 +739,9 @@ class QuantizeParams(Section):
     output_dir: Path = Path("models/variants")
     variants: list[QuantVariant] = [QuantVariant(name="w8a8", scheme="w8a8-int8"),
                                     QuantVariant(name="w4a16", scheme="w4a16", group_size=64)]
+    # requests in flight while each model answers the evaluated test prompts on vLLM (its
+    # throughput is measured at this load); null: serve.engine.max_num_seqs
+    concurrency: int | None = Field(None, ge=1)
 
     @field_validator("variants")
     @classmethod
@@ -809,6 +841,14 @@ class Params(Section):
     quantize: QuantizeParams = QuantizeParams()
     cost: CostParams = CostParams()
     budget: BudgetParams = BudgetParams()
+
+    @model_validator(mode="after")
+    def _chosen_variant_exists(self) -> Params:
+        choose, names = self.promote.variant.choose, [v.name for v in self.quantize.variants]
+        if choose not in ("cheapest", "full", *names):
+            raise ValueError(f"promote.variant.choose: '{choose}' is none of cheapest, full or a variant of "
+                             f"quantize.variants ({', '.join(names) or 'none'})")
+        return self
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:

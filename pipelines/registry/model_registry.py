@@ -205,6 +205,7 @@ def render_state(aliases: list[str], tags: Mapping[str, str]) -> str:
             lines.append(f"- reason: {last['reason']}")
         lines.append("")
     lines += render_review(tags)
+    lines += render_variants(tags)
     lines += ["## History", "", "| # | when (UTC) | action | by | status | reason |", "|---|---|---|---|---|---|"]
     for e in events:
         by = e.get("by", "")
@@ -214,6 +215,47 @@ def render_state(aliases: list[str], tags: Mapping[str, str]) -> str:
         lines.append(f"| {e['n']} | {_cell(e.get('at'))} | {_cell(e.get('action'))} | {_cell(by)} | {_cell(change)} "
                      f"| {_cell(e.get('reason'))} |")
     return "\n".join(lines) + "\n"
+
+
+def render_variants(tags: Mapping[str, str]) -> list[str]:
+    """The model card's "Quantized variants" and "Serving" sections, from the tags of the stage
+    `quantize` (`variant.<name>.*`, pipelines/quantization/evaluation.py) and promote's choice
+    (`serving.variant*`, pipelines/quantization/choice.py)."""
+    if "variants.measured_on" not in tags:
+        return render_serving(tags)
+    metric = tags.get("variants.metric", "?")
+    lines = ["## Quantized variants", "",
+             f"Each variant answered the evaluated test examples on vLLM beside full precision, measured on "
+             f"{tags['variants.measured_on']} at {tags.get('variants.concurrency', '?')} requests in flight; the "
+             f"difference is variant minus full precision on {metric} with its paired-bootstrap interval "
+             "(`variants/results.json` of this version's run has every slice).", ""]
+    made = [n for n in tags.get("variants.made", "").split(",") if n and n != "none"]
+    if made:
+        lines += [f"| weights | scheme | {metric} | vs full precision | worst slice | tokens/s | req/s | RSS (MiB) | "
+                  "on disk (MiB) | cost per 1k tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name in ["full", *made]:
+            def tag(key: str, default: str = "") -> str:
+                return _cell(tags.get(f"variant.{name}.{key}", default))  # noqa: B023 - used at once
+
+            lines.append(f"| {'full precision' if name == 'full' else name} | {tag('scheme', '-')} | {tag(metric)} | "
+                         f"{tag('delta', '(reference)')} | {tag('worst_slice', '-')} | {tag('tokens_per_second')} | "
+                         f"{tag('requests_per_second')} | {tag('rss_mib')} | {tag('disk_mib')} | "
+                         f"{tag('cost_per_1k_tokens')} |")
+        lines.append("")
+    else:
+        lines += [f"No variant was made: {tags.get('variants.note', 'none requested')}.", ""]
+    if tags.get("variants.skipped"):
+        lines += [f"Not made here: {tags['variants.skipped']}.", ""]
+    return lines + render_serving(tags)
+
+
+def render_serving(tags: Mapping[str, str]) -> list[str]:
+    """Which weights serve the version, as promote chose (`serving.variant*`)."""
+    if "serving.variant" not in tags:
+        return []
+    chosen = tags["serving.variant"]
+    return ["## Serving", "", f"**{'Full precision' if chosen == 'full' else 'Variant ' + chosen}** serves this "
+            f"version (promote.variant): {tags.get('serving.variant_reason', '')}", ""]
 
 
 def render_review(tags: Mapping[str, str]) -> list[str]:

@@ -99,6 +99,8 @@ class Decision:
     changed: bool = True  # False: the registry already said this (a re-run), nothing was written
     decided_by: str | None = None  # the Airflow user who triggered the run, else the command-line user
     forced_reason: str | None = None
+    variant: str = "full"  # the weights that serve the version: full precision or a quantized variant
+    variant_reason: str = ""
 
     def summary(self) -> str:
         verdict = "promoted to champion" if self.promoted else "not promoted"
@@ -221,9 +223,21 @@ def same_as_last(registry: Registry, version: str, action: str, reasons: str) ->
     return bool(decisions) and decisions[-1].get("action") == action and decisions[-1].get("reasons") == reasons
 
 
+def variant_tags(choice: dict[str, Any] | None) -> dict[str, str]:
+    """The serving choice (pipelines/quantization/choice.py) as the version's tags, which the gateway reads."""
+    if choice is None:
+        return {}
+    return {"serving.variant": choice["variant"], "serving.variant_reason": choice["reason"][:4900],
+            "serving.variant_measured_on": str(choice.get("measured_on") or "")}
+
+
 def apply(params: Params, results: dict[str, Any], version: str, force: bool = False,
-          reason: str | None = None) -> Decision:
-    """Decide under the registry lock, move aliases, and record the change on every version it touches."""
+          reason: str | None = None, variant: dict[str, Any] | None = None) -> Decision:
+    """Decide under the registry lock, move aliases, and record the change on every version it touches.
+
+    `variant` is which weights serve the version (pipelines/quantization/choice.py `choose`); its
+    tags are set before any alias moves, so a gateway that sees the new champion reads them.
+    """
     who = actor()
     registry = Registry(params)
     version = str(version)
@@ -241,13 +255,18 @@ def apply(params: Params, results: dict[str, Any], version: str, force: bool = F
             decision = decide(results, params.promote, current, force=force, review=review)
         decision.version, decision.previous_champion = version, current
         decision.decided_by, decision.forced_reason = who["by"], (reason if force else None)
+        if variant is not None:
+            decision.variant, decision.variant_reason = variant["variant"], variant["reason"]
         if not decision.changed:
             return decision
+        if variant is not None:  # before any alias moves: a gateway that sees the new champion reads it
+            registry.tag(version, variant_tags(variant))
         action = action_of(decision)
         reasons = " | ".join(decision.reasons)
         details = {"checks": [[c.name + (" (advisory)" if c.advisory else ""), c.passed, c.detail]
                               for c in decision.checks], "gate_passed": decision.passed,
                    "mode": decision.mode, "forced": decision.forced, "reasons": reasons,
+                   **({"variant": decision.variant} if variant is not None else {}),
                    "champion_before": current, "champion_after": version if decision.promoted else current}
         if not decision.promoted and same_as_last(registry, version, action, reasons):
             decision.changed = False

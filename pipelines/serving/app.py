@@ -257,7 +257,8 @@ class EngineManager:
     def _install(self, served: Served) -> None:
         self.current = served  # one reference assignment: atomic for the request handlers
         self.state, self.last_error = "ready", None
-        self.metrics.model.info({"name": served.version.name, "version": served.version.version})
+        self.metrics.model.info({"name": served.version.name, "version": served.version.version,
+                                 "variant": served.version.variant})
 
     def _bring_up(self, version: ServedVersion) -> None:
         """Start the first engine, retrying with backoff until it runs or the gateway stops."""
@@ -796,6 +797,8 @@ def create_app(service: Service) -> "FastAPI":
         engine.update(start_seconds=served.engine.ready_seconds, external=served.engine.external,
                       pid=served.engine.process.pid if served.engine.process else None)
         return JSONResponse({"status": "ready", "model": name, "model_version": served.version.version,
+                             # the weights: full precision or the quantized variant promote chose
+                             "variant": served.version.variant, "variant_note": served.version.variant_note,
                              "loaded_at": datetime.fromtimestamp(served.ready_at, UTC).isoformat(),
                              "engine": engine, "last_check": engines.last_check})
 

@@ -43,8 +43,12 @@ class GatewayClient:
         self.timeout = timeout
 
     def ready_version(self) -> str | None:
+        return self.ready().get("model_version")
+
+    def ready(self) -> dict[str, Any]:
+        """/ready's body while the service is ready, else {}."""
         response = self.session.get(f"{self.url}/ready", timeout=10)
-        return response.json().get("model_version") if response.status_code == 200 else None
+        return response.json() if response.status_code == 200 else {}
 
     def reload(self) -> None:
         response = self.session.post(f"{self.url}/admin/reload", timeout=10)
@@ -144,11 +148,22 @@ def deploy(params: Params) -> dict[str, Any]:
         failures.append(f"the service did not report v{version} on /ready within "
                         f"{params.deploy.ready_timeout_seconds:g} s (still v{service.ready_version()})")
     else:
+        # which weights serve: the variant promote chose (pipelines/quantization/choice.py) unless the
+        # service says why not (its device does not serve the scheme, or serve.variant: full there)
+        ready = service.ready()
+        chosen = champion.tags.get("serving.variant", "full")
+        report.update(variant=ready.get("variant", "full"), variant_chosen=chosen,
+                      variant_note=ready.get("variant_note"))
+        if report["variant"] != chosen and not report["variant_note"] and ready.get("variant") is not None:
+            served_variant = report["variant"]
+            failures.append(f"the service serves v{version} as {served_variant} but promote chose {chosen}, "
+                            "and it says no reason why")
         result = verify(service, version, canary_prompts(params), params)
         report["canary"] = result["figures"]
         failures += result["failures"]
     if not failures:
-        registry.tag(version, {"deploy.status": "verified", "deploy.at": report["at"], "deploy.service_url": url})
+        registry.tag(version, {"deploy.status": "verified", "deploy.at": report["at"], "deploy.service_url": url,
+                               "deploy.variant": report.get("variant", "full")})
         return {**report, "status": "verified"}
     report["failures"] = failures
     registry.tag(version, {"deploy.status": "failed", "deploy.at": report["at"],

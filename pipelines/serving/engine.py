@@ -28,7 +28,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -330,15 +330,39 @@ def external_engine(config: EngineConfig, url: str, served_name: str, version: s
 class ServedVersion:
     name: str
     version: str
-    model_dir: Path  # the merged weights
+    model_dir: Path  # the weights the engine loads: the merged ones, or a quantized variant's
     config: dict[str, Any]  # the registered llmops_config: template, system prompt, decoding
+    variant: str = "full"  # full precision, or the name of the quantized variant served
+    variant_note: str | None = None  # why the variant promote chose is not the one served here
 
 
-def fetch_version(params: Params, version: str) -> ServedVersion:
-    """The version's merged weights and prompt format, downloaded once into serve.engine.cache_dir
-    (a temporary folder renamed into place: an interrupted download leaves nothing half-written)."""
+def _download(registry: Registry, uri: str, target: Path, label: str) -> None:
+    """`uri` into `target`, once (a temporary folder renamed into place: an interrupted download
+    leaves nothing half-written)."""
     import mlflow
 
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.download-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    mlflow.set_tracking_uri(registry.uri)
+    started = time.perf_counter()
+    registry.call(mlflow.artifacts.download_artifacts, artifact_uri=uri, dst_path=str(tmp))
+    if target.exists():  # a half-finished folder from an older layout
+        shutil.rmtree(target)
+    fsync_tree(tmp)  # on disk before the rename makes it count as downloaded
+    tmp.rename(target)
+    fsync_dir(target.parent)
+    logger.info("fetched %s (%s) into %s in %.1f s", uri, label, target, time.perf_counter() - started)
+
+
+def fetch_version(params: Params, version: str, variant: str | None = None) -> ServedVersion:
+    """The version's weights and prompt format, downloaded once into serve.engine.cache_dir.
+
+    Which weights: `variant` when given ("full" or a variant's name), else full precision with
+    serve.variant `full`, else what promote chose for the version (its tag `serving.variant`,
+    pipelines/quantization/choice.py) where this engine's device serves that variant's scheme
+    (else full precision, and `variant_note` says why).
+    """
     from pipelines.model.packaging import (  # packaging imports mlflow
         CONFIG_ARTIFACT,
         MERGED_ARTIFACT,
@@ -346,23 +370,11 @@ def fetch_version(params: Params, version: str) -> ServedVersion:
         model_artifacts,
     )
 
-
     registry = Registry(params)
     uri = params.serve.model_uri or f"models:/{registry.name}/{version}"
     target = params.serve.engine.cache_dir / registry.name / str(version)
     if not (target / "MLmodel").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{version}.download-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        mlflow.set_tracking_uri(registry.uri)
-        started = time.perf_counter()
-        registry.call(mlflow.artifacts.download_artifacts, artifact_uri=uri, dst_path=str(tmp))
-        if target.exists():  # a half-finished folder from an older layout
-            shutil.rmtree(target)
-        fsync_tree(tmp)  # on disk before the rename makes it count as downloaded
-        tmp.rename(target)
-        fsync_dir(target.parent)
-        logger.info("fetched %s into %s in %.1f s", uri, target, time.perf_counter() - started)
+        _download(registry, uri, target, "merged weights")
     # Data only: the MLmodel YAML, the llmops_config JSON and safetensors weights; no code stored in
     # the version runs and no pickle is read (pipelines/model/packaging.py), whatever format it was logged in.
     artifacts = model_artifacts(target)
@@ -371,4 +383,26 @@ def fetch_version(params: Params, version: str) -> ServedVersion:
                           "register the candidate again (`llmops register`) and promote it")
     check_weights(artifacts[MERGED_ARTIFACT], uri)
     config = json.loads(artifacts[CONFIG_ARTIFACT].read_text()) if CONFIG_ARTIFACT in artifacts else {}
-    return ServedVersion(registry.name, str(version), artifacts[MERGED_ARTIFACT], config)
+    served = ServedVersion(registry.name, str(version), artifacts[MERGED_ARTIFACT], config)
+    if variant is None:
+        variant = registry.version(version).tags.get("serving.variant", "full")
+        if params.serve.variant == "full" and variant != "full":
+            return replace(served, variant_note=f"serve.variant is full here (promote chose {variant})")
+    if variant == "full":
+        return served
+    tags = registry.version(version).tags
+    device = resolve_device(params.serve.engine.device)
+    serves_on = [d for d in tags.get(f"variant.{variant}.serves_on", "").split(",") if d]
+    variant_uri = tags.get(f"variant.{variant}.uri")
+    if variant_uri is None or device not in serves_on:
+        why = (f"v{version} has no variant {variant} (tag variant.{variant}.uri)" if variant_uri is None else
+               f"variant {variant} is served on {', '.join(serves_on)}, not on this engine's {device}")
+        logger.warning("serving v%s in full precision: %s", version, why)
+        return replace(served, variant_note=why)
+    variant_dir = params.serve.engine.cache_dir / registry.name / f"{version}-{variant}"
+    # a folder artifact (runs:/<run>/variants/<name>) downloads as a folder of that name
+    model_dir = variant_dir / variant_uri.rstrip("/").rsplit("/", 1)[-1]
+    if not (model_dir / "config.json").exists():
+        _download(registry, variant_uri, variant_dir, f"variant {variant}")
+    check_weights(model_dir, variant_uri)
+    return replace(served, model_dir=model_dir, variant=variant)

@@ -27,7 +27,8 @@ from tests.support import BIN, Project, dvc_experiments, free_port, require, tin
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
-STAGES = ["ingest", "validate", "prepare", "base_model", "train", "evaluate", "register", "promote", "deploy"]
+STAGES = ["ingest", "validate", "prepare", "base_model", "train", "evaluate", "register", "quantize", "promote",
+          "deploy"]
 ARTIFACTS = Path(os.environ.get("LLMOPS_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
 # What the UI's trigger form sends: every param, the untouched ones with their defaults.
 FORM_DEFAULTS = {"reason": "", "base_model": "", "max_steps": None, "learning_rate": None, "data_sources": [],

@@ -29,6 +29,9 @@ def demo(tmp_path_factory):
     # The in-training evaluations and the adapter gate's two loss checks score 32 validation rows
     # instead of 64: they do not change the adapter, and each pass of 64 costs ~10 s here.
     project.set_params(train={"max_eval_samples": 32})
+    # No quantized variants (the stage is then a no-op): making and measuring the int8 one adds ~3 min
+    # here; `make demo` makes it, tests/integration/test_quantize.py runs the stage on the tiny model.
+    project.set_params(quantize={"variants": []})
     result = project.dvc("repro", "promote")
     assert "Running stage 'train'" in result.stdout
     assert json.loads((project.root / "reports/promote/decision.json").read_text())["promoted"] == 1

@@ -83,6 +83,11 @@ def test_tokens_are_read_from_each_stages_own_outputs(tmp_path):
     assert cost.stage_tokens("evaluate", params) == {"generated": 100}
     assert cost.stage_tokens("ingest", params) == {}
     assert cost.stage_tokens("register", params) == {}
+    assert cost.stage_tokens("quantize", params) == {}  # not run yet
+    params.paths.report("quantization_results").parent.mkdir(parents=True, exist_ok=True)
+    params.paths.report("quantization_results").write_text(json.dumps({
+        "full": {"serving": {"generated_tokens": 700}}, "variants": {"w8a8": {"serving": {"generated_tokens": 650}}}}))
+    assert cost.stage_tokens("quantize", params) == {"generated": 1350}
 
 
 def test_the_meter_removes_a_stale_record_and_writes_one_only_on_success(tmp_path, monkeypatch):
