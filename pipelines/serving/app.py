@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -181,7 +181,16 @@ class EngineManager:
             self.state = "waiting-for-model"
             logger.info("no version has the alias '%s' yet; serving it once one does", self.settings.alias)
             return
-        self._initial = fetch_version(self.params, version)
+        self._initial = self._fetch(version)
+
+    def _fetch(self, version: str) -> ServedVersion:
+        """The version to serve; with an engine run elsewhere, which weights it loaded is not the
+        gateway's choice: the merged folder gives the prompt format, the variant is unknown here."""
+        if not self.external_url:
+            return fetch_version(self.params, version)
+        return replace(fetch_version(self.params, version, variant="full"), variant="unknown",
+                       variant_note=f"the engine at {self.external_url} (serve.engine.url) serves the weights it "
+                                    "was started with")
 
     def start(self) -> None:
         self.thread.start()
@@ -297,7 +306,7 @@ class EngineManager:
             if version is None or version == current:
                 return
             logger.info("alias '%s' moved to v%s (serving v%s); fetching it", self.settings.alias, version, current)
-            fetched = fetch_version(self.params, version)
+            fetched = self._fetch(version)
             if self.current is None:  # waiting for a first champion
                 self._bring_up(fetched)
             elif self.swap_mode == "stop_first":

@@ -385,6 +385,9 @@ def test_vllm_parses_written_out_control_tokens_unless_the_gateway_escapes_them(
         try:
             chat = serve.post("/v1/chat/completions", {"messages": messages, "max_tokens": 2})
             completion = serve.post("/v1/completions", {"prompt": INJECTION, "max_tokens": 2})
+            # which weights an engine run elsewhere loaded is its own business, and /ready says so
+            ready = requests.get(f"{serve.url}/ready", timeout=10).json()
+            assert ready["variant"] == "unknown" and "serve.engine.url" in ready["variant_note"]
         finally:
             serve.stop()
         assert chat.status_code == completion.status_code == 200, (chat.text, completion.text)
