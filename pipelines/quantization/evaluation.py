@@ -39,8 +39,9 @@ from pipelines.evaluation.harness import add_semantic_scores, select_examples, s
 from pipelines.evaluation.metrics import Scores, corpus_metrics, paired_bootstrap
 from pipelines.io import read_parquet
 from pipelines.quantization.variants import SERVES_ON, folder_bytes, quantize, servable
+from pipelines.quantization.variants import check_python as check_quantizer
 from pipelines.registry.model_registry import Registry
-from pipelines.serving.engine import EngineConfig, EngineProcess, fetch_version
+from pipelines.serving.engine import EngineConfig, EngineProcess, check_python, fetch_version
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ def run(params: Params, out_dir: Path) -> dict[str, Any]:
 
     # the registered version's merged weights (not serve.model_uri's, which a gateway may pin)
     registry_params = params.model_copy(update={"serve": params.serve.model_copy(update={"model_uri": None})})
+    check_python(config.python)  # vLLM's virtualenv: a one-line "run make install" before any work
+    check_quantizer(str(quantize_python(params.quantize).value))
     served = fetch_version(registry_params, version, variant="full")
     frame = read_parquet(params.paths.prepared_dir / "test.parquet", produced_by="prepare")
     frame = select_examples(frame, params.evaluate.max_examples, params.evaluate.seed, params.evaluate.top_up_slices,

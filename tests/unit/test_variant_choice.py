@@ -120,3 +120,24 @@ def test_the_model_card_shows_the_variants_and_the_serving_choice():
     assert "Not made here: w4a16: cuda only." in card
     assert "**Variant w8a8** serves this version" in card and "cheapest variant" in card
     assert "## Quantized variants" not in render_state([], {})  # a version quantize never saw
+
+
+def test_the_stage_without_vllm_stops_in_one_line_before_any_work_and_leaves_nothing(tmp_path):
+    import json
+
+    from pipelines.serving.engine import EngineError
+    from pipelines.stages import quantize as stage
+
+    reports = tmp_path / "reports"
+    for name, data in {"register/version.json": {"name": "m", "version": "3", "run_id": "r"},
+                       "evaluate/results.json": {"primary_metric": "rouge_l", "examples": 10}}.items():
+        (reports / name).parent.mkdir(parents=True, exist_ok=True)
+        (reports / name).write_text(json.dumps(data))
+    params = load_params("params.yaml", [f"paths.reports_dir={reports}", f"quantize.output_dir={tmp_path / 'variants'}",
+                                         f"serve.engine.python={tmp_path / 'nowhere' / 'python'}",
+                                         "serve.engine.device=cpu"])
+    with pytest.raises(EngineError, match="run `make install`") as error:
+        stage.main(params)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "variants").exists() and not (reports / "quantize").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["reports"]  # no temporary folder left beside it
