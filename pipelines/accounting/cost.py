@@ -255,6 +255,11 @@ def mlflow_tags(result: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+def per_1k_tokens(price_per_hour: float | None, tokens_per_second: float) -> float | None:
+    """What 1k generated tokens cost at this hourly price and rate (None: unpriced)."""
+    return None if price_per_hour is None else price_per_hour / 3600 / tokens_per_second * 1000
+
+
 class ServingCost:
     """What a generated token costs where it is served: the machine's price per hour over the
     generated tokens/s measured in the last `window` seconds (a sliding window of answered
@@ -280,5 +285,4 @@ class ServingCost:
         if tokens == 0 or span <= 0:
             return None, None
         rate = tokens / span
-        per_1k = None if self.price_per_hour is None else self.price_per_hour / 3600 / rate * 1000
-        return rate, per_1k
+        return rate, per_1k_tokens(self.price_per_hour, rate)

@@ -60,7 +60,10 @@ def gated_metric(primary: str) -> tuple[str, str | None]:
 
 def mean_difference(variant: np.ndarray, full: np.ndarray, *, samples: int, confidence: float,
                     seed: int) -> dict[str, float]:
-    """Paired bootstrap of mean(variant - full) over examples (scipy's percentile bootstrap)."""
+    """Paired bootstrap of mean(variant - full) over examples (scipy's percentile bootstrap).
+
+    metrics.paired_bootstrap recomputes every corpus metric, corpus BLEU included, for each resample,
+    which is much more work than one per-example mean over many slices: here it serves BLEU only."""
     from scipy.stats import bootstrap
 
     diff = np.asarray(variant, dtype=float) - np.asarray(full, dtype=float)
@@ -71,6 +74,11 @@ def mean_difference(variant: np.ndarray, full: np.ndarray, *, samples: int, conf
                        vectorized=True, random_state=np.random.default_rng(seed))
     return {"improvement": float(diff.mean()), "low": float(result.confidence_interval.low),
             "high": float(result.confidence_interval.high), "confidence": confidence}
+
+
+def answer_metrics(scores: Scores) -> dict[str, float]:
+    """The corpus metrics of generated answers (perplexity needs reference likelihoods: not here)."""
+    return {k: v for k, v in corpus_metrics(scores).items() if k != "perplexity"}
 
 
 def compare(variant: Scores, full: Scores, metric: str, labels: dict[str, list[str]], params: Params
@@ -156,7 +164,7 @@ def measure(version: str, config: EngineConfig, model_dir: Path, name: str, prom
         rss = engine.rss_bytes()
     finally:
         engine.stop()
-    per_1k = None if price is None else price / 3600 / run["tokens_per_second"] * 1000
+    per_1k = cost.per_1k_tokens(price, run["tokens_per_second"])
     serving = {"ready_seconds": round(ready, 1), "rss_bytes": rss, "bytes": folder_bytes(model_dir),
                "tokens_per_second": round(run["tokens_per_second"], 3),
                "requests_per_second": round(run["requests_per_second"], 4),
@@ -204,8 +212,9 @@ def run(params: Params, out_dir: Path) -> dict[str, Any]:
 
     # the registered version's merged weights (not serve.model_uri's, which a gateway may pin)
     registry_params = params.model_copy(update={"serve": params.serve.model_copy(update={"model_uri": None})})
-    check_python(config.python)  # vLLM's virtualenv: a one-line "run make install" before any work
-    check_quantizer(str(quantize_python(params.quantize).value))
+    python = str(quantize_python(params.quantize).value)
+    check_python(config.python)  # both virtualenvs: a one-line "run make install" before any download
+    check_quantizer(python)
     served = fetch_version(registry_params, version, variant="full")
     frame = read_parquet(params.paths.prepared_dir / "test.parquet", produced_by="prepare")
     frame = select_examples(frame, params.evaluate.max_examples, params.evaluate.seed, params.evaluate.top_up_slices,
@@ -216,7 +225,6 @@ def run(params: Params, out_dir: Path) -> dict[str, Any]:
                         "`dvc repro` (evaluate and register again)")
     prompts, references = list(frame["prompt_text"]), list(frame["response"])
     fields = decoding_fields(params, AutoTokenizer.from_pretrained(served.model_dir))
-    python = str(quantize_python(params.quantize).value)
     log_dir = params.serve.engine.cache_dir / "logs" / "quantize"  # beside the gateway's; not an output
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -232,10 +240,9 @@ def run(params: Params, out_dir: Path) -> dict[str, Any]:
     if metric in params.evaluate.semantic_metrics:
         scores = add_semantic_scores(scores, params.evaluate.model_copy(update={"semantic_metrics": [metric]}))
     labels = slice_labels(frame, params.evaluate)
-    full_metrics = {k: v for k, v in corpus_metrics(scores[FULL]).items() if k != "perplexity"}
+    full_metrics = answer_metrics(scores[FULL])
     results["examples"] = len(frame)
-    results["full"] = {"serving": runs[FULL]["serving"], "metrics": full_metrics,
-                       "bytes": folder_bytes(served.model_dir)}
+    results["full"] = {"serving": runs[FULL]["serving"], "metrics": full_metrics}
     for variant in wanted:
         overall, slices = compare(scores[variant.name], scores[FULL], metric, labels, params)
         same = sum(a == b for a, b in zip(runs[variant.name]["texts"], runs[FULL]["texts"]))
@@ -244,7 +251,7 @@ def run(params: Params, out_dir: Path) -> dict[str, Any]:
             "scheme": variant.scheme, "group_size": variant.group_size, "serves_on": list(SERVES_ON[variant.scheme]),
             "made": {k: record[k] for k in ("seconds", "llmcompressor", "compressed_tensors", "bytes")},
             "serving": runs[variant.name]["serving"],
-            "metrics": {k: v for k, v in corpus_metrics(scores[variant.name]).items() if k != "perplexity"},
+            "metrics": answer_metrics(scores[variant.name]),
             "comparison": overall, "slices": slices, "identical_answers": same,
             "artifact_uri": f"runs:/{registered['run_id']}/{ARTIFACTS}/{variant.name}"}
     shown = min(params.evaluate.sample_size, len(references))

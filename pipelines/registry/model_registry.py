@@ -233,14 +233,12 @@ def render_variants(tags: Mapping[str, str]) -> list[str]:
     if made:
         lines += [f"| weights | scheme | {metric} | vs full precision | worst slice | tokens/s | req/s | RSS (MiB) | "
                   "on disk (MiB) | cost per 1k tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+        columns = [("scheme", "-"), (metric, ""), ("delta", "(reference)"), ("worst_slice", "-"),
+                   ("tokens_per_second", ""), ("requests_per_second", ""), ("rss_mib", ""), ("disk_mib", ""),
+                   ("cost_per_1k_tokens", "")]
         for name in ["full", *made]:
-            def tag(key: str, default: str = "") -> str:
-                return _cell(tags.get(f"variant.{name}.{key}", default))  # noqa: B023 - used at once
-
-            lines.append(f"| {'full precision' if name == 'full' else name} | {tag('scheme', '-')} | {tag(metric)} | "
-                         f"{tag('delta', '(reference)')} | {tag('worst_slice', '-')} | {tag('tokens_per_second')} | "
-                         f"{tag('requests_per_second')} | {tag('rss_mib')} | {tag('disk_mib')} | "
-                         f"{tag('cost_per_1k_tokens')} |")
+            cells = [_cell(tags.get(f"variant.{name}.{key}", default)) for key, default in columns]
+            lines.append(f"| {'full precision' if name == 'full' else name} | " + " | ".join(cells) + " |")
         lines.append("")
     else:
         lines += [f"No variant was made: {tags.get('variants.note', 'none requested')}.", ""]

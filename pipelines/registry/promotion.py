@@ -223,7 +223,7 @@ def same_as_last(registry: Registry, version: str, action: str, reasons: str) ->
     return bool(decisions) and decisions[-1].get("action") == action and decisions[-1].get("reasons") == reasons
 
 
-def variant_tags(choice: dict[str, Any] | None) -> dict[str, str]:
+def serving_tags(choice: dict[str, Any] | None) -> dict[str, str]:
     """The serving choice (pipelines/quantization/choice.py) as the version's tags, which the gateway reads."""
     if choice is None:
         return {}
@@ -260,7 +260,7 @@ def apply(params: Params, results: dict[str, Any], version: str, force: bool = F
         if not decision.changed:
             return decision
         if variant is not None:  # before any alias moves: a gateway that sees the new champion reads it
-            registry.tag(version, variant_tags(variant))
+            registry.tag(version, serving_tags(variant))
         action = action_of(decision)
         reasons = " | ".join(decision.reasons)
         details = {"checks": [[c.name + (" (advisory)" if c.advisory else ""), c.passed, c.detail]

@@ -384,21 +384,14 @@ def fetch_version(params: Params, version: str, variant: str | None = None) -> S
     check_weights(artifacts[MERGED_ARTIFACT], uri)
     config = json.loads(artifacts[CONFIG_ARTIFACT].read_text()) if CONFIG_ARTIFACT in artifacts else {}
     served = ServedVersion(registry.name, str(version), artifacts[MERGED_ARTIFACT], config)
-    if variant is None:
-        variant = registry.version(version).tags.get("serving.variant", "full")
-        if params.serve.variant == "full" and variant != "full":
-            return replace(served, variant_note=f"serve.variant is full here (promote chose {variant})")
     if variant == "full":
         return served
-    tags = registry.version(version).tags
-    device = resolve_device(params.serve.engine.device)
-    serves_on = [d for d in tags.get(f"variant.{variant}.serves_on", "").split(",") if d]
-    variant_uri = tags.get(f"variant.{variant}.uri")
-    if variant_uri is None or device not in serves_on:
-        why = (f"v{version} has no variant {variant} (tag variant.{variant}.uri)" if variant_uri is None else
-               f"variant {variant} is served on {', '.join(serves_on)}, not on this engine's {device}")
-        logger.warning("serving v%s in full precision: %s", version, why)
-        return replace(served, variant_note=why)
+    variant, variant_uri, note = choose_weights(registry.version(version).tags, variant, params.serve.variant,
+                                                resolve_device(params.serve.engine.device))
+    if note:
+        logger.warning("serving v%s in full precision: %s", version, note)
+    if variant_uri is None:
+        return replace(served, variant_note=note)
     variant_dir = params.serve.engine.cache_dir / registry.name / f"{version}-{variant}"
     # a folder artifact (runs:/<run>/variants/<name>) downloads as a folder of that name
     model_dir = variant_dir / variant_uri.rstrip("/").rsplit("/", 1)[-1]
@@ -406,3 +399,23 @@ def fetch_version(params: Params, version: str, variant: str | None = None) -> S
         _download(registry, variant_uri, variant_dir, f"variant {variant}")
     check_weights(model_dir, variant_uri)
     return replace(served, model_dir=model_dir, variant=variant)
+
+
+def choose_weights(tags: dict[str, str], variant: str | None, setting: str, device: str
+                   ) -> tuple[str, str | None, str | None]:
+    """(variant, its artifact URI or None for full precision, why not the chosen one) from a
+    version's tags: `variant` when given, else promote's choice (`serving.variant`) unless
+    serve.variant is `full`; a variant this device's vLLM does not serve falls back to full."""
+    if variant is None:
+        variant = tags.get("serving.variant", "full")
+        if setting == "full" and variant != "full":
+            return "full", None, f"serve.variant is full here (promote chose {variant})"
+    if variant == "full":
+        return "full", None, None
+    serves_on = [d for d in tags.get(f"variant.{variant}.serves_on", "").split(",") if d]
+    uri = tags.get(f"variant.{variant}.uri")
+    if uri is None:
+        return "full", None, f"the version has no variant {variant} (tag variant.{variant}.uri)"
+    if device not in serves_on:
+        return "full", None, f"variant {variant} is served on {', '.join(serves_on)}, not on this engine's {device}"
+    return variant, uri, None

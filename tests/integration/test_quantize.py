@@ -108,7 +108,7 @@ def test_the_stage_measures_the_registered_int8_variant_promote_chooses_it_and_t
         # priced by params.yaml's cpu row: price per hour / tokens per hour
         assert serving["cost_per_1k_tokens"] == pytest.approx(
             results["price_per_hour"] / 3600 / serving["tokens_per_second"] * 1000, rel=1e-3)
-    assert w8["serving"]["bytes"] < full["bytes"]
+    assert w8["serving"]["bytes"] < full["serving"]["bytes"]
     c = w8["comparison"]
     assert c["low"] <= c["improvement"] <= c["high"]
     assert c["improvement"] == pytest.approx(w8["metrics"]["rouge_l"] - full["metrics"]["rouge_l"], abs=1e-9)

@@ -12,7 +12,7 @@ from pipelines.evaluation.metrics import Scores
 from pipelines.quantization.choice import choose
 from pipelines.quantization.evaluation import compare, mean_difference, variant_tags
 from pipelines.registry.model_registry import render_state
-from pipelines.registry.promotion import variant_tags as serving_tags
+from pipelines.registry.promotion import serving_tags
 
 REFERENCES = [f"a word meaning thing number {i}" for i in range(40)]
 LABELS = {"pos": ["noun" if i % 2 else "verb" for i in range(40)]}
@@ -141,3 +141,47 @@ def test_the_stage_without_vllm_stops_in_one_line_before_any_work_and_leaves_not
     assert "\n" not in str(error.value)
     assert not (tmp_path / "variants").exists() and not (reports / "quantize").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["reports"]  # no temporary folder left beside it
+
+
+TAGS = {"serving.variant": "w8a8", "variant.w8a8.uri": "runs:/r/variants/w8a8", "variant.w8a8.serves_on": "cpu,cuda",
+        "variant.w4a16.uri": "runs:/r/variants/w4a16", "variant.w4a16.serves_on": "cuda"}
+
+
+def test_the_gateway_serves_promotes_choice_where_its_device_serves_it_else_full_precision_and_says_why():
+    from pipelines.serving.engine import choose_weights
+
+    assert choose_weights(TAGS, None, "auto", "cpu") == ("w8a8", "runs:/r/variants/w8a8", None)
+    assert choose_weights({}, None, "auto", "cpu") == ("full", None, None)  # promote never chose
+    variant, uri, why = choose_weights(TAGS, None, "full", "cpu")
+    assert (variant, uri) == ("full", None) and "serve.variant is full here (promote chose w8a8)" in why
+    variant, uri, why = choose_weights({**TAGS, "serving.variant": "w4a16"}, None, "auto", "cpu")
+    assert (variant, uri) == ("full", None) and "served on cuda, not on this engine's cpu" in why
+    assert choose_weights({**TAGS, "serving.variant": "w4a16"}, None, "auto", "cuda")[0] == "w4a16"
+    variant, uri, why = choose_weights({"serving.variant": "gone"}, None, "auto", "cpu")
+    assert (variant, uri) == ("full", None) and "no variant gone" in why
+    assert choose_weights(TAGS, "w8a8", "full", "cpu")[0] == "w8a8"  # asked for by name (quantize's own use)
+
+
+def test_deploy_fails_only_on_other_weights_served_without_a_reason():
+    from pipelines.serving.deploy import variant_failures
+
+    assert variant_failures({"variant": "w8a8", "variant_note": None}, "w8a8", "3") == []
+    assert variant_failures({"variant": "full", "variant_note": "served on cuda, not on cpu"}, "w8a8", "3") == []
+    assert variant_failures({}, "w8a8", "3") == []  # a gateway that predates variants
+    failed = variant_failures({"variant": "full", "variant_note": None}, "w8a8", "3")
+    assert failed == ["the service serves v3 as full but promote chose w8a8, and it says no reason why"]
+
+
+def test_promote_without_quantize_results_for_its_version_keeps_full_precision_and_says_why(tmp_path):
+    import json
+
+    from pipelines.stages.promote import quantized
+
+    path = tmp_path / "results.json"
+    missing = choose(quantized(path, "3"), VariantChoiceParams())
+    assert missing["variant"] == "full" and "has not measured v3" in missing["reason"] and "is missing" in \
+        missing["reason"]
+    path.write_text(json.dumps(measured({"w8a8": list(REFERENCES)}, {"full": 10.0, "w8a8": 30.0}) | {"version": "2"}))
+    stale = choose(quantized(path, "3"), VariantChoiceParams())
+    assert stale["variant"] == "full" and "is about v2" in stale["reason"]
+    assert choose(quantized(path, "2"), VariantChoiceParams())["variant"] == "w8a8"
