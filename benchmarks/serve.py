@@ -95,7 +95,7 @@ def closed_loop(url: str, headers: dict, model: str, prompts: list[str], clients
                 latencies.append(took)
                 tokens[0] += response.json()["usage"]["completion_tokens"]
 
-    closed_loop_warm(url, headers, model, prompts[0], max_tokens, system)
+    closed_loop_warm(url, headers, model, "warm-up", max_tokens, system)
     before = steal_seconds()
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -109,6 +109,38 @@ def closed_loop(url: str, headers: dict, model: str, prompts: list[str], clients
             "p50": statistics.median(latencies) if latencies else float("nan"),
             "p95": sorted(latencies)[int(0.95 * (len(latencies) - 1))] if latencies else float("nan"),
             "failures": failures[0], "steal_seconds": steal, "seconds": seconds}
+
+
+def reset_prefix_cache(engine) -> None:
+    """Empty the engine's prefix cache (a dev endpoint, enabled for the benchmark's own engines by
+    VLLM_SERVER_DEV_MODE), so that no run finds the prompts of the run before it in the cache."""
+    import requests
+
+    for _ in range(50):
+        response = requests.post(f"{engine.url}/reset_prefix_cache", headers=engine.headers(), timeout=30)
+        response.raise_for_status()
+        if response.json().get("success"):
+            return
+        time.sleep(0.2)  # blocks still held by requests finishing
+    raise RuntimeError("the engine would not empty its prefix cache")
+
+
+def prefix_cache(engine, before: tuple[float, float] | None = None):
+    """vLLM's prefix-cache counters (prompt tokens looked up, found), from the engine's /metrics;
+    with `before`, the share of prompt tokens found since then."""
+    import requests
+
+    text = requests.get(f"{engine.url}/metrics", headers=engine.headers(), timeout=30).text
+    totals = {"queries": 0.0, "hits": 0.0}
+    for line in text.splitlines():
+        for name in totals:
+            if line.startswith(f"vllm:prefix_cache_{name}_total"):
+                totals[name] += float(line.rsplit(" ", 1)[1])
+    now = (totals["queries"], totals["hits"])
+    if before is None:
+        return now
+    queries = now[0] - before[0]
+    return (now[1] - before[1]) / queries if queries else float("nan")
 
 
 def closed_loop_warm(url: str, headers: dict, model: str, prompt: str, max_tokens: int, system: str | None) -> None:
@@ -160,19 +192,29 @@ def main() -> None:
     from pipelines.serving.engine import EngineConfig, EngineProcess, fetch_version
     from tests.support import free_port, stop_process_group
 
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # the engines started here: /reset_prefix_cache between runs
     params = load_params(REPO / "params.yaml", args.overrides)
     champion = Registry(params).alias(CHAMPION)
     if champion is None:
         sys.exit("no champion registered: run `make demo` first")
     version = str(champion.version)
-    prompts = pd.read_parquet(REPO / params.paths.prepared_dir / "test.parquet")["prompt"].tolist()[: args.prompts]
+    # Every request carries a distinct test-split prompt (while the split lasts), as production
+    # traffic does: a prompt repeated by the benchmark would be answered from vLLM's prefix cache,
+    # which the in-process row has no equivalent of. Only the configured system prompt, the same
+    # in every request, is a prefix shared for real. The in-process row answers an evenly spaced
+    # sample of the same prompts.
+    pool = pd.read_parquet(REPO / params.paths.prepared_dir / "test.parquet")["prompt"].tolist()
+    used = min(len(pool), max(args.requests, args.requests_at_one))
+    prompts = pool[:used][:: max(1, used // args.prompts)][: args.prompts]
     levels = [int(c) for c in args.concurrency.split(",")]
     served = fetch_version(params, version)
     system = served.config.get("system_prompt")
-    print(f"# serve benchmark: {params.registry.model_name} v{version}, {len(prompts)} test-split prompts, "
+    print(f"# serve benchmark: {params.registry.model_name} v{version}, {used} test-split prompts "
+          f"({len(prompts)} of them in-process), "
           f"max_tokens {args.max_tokens}, greedy; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; engine: eager {params.serve.engine.enforce_eager}, "
-          f"kv cache {params.serve.engine.kv_cache_gib} GiB, max_num_seqs {params.serve.engine.max_num_seqs}\n")
+          f"kv cache {params.serve.engine.kv_cache_gib} GiB, max_num_seqs {params.serve.engine.max_num_seqs}, "
+          f"block size {params.serve.engine.block_size or 'vLLM default'}\n")
     rows = []
     for dtype in args.dtypes.split(","):
         dtype_params = load_params(REPO / "params.yaml", [*args.overrides, f"serve.dtype={dtype}"])
@@ -196,8 +238,11 @@ def main() -> None:
                     gateway_port = free_port()
                     for clients in levels:
                         per_client = args.requests_at_one if clients == 1 else max(2, args.requests // clients)
-                        direct = closed_loop(engine.url, engine.headers(), served.name, prompts, clients,
+                        reset_prefix_cache(engine)
+                        before = prefix_cache(engine)
+                        direct = closed_loop(engine.url, engine.headers(), served.name, pool[:used], clients,
                                              per_client, args.max_tokens, system)
+                        direct["prefix_hit"] = prefix_cache(engine, before)
                         rows.append({"dtype": dtype, "server": server, "clients": clients, **direct,
                                      "start_seconds": start_seconds, "rss_gib": engine.rss_bytes() / 2 ** 30})
                         print(f"{dtype} {server} c={clients}: {direct['requests_per_second']:.2f} req/s", flush=True)
@@ -206,9 +251,12 @@ def main() -> None:
                         if gateway is None:
                             gateway = gateway_process(REPO / "params.yaml", sets, engine.url, engine.api_key, tmp,
                                                       gateway_port)
+                        reset_prefix_cache(engine)
+                        before = prefix_cache(engine)
                         through = closed_loop(f"http://127.0.0.1:{gateway_port}",
-                                              {"Authorization": f"Bearer {TOKEN}"}, served.name, prompts, clients,
-                                              per_client, args.max_tokens, None)
+                                              {"Authorization": f"Bearer {TOKEN}"}, served.name, pool[:used],
+                                              clients, per_client, args.max_tokens, None)
+                        through["prefix_hit"] = prefix_cache(engine, before)
                         rows.append({"dtype": dtype, "server": "gateway -> vLLM", "clients": clients, **through})
                         print(f"{dtype} gateway c={clients}: {through['requests_per_second']:.2f} req/s", flush=True)
                 finally:
@@ -216,8 +264,9 @@ def main() -> None:
                         stop_process_group(gateway, 30)
                     engine.stop()
     frame = pd.DataFrame(rows)
-    print("\n| dtype | server | clients | requests/s | tokens/s | p50 s | p95 s | vs sequential | gateway/direct |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| dtype | server | clients | requests/s | tokens/s | p50 s | p95 s | prefix cache hits | vs sequential "
+          "| gateway/direct |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for _, row in frame.iterrows():
         same = frame["dtype"] == row["dtype"]
         base = frame[same & (frame.clients == 1)
@@ -227,8 +276,10 @@ def main() -> None:
                  if row.server.startswith("gateway") and len(direct) else "")
         p50 = f"{row.p50:.2f}" if "p50" in row and row.p50 == row.p50 else ""
         p95 = f"{row.p95:.2f}" if "p95" in row and row.p95 == row.p95 else ""
+        hit = f"{row.prefix_hit:.0%}" if "prefix_hit" in row and row.prefix_hit == row.prefix_hit else ""
         print(f"| {row['dtype']} | {row.server} | {row.clients} | {row.requests_per_second:.2f} | "
-              f"{row.tokens_per_second:.0f} | {p50} | {p95} | {row.requests_per_second / base:.2f}x | {ratio} |")
+              f"{row.tokens_per_second:.0f} | {p50} | {p95} | {hit} | {row.requests_per_second / base:.2f}x | "
+              f"{ratio} |")
     engines = frame[frame.server.str.startswith("vLLM direct")].groupby(["dtype", "server"], sort=False)[
         ["start_seconds", "rss_gib"]].first()
     print("\n| dtype | engine | start-up s | RSS GiB (after the first load) |\n|---|---|---:|---:|")

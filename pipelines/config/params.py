@@ -549,6 +549,9 @@ class EngineParams(Section):
     max_model_len: int | None = Field(None, ge=16)  # null: serve.limits (prompt + answer), within the model's
     max_num_seqs: int = Field(16, ge=1, le=1024)  # requests decoding together
     enforce_eager: bool = True  # no torch.compile: start-up 20-25 s instead of 60-90 s (benchmarks/RESULTS.md)
+    # tokens per KV-cache block; prefix caching reuses whole blocks only. null: vLLM's default
+    # (128 on CPU, 16 on GPU)
+    block_size: int | None = Field(None, ge=1, le=1024)
     omp_threads_bind: str = "all"  # CPU: all (every core this process may use) | auto | a vLLM core list "0-7"
     # CPU: LD_PRELOAD tcmalloc and vLLM's Intel OpenMP, as vLLM's CPU guide says (benchmarks/RESULTS.md)
     cpu_preload: bool = True

@@ -75,6 +75,7 @@ class EngineConfig:
     extra_args: tuple[str, ...] = ()
     cpu_preload: bool = True
     multiprocessing: bool = True
+    block_size: int | None = None
 
     @classmethod
     def from_params(cls, serve: ServeParams, environ: dict[str, str] | None = None) -> EngineConfig:
@@ -87,7 +88,8 @@ class EngineConfig:
                    max_num_seqs=engine.max_num_seqs, enforce_eager=engine.enforce_eager,
                    omp_threads_bind=engine.omp_threads_bind,
                    startup_timeout_seconds=engine.startup_timeout_seconds, extra_args=tuple(engine.extra_args),
-                   cpu_preload=engine.cpu_preload, multiprocessing=engine.multiprocessing)
+                   cpu_preload=engine.cpu_preload, multiprocessing=engine.multiprocessing,
+                   block_size=engine.block_size)
 
 
 def resolve_device(device: str) -> str:
@@ -144,6 +146,8 @@ def engine_command(config: EngineConfig, model_dir: Path, served_name: str, port
         command += ["--max-model-len", str(max_len)]
     if config.enforce_eager:
         command.append("--enforce-eager")
+    if config.block_size:
+        command += ["--block-size", str(config.block_size)]
     if config.device == "cuda" and config.gpu_memory_utilization:
         command += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
     else:
@@ -164,6 +168,11 @@ def engine_environment(config: EngineConfig, environ: dict[str, str] | None = No
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if config.device == "cpu":
         env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_bind(config.omp_threads_bind)
+        if not config.enforce_eager:
+            # vLLM 0.32's AOT-compiled artifact fails to reload on CPU ("'function' object has no
+            # attribute 'finalize_loading'"), so every start compiled again (~60 s on 2 cores);
+            # without AOT, torch's own Inductor caches are reused: a restart warms up in ~15 s
+            env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if config.cpu_preload:
             present = env.get("LD_PRELOAD", "")
             preload = [lib for lib in cpu_preload_libraries(config.python) if lib not in present]

@@ -103,6 +103,56 @@ def test_engine_command_environment_and_core_list(tmp_path):
     assert env["VLLM_NO_USAGE_STATS"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"]
     assert _cpu_bind("all", {0, 1, 2, 3, 6, 8, 9}) == "0-3,6,8-9" and _cpu_bind("all", {5}) == "5"
     assert _cpu_bind("auto") == "auto"
+    assert "--block-size" not in command and "VLLM_USE_AOT_COMPILE" not in env  # vLLM's defaults, eager
+    compiled = EngineConfig.from_params(load_params(REPO / "params.yaml", [
+        "serve.engine.device=cpu", "serve.engine.enforce_eager=false", "serve.engine.block_size=64"]).serve)
+    joined = " ".join(engine_command(compiled, tmp_path, "dictionary", 8123, "secret-key"))
+    assert "--block-size 64" in joined and "--enforce-eager" not in joined
+    # vLLM 0.32 cannot reload its AOT artifact on a CPU: torch's own caches are used instead
+    assert engine_environment(compiled, {"PATH": "/bin"})["VLLM_USE_AOT_COMPILE"] == "0"
+    assert engine_environment(compiled, {"PATH": "/bin", "VLLM_USE_AOT_COMPILE": "1"})["VLLM_USE_AOT_COMPILE"] == "1"
+    cuda = EngineConfig.from_params(load_params(REPO / "params.yaml", [
+        "serve.engine.device=cuda", "serve.engine.enforce_eager=false"]).serve)
+    assert "VLLM_USE_AOT_COMPILE" not in engine_environment(cuda, {"PATH": "/bin"})
+
+
+def test_requests_are_counted_by_endpoint_and_status_whatever_the_answer():
+    """llmops_requests_total, counted by a plain ASGI middleware: the status of the answer sent,
+    a 500 where the app failed before answering, and unknown paths under one label."""
+    from prometheus_client import CollectorRegistry, Counter
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from pipelines.serving.app import CountRequests
+
+    def ok(request):
+        return PlainTextResponse("ok")
+
+    def teapot(request):
+        return PlainTextResponse("no", status_code=418)
+
+    def broken(request):
+        raise RuntimeError("boom")
+
+    registry = CollectorRegistry()
+    counter = Counter("llmops_requests", "test", ["endpoint", "status"], registry=registry)
+    routes = [Route("/ok", ok), Route("/teapot", teapot), Route("/broken", broken)]
+    app = Starlette(routes=routes)
+    app.add_middleware(CountRequests, counter=counter, known_paths={r.path for r in routes})
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/ok").status_code == 200
+        client.get("/ok")
+        assert client.get("/teapot").status_code == 418
+        assert client.get("/broken").status_code == 500
+        assert client.get("/nowhere/secret-123").status_code == 404
+
+    def count(endpoint, status):
+        return registry.get_sample_value("llmops_requests_total", {"endpoint": endpoint, "status": status})
+
+    assert count("/ok", "200") == 2 and count("/teapot", "418") == 1
+    assert count("/broken", "500") == 1 and count("other", "404") == 1
 
 
 def test_the_cpu_engine_preloads_the_venvs_openmp_through_the_venv_symlink(tmp_path):
