@@ -514,6 +514,9 @@ class InferenceLogParams(Section):
     redact_pii: bool = True  # mask e-mails, phones, IBANs, IPs, SSNs, card numbers and keys before storing
     flush_interval_seconds: float = Field(1.0, gt=0.0, le=60.0)  # retry period of the writer while the store is down
     batch_size: int = Field(256, ge=1, le=10000)  # records per fsync of the journal and per database transaction
+    # While the store answers, the writer waits this long after a record reaches the (fsynced)
+    # spool, so that one transaction takes the records of that moment: less CPU per request.
+    store_delay_seconds: float = Field(0.25, ge=0.0, le=10.0)
     # How long an answer waits for its record to be on disk; past it (a hung disk) the answer goes
     # out anyway, the record is written when it can, and llmops_inference_log_late_total counts it.
     durable_wait_seconds: float = Field(5.0, gt=0.0, le=600.0)

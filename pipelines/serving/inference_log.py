@@ -380,9 +380,11 @@ class InferenceLog:
     module docstring)."""
 
     def __init__(self, url: str, spool_dir: Path | str, *, redact_pii: bool = True,
-                 flush_interval_seconds: float = 1.0, batch_size: int = 256, max_queued: int = MAX_QUEUED) -> None:
-        if flush_interval_seconds <= 0 or batch_size < 1 or max_queued < 1:
-            raise ValueError("flush_interval_seconds must be > 0, batch_size and max_queued >= 1")
+                 flush_interval_seconds: float = 1.0, batch_size: int = 256, max_queued: int = MAX_QUEUED,
+                 store_delay_seconds: float = 0.0) -> None:
+        if flush_interval_seconds <= 0 or batch_size < 1 or max_queued < 1 or store_delay_seconds < 0:
+            raise ValueError("flush_interval_seconds must be > 0, batch_size and max_queued >= 1, "
+                             "store_delay_seconds >= 0")
         self.url = url
         self.engine = make_engine(url)
         self.spool_dir = Path(spool_dir)
@@ -400,6 +402,8 @@ class InferenceLog:
         self.redact_pii = redact_pii
         self.flush_interval = flush_interval_seconds
         self.batch_size = batch_size
+        self.store_delay = store_delay_seconds
+        self._announce_flush = True  # the first flush (a spool left by an earlier process) is said at INFO
         self._queue: queue.Queue[tuple[InferenceRecord | Feedback, Future[bool]]] = queue.Queue(maxsize=max_queued)
         self._lock = threading.Lock()  # the counters and _closed
         self._changed = threading.Condition(self._lock)  # notified whenever `pending` goes down
@@ -427,7 +431,8 @@ class InferenceLog:
         """The log at inference_log.url, else $LLMOPS_INFERENCE_LOG_URL, else the SQLite default."""
 
         return cls(inference_log_url(params).value, params.spool_dir, redact_pii=params.redact_pii,
-                   flush_interval_seconds=params.flush_interval_seconds, batch_size=params.batch_size)
+                   flush_interval_seconds=params.flush_interval_seconds, batch_size=params.batch_size,
+                   store_delay_seconds=params.store_delay_seconds)
 
     # --- the caller's side ------------------------------------------------------------------
 
@@ -500,6 +505,7 @@ class InferenceLog:
                 return
             self._closed = True
         self._stopping.set()
+        self._retry_now.set()  # the store writer's coalescing wait ends now
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             self._wake.set()
@@ -643,6 +649,7 @@ class InferenceLog:
 
     def _mark_down(self, error: BaseException) -> None:
         self._available = False
+        self._announce_flush = True
         self._tables_ready = False  # check again when it is back (it may be a new, empty database)
         if not self._warned_down:  # one WARNING per outage, not one per record or retry
             self._warned_down = True
@@ -778,10 +785,19 @@ class InferenceLog:
                     logger.exception("inference log writer: unexpected error; retrying in %g s", self.flush_interval)
                     flushed = False
                 next_try = 0.0 if flushed else time.monotonic() + self.flush_interval
+            elif not self.pending:
+                self._retry_now.clear()  # a flush() with nothing to flush is done
             if finishing:  # the last try was made only while the store answers (no hang at shut-down)
                 break
             self._wake.wait(self.flush_interval if not next_try else max(0.0, next_try - time.monotonic()))
             self._wake.clear()  # `_spooled`, read after this, tells what to do
+            if (self.store_delay and self._available and 0 < self._spooled < self.batch_size
+                    and not self._stopping.is_set()):
+                # Coalescing: the records are on disk in the spool already, so the store can wait a
+                # moment and take what arrives meanwhile in the same transaction. One flush per
+                # answer cost the gateway ~1.4 ms of CPU per request at 16 clients (a rename, three
+                # fsyncs, a commit), on cores the engine needs. flush() and close() cut it short.
+                self._retry_now.wait(self.store_delay)
 
     def _flush_spool(self) -> bool:
         """Move the spool into the store, oldest first; False when the store failed (the rest stays)."""
@@ -837,8 +853,10 @@ class InferenceLog:
                 path.unlink()
             _fsync_dir(self.spool_dir)
             self._count(spooled=-owed)
-            if stored:
-                logger.info("inference log: flushed %d spooled record(s) to the store", stored)
+            if stored:  # at INFO after a start or an outage, else (every flush of normal running) DEBUG
+                logger.log(logging.INFO if self._announce_flush else logging.DEBUG,
+                           "inference log: flushed %d spooled record(s) to the store", stored)
+            self._announce_flush = False
             return True
         finally:
             if corrupt:

@@ -7,6 +7,7 @@ import logging
 import os
 import sqlite3
 import sys
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -590,3 +591,28 @@ def test_strings_in_the_decoding_parameters_such_as_stop_are_redacted(tmp_path, 
         log.close()
     params = read_records(url).iloc[0]["params"]
     assert params == {"max_tokens": 8, "stop": ["write to [EMAIL]", "###"], "note": "[PHONE]"}
+
+
+def test_the_store_takes_the_records_of_a_moment_in_one_transaction(tmp_path):
+    """inference_log.store_delay_seconds: each record is on disk (the spool) when its future
+    settles, as before; the store writer then waits a moment, so that answers arriving one after
+    another go into the store in one transaction rather than one each. close() does not wait."""
+    db = tmp_path / "inference.db"
+    log = make_log(f"sqlite:///{db}", tmp_path / "spool", store_delay_seconds=1.0)
+    log.start()
+    assert log.record(rec(100)).result(timeout=10) is True
+    assert log.flush(10) and count_rows(db) == 1  # the tables exist
+    time.sleep(0.3)  # the writer is idle again
+    commits = []
+    sa.event.listen(log.engine, "commit", lambda connection: commits.append(time.monotonic()))
+    for n in range(6):  # the gateway's way: the answer waits for its record to be on disk
+        assert log.record(rec(n)).result(timeout=10) is True
+        time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while count_rows(db) < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert count_rows(db) == 7 and len(commits) == 1  # not six
+    log.record(rec(6)).result(timeout=10)
+    started = time.monotonic()
+    log.close()
+    assert time.monotonic() - started < 0.9 and count_rows(db) == 8  # close() cut the wait short
