@@ -23,7 +23,8 @@ TRAINING_DAG = "llmops_training"
 
 
 def gpu_tasks() -> set[str]:
-    return {name.strip() for name in os.environ.get("LLMOPS_GPU_TASKS", "train,evaluate,quantize").split(",") if name.strip()}
+    names = os.environ.get("LLMOPS_GPU_TASKS", "train,evaluate,quantize").split(",")
+    return {name.strip() for name in names if name.strip()}
 
 
 def task_policy(task) -> None:  # noqa: ANN001 - Airflow's BaseOperator; not imported here (parse time)
