@@ -16,7 +16,9 @@ For each dtype:
    pointing at it (so both rows measure one engine), the same clients and prompts; it adds
    auth, validation, token counting, admission and the inference log (a temporary SQLite).
 
-Requests/s are the ratio that matters: the same prompts, model and machine, measured one after
+Every request carries a distinct test-split prompt, and the engine's prefix cache is emptied
+before each measured run (its hit rate is reported): only the system prompt is shared, as in
+production. Requests/s are the ratio that matters: the same prompts, model and machine, measured one after
 the other in one run; `--variant KEY=VALUE[,...]` adds another engine (e.g. without the CPU
 preloads, or with the engine core in the API server's process) measured directly in the same
 run, so that engine settings are compared side by side. Prints Markdown for
