@@ -209,7 +209,7 @@ def main() -> None:
     used = min(len(pool), max(args.requests, args.requests_at_one))
     prompts = pool[:used][:: max(1, used // args.prompts)][: args.prompts]
     levels = [int(c) for c in args.concurrency.split(",")]
-    served = fetch_version(params, version)
+    served = fetch_version(params, version, variant="full")  # the dtypes' rows: full precision, as in-process
     system = served.config.get("system_prompt")
     print(f"# serve benchmark: {params.registry.model_name} v{version}, {used} test-split prompts "
           f"({len(prompts)} of them in-process), "

@@ -423,6 +423,7 @@ class InferenceLog:
         self._stopping = threading.Event()  # close(): the journal drains the queue and stops
         self._journal_done = threading.Event()  # the journal stopped: the store writer's last flush, then it stops
         self._retry_now = threading.Event()
+        self._hurry = threading.Event()  # flush() or close(): the store writer's coalescing wait ends
         self._wake = threading.Event()  # the journal appended: the store writer flushes
         self._threads: list[threading.Thread] = []
 
@@ -493,6 +494,7 @@ class InferenceLog:
         """Wait until everything handed in so far (and any older spool) is in the store: True; False if
         `timeout` passes first. Asks the writer to retry the spool at once. For tests and shut-down."""
         self._retry_now.set()
+        self._hurry.set()
         self._wake.set()
         with self._changed:
             return self._changed.wait_for(lambda: self._in_memory + self._spooled == 0, timeout)
@@ -505,7 +507,7 @@ class InferenceLog:
                 return
             self._closed = True
         self._stopping.set()
-        self._retry_now.set()  # the store writer's coalescing wait ends now
+        self._hurry.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             self._wake.set()
@@ -779,6 +781,7 @@ class InferenceLog:
             due = self._retry_now.is_set() or time.monotonic() >= next_try or (finishing and self._available)
             if self._spooled and due:
                 self._retry_now.clear()
+                self._hurry.clear()  # this flush is the one asked for
                 try:
                     flushed = self._flush_spool()
                 except Exception:  # noqa: BLE001 - the writer must outlive any one failure; the spool stays
@@ -786,7 +789,7 @@ class InferenceLog:
                     flushed = False
                 next_try = 0.0 if flushed else time.monotonic() + self.flush_interval
             elif not self.pending:
-                self._retry_now.clear()  # a flush() with nothing to flush is done
+                self._hurry.clear()  # a flush() with nothing to flush is done
             if finishing:  # the last try was made only while the store answers (no hang at shut-down)
                 break
             self._wake.wait(self.flush_interval if not next_try else max(0.0, next_try - time.monotonic()))
@@ -797,7 +800,8 @@ class InferenceLog:
                 # moment and take what arrives meanwhile in the same transaction. One flush per
                 # answer cost the gateway ~1.4 ms of CPU per request at 16 clients (a rename, three
                 # fsyncs, a commit), on cores the engine needs. flush() and close() cut it short.
-                self._retry_now.wait(self.store_delay)
+                self._hurry.wait(self.store_delay)
+                self._hurry.clear()
 
     def _flush_spool(self) -> bool:
         """Move the spool into the store, oldest first; False when the store failed (the rest stays)."""
